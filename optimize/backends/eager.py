@@ -1,0 +1,39 @@
+"""Backend `eager`: the captured `torch.export` program, run as is by PyTorch.
+
+It is the baseline every other backend is measured against, and the most portable engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch.export import ExportedProgram
+
+from optimize.backends import register_backend
+from optimize.backends.base import Backend, BuildContext
+from optimize.engine import Engine
+from optimize.manifest import Manifest
+from optimize.program import load_program, save_program
+
+
+class EagerEngine(Engine):
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        super().__init__(path, manifest)
+        self._module = load_program(path).module()
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._module(**inputs)
+
+
+@register_backend
+class EagerBackend(Backend):
+    name: ClassVar[str] = "eager"
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "bf16"})
+
+    def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
+        return save_program(program, directory)
+
+    def load(self, directory: Path, manifest: Manifest) -> Engine:
+        return EagerEngine(directory, manifest)

@@ -1,0 +1,135 @@
+"""Capture: `torch.export` over the dynamic batch/sequence ranges of the TensorSpecs.
+
+The result is an ExportedProgram whose inputs are keyword tensors named after the specs and
+whose output is a dict of named tensors, whatever the source was. Output specs (names, dtypes,
+which dims are `batch` / `seq`) are read back from the program's symbolic shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch.export import Dim as ExportDim
+from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
+
+from optimize.errors import CaptureError
+from optimize.sources.base import Source
+from optimize.specs import Dim, TensorSpec, dtype_name
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CastPrecision(torch.nn.Module):
+    """Runs a module with its floating weights in `dtype`; floating inputs are cast in and
+    floating outputs cast back to fp32, so the engine's tensor contract does not change."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        out = self.module(**cast)
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
+
+def _dynamic_shapes(specs: list[TensorSpec]) -> dict[str, dict[int, Any]]:
+    made: dict[str, Any] = {}
+    shapes: dict[str, dict[int, Any]] = {}
+    for spec in specs:
+        axes = {}
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, Dim):
+                if dim.name not in made:
+                    made[dim.name] = ExportDim(dim.name, min=dim.min, max=dim.max)
+                axes[axis] = made[dim.name]
+        shapes[spec.name] = axes
+    return shapes
+
+
+class _KeywordInputs(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self.module(**inputs)
+
+
+def with_keyword_signature(module: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """Wrap `module` so its forward has the explicit signature `(*, name0, name1, ...)`.
+
+    torch.export binds example inputs and `dynamic_shapes` to the forward's parameters; a
+    `**inputs` forward (how sources are written, to accept any names) gives it nothing to bind
+    to. The signature also names the program's placeholders after the inputs.
+    """
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.KEYWORD_ONLY) for n in names]
+
+    def forward(self: _KeywordInputs, **inputs: torch.Tensor) -> Any:
+        return self.module(**inputs)
+
+    forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    cls = type("KeywordInputs", (_KeywordInputs,), {"forward": forward})
+    return cls(module)
+
+
+def capture(source: Source, precision: str = "fp32", sizes: dict[str, int] | None = None) -> ExportedProgram:
+    """Export `source.module` (cast to `precision` when it is fp16/bf16) with dynamic dims.
+
+    `sizes` picks the example shape (defaults to each dim's `opt`, capped to keep capture
+    cheap). Raises `CaptureError` with the exporter's first line when export fails.
+    """
+    if precision not in PRECISION_DTYPES:
+        raise CaptureError(f"capture supports precisions {', '.join(PRECISION_DTYPES)}; got {precision!r}")
+    module = source.module if precision == "fp32" else CastPrecision(source.module, PRECISION_DTYPES[precision])
+    module = with_keyword_signature(module, [s.name for s in source.inputs]).eval()
+    if sizes is None:
+        # Small example sizes that are not 1 (export would specialize on 0/1) when the range allows.
+        sizes = {d.name: min(d.max, max(d.min, 2 if d.name == "batch" else 8)) for s in source.inputs for d in s.dims}
+    example = source.make_inputs(sizes, torch.Generator().manual_seed(0))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            return torch.export.export(module, (), example, dynamic_shapes=_dynamic_shapes(source.inputs), strict=False)
+    except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependent, ...)
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise CaptureError(f"torch.export failed: {lines[0] if lines else type(exc).__name__}") from exc
+
+
+def output_specs(program: ExportedProgram, inputs: list[TensorSpec]) -> list[TensorSpec]:
+    """Names, dtypes and shapes of the program's outputs, with dims mapped back to the
+    input `Dim`s they derive from (an output dim that is an expression of several input dims
+    becomes an unbounded dynamic dim)."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    by_symbol: dict[Any, Dim] = {}
+    for spec in inputs:
+        value = placeholders[spec.name].meta["val"]
+        for size, dim in zip(value.shape, spec.shape):
+            if isinstance(dim, Dim) and not isinstance(size, int):
+                by_symbol[size.node.expr] = dim
+
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = [n.meta["val"] for n in output_node.args[0]]
+    names_tree = pytree.tree_unflatten(list(range(len(values))), program.call_spec.out_spec)
+    if not isinstance(names_tree, dict):
+        raise CaptureError("captured program must return a dict of named tensors")
+    specs = []
+    for name, index in names_tree.items():
+        value = values[index]
+        shape: list[int | Dim] = []
+        for axis, size in enumerate(value.shape):
+            if isinstance(size, int):
+                shape.append(size)
+            elif size.node.expr in by_symbol:
+                shape.append(by_symbol[size.node.expr])
+            else:
+                shape.append(Dim(f"{name}_d{axis}", 1, 1, 2**31 - 1))
+        specs.append(TensorSpec(name, dtype_name(value.dtype), tuple(shape)))
+    return specs

@@ -1,0 +1,147 @@
+"""`optimize.compile`: source → capture → backend → verified engine directory."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from optimize.backends import BuildContext, get_backend
+from optimize.capture import capture, output_specs
+from optimize.config import CompileConfig
+from optimize.engine import Engine, load
+from optimize.errors import AccuracyError, ConfigError, OptimizeError
+from optimize.manifest import MANIFEST_FILE, Manifest, build_environment
+from optimize.pipeline import store_pipeline
+from optimize.sources import load_source
+from optimize.verify import verification_sizes, verify
+
+
+class Reporter(Protocol):
+    """Receives progress: a stage starts (with a step count when known), steps advance."""
+
+    def start(self, stage: str, total: int | None = None) -> None: ...
+
+    def advance(self, detail: str = "") -> None: ...
+
+    def finish(self, stage: str, seconds: float) -> None: ...
+
+
+class _Silent:
+    def start(self, stage: str, total: int | None = None) -> None:
+        pass
+
+    def advance(self, detail: str = "") -> None:
+        pass
+
+    def finish(self, stage: str, seconds: float) -> None:
+        pass
+
+
+def compile(  # noqa: A001 - the public verb of the package, like torch.compile
+    source: str | Path,
+    out_dir: str | Path,
+    config: CompileConfig | None = None,
+    *,
+    name: str | None = None,
+    reporter: Reporter | None = None,
+) -> Engine:
+    """Compile `source` (HF directory, `.pt2` file or `module:function`) into an engine at
+    `out_dir` and return it loaded.
+
+    The engine is verified against the fp32 eager model on fresh random inputs at several
+    shapes before it is moved into place; `out_dir` is only replaced by a verified engine.
+    Raises `SourceError`, `ConfigError`, `CaptureError` or `AccuracyError` (all `OptimizeError`).
+    """
+    config = config or CompileConfig()
+    reporter = reporter or _Silent()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / MANIFEST_FILE).exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists and is not an engine directory; refusing to overwrite it")
+    backend = get_backend(config.backend)
+    if config.precision not in backend.precisions:
+        raise ConfigError(
+            f"backend {backend.name!r} supports precision {', '.join(sorted(backend.precisions))}; got {config.precision!r}"
+        )
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(label: str, total: int | None = None) -> Iterator[None]:
+        reporter.start(label, total)
+        t0 = time.perf_counter()
+        yield
+        timings[label] = round(time.perf_counter() - t0, 3)
+        reporter.finish(label, timings[label])
+
+    with stage("load source"):
+        src = load_source(source, config)
+    with stage("capture"):
+        program = capture(src, config.precision)
+        outputs = output_specs(program, src.inputs)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with stage(f"build ({backend.name})"):
+            ctx = BuildContext(config=config, inputs=src.inputs, outputs=outputs)
+            payload = backend.build(program, ctx, staging)
+            if src.pipeline is not None and src.pipeline_dir is not None:
+                payload += store_pipeline(src.pipeline, src.pipeline_dir, staging)
+        manifest = Manifest(
+            name=name or src.name,
+            backend=backend.name,
+            config=config,
+            inputs=src.inputs,
+            outputs=outputs,
+            source=src.describe(),
+            payload=payload,
+            pipeline=src.pipeline,
+            environment=build_environment(),
+        )
+        manifest.write(staging)
+
+        shapes = verification_sizes(src.inputs, config)
+        with stage("verify", total=len(shapes)):
+            engine = load(staging)
+            report = verify(
+                engine.run, src.module, src.make_inputs, src.inputs, config,
+                on_shape=lambda sizes: reporter.advance(" ".join(f"{k}={v}" for k, v in sizes.items())),
+            )
+        tol = config.tolerance
+        assert tol is not None
+        manifest.accuracy = {**report.to_json(), "tolerance": tol.to_json(), "reference": "fp32 eager"}
+        manifest.timings_s = timings
+        manifest.write(staging)
+        if not report.within(tol.max_abs_error, tol.min_cosine):
+            raise AccuracyError(
+                f"engine disagrees with fp32 eager: max abs error {report.max_abs_error:.3g} "
+                f"(allowed {tol.max_abs_error:.3g}), min cosine {report.min_cosine:.6f} "
+                f"(allowed {tol.min_cosine}); worst: {report.worst}"
+            )
+        del engine
+        _make_readable(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        torch.set_grad_enabled(True)
+    return load(out_dir)
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp (and some writers) create owner-only files; an engine is meant to be shared."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+__all__ = ["compile", "Reporter", "OptimizeError"]

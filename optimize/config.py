@@ -1,0 +1,106 @@
+"""`CompileConfig`: everything that decides how an engine is built, serializable into its manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from optimize.errors import ConfigError
+from optimize.specs import Dim
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-weight", "fp8")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an engine may drift from the fp32 eager model: every output element within
+    `max_abs_error`, and every output (flattened per sample) at least `min_cosine` similar."""
+
+    max_abs_error: float
+    min_cosine: float
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+# fp32 engines differ from eager only by kernel summation order; reduced precisions by their
+# rounding (fp16 has 11 significant bits, bf16 8), int8 by quantization noise.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs_error=1e-3, min_cosine=0.9999),
+    "fp16": Tolerance(max_abs_error=5e-2, min_cosine=0.999),
+    "bf16": Tolerance(max_abs_error=2e-1, min_cosine=0.995),
+    "int8-weight": Tolerance(max_abs_error=5e-1, min_cosine=0.99),
+    "fp8": Tolerance(max_abs_error=1.0, min_cosine=0.98),
+}
+
+
+@dataclass
+class CompileConfig:
+    """How to build an engine.
+
+    Shape ranges are given as batch and sequence bounds; `dims` derives the `Dim`s every
+    TensorSpec, export and profile uses. `opt_*` default to a typical serving shape inside the
+    range. Raises `ConfigError` (a `ValueError`) naming the field on a bad value.
+    """
+
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    max_batch: int = 32
+    max_seq: int = 256
+    min_batch: int = 1
+    min_seq: int = 1
+    opt_batch: int | None = None
+    opt_seq: int | None = None
+    passes: dict[str, bool] = field(default_factory=dict)
+    tolerance: Tolerance | None = None
+    verify_samples: int = 4
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        for name in ("max_batch", "max_seq", "min_batch", "min_seq", "verify_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+        if self.min_batch > self.max_batch:
+            raise ConfigError(f"min_batch ({self.min_batch}) exceeds max_batch ({self.max_batch})")
+        if self.min_seq > self.max_seq:
+            raise ConfigError(f"min_seq ({self.min_seq}) exceeds max_seq ({self.max_seq})")
+        if self.opt_batch is None:
+            self.opt_batch = min(max(self.min_batch, 8), self.max_batch)
+        if self.opt_seq is None:
+            self.opt_seq = min(max(self.min_seq, 128), self.max_seq)
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError(f"opt_batch must lie in [{self.min_batch}, {self.max_batch}]; got {self.opt_batch}")
+        if not self.min_seq <= self.opt_seq <= self.max_seq:
+            raise ConfigError(f"opt_seq must lie in [{self.min_seq}, {self.max_seq}]; got {self.opt_seq}")
+        if isinstance(self.tolerance, dict):
+            self.tolerance = Tolerance(**self.tolerance)
+        if self.tolerance is None:
+            self.tolerance = DEFAULT_TOLERANCES[self.precision]
+
+    @property
+    def dims(self) -> dict[str, Dim]:
+        """The `batch` and `seq` dims every token-shaped tensor uses."""
+        assert self.opt_batch is not None and self.opt_seq is not None
+        return {
+            "batch": Dim("batch", self.min_batch, self.opt_batch, self.max_batch),
+            "seq": Dim("seq", self.min_seq, self.opt_seq, self.max_seq),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tolerance"] = self.tolerance.to_json() if self.tolerance else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CompileConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown CompileConfig field(s): {', '.join(unknown)}")
+        return cls(**data)

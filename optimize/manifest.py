@@ -1,0 +1,114 @@
+"""`manifest.json`: what an engine directory holds and how it was made.
+
+The manifest is the contract between the compiler and everything downstream (server, profiler):
+a reader needs nothing but this file to know the engine's tensors, backend and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimize.config import CompileConfig
+from optimize.errors import EngineError
+from optimize.specs import TensorSpec
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    """Everything `manifest.json` records. `payload` lists the backend's files (relative paths)."""
+
+    name: str
+    backend: str
+    config: CompileConfig
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source: dict[str, Any]
+    payload: list[str]
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "backend": self.backend,
+            "source": self.source,
+            "config": self.config.to_json(),
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "payload": self.payload,
+            "passes": self.passes,
+            "accuracy": self.accuracy,
+            "pipeline": self.pipeline,
+            "timings_s": self.timings_s,
+            "environment": self.environment,
+        }
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Manifest:
+        """Read and validate `<directory>/manifest.json`; raises `EngineError` with the reason."""
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise EngineError(f"{directory} is not an engine directory: {MANIFEST_FILE} not found")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"{path} is not valid JSON: {exc}") from None
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EngineError(
+                f"{path} has format_version {version!r}; this kiln reads format_version {FORMAT_VERSION} "
+                "(recompile the engine)"
+            )
+        try:
+            return cls(
+                name=data["name"],
+                backend=data["backend"],
+                config=CompileConfig.from_json(data["config"]),
+                inputs=[TensorSpec.from_json(s) for s in data["inputs"]],
+                outputs=[TensorSpec.from_json(s) for s in data["outputs"]],
+                source=data["source"],
+                payload=list(data["payload"]),
+                accuracy=data.get("accuracy", {}),
+                passes=data.get("passes", []),
+                environment=data.get("environment", {}),
+                pipeline=data.get("pipeline"),
+                timings_s=data.get("timings_s", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{path} is malformed: {exc}") from None
+
+
+def build_environment() -> dict[str, Any]:
+    """Versions and device of the build machine, so a mismatch at load time can be explained."""
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})",
+    }
+    for module in ("onnx", "onnxruntime", "transformers", "triton"):
+        try:
+            env[module] = __import__(module).__version__
+        except Exception:  # an optional dependency that is absent or broken is just not recorded
+            continue
+    return env

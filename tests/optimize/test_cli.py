@@ -1,0 +1,57 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "optimize", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "make_source, fragment",
+    [
+        (lambda tmp: str(tmp / "does-not-exist"), "no such file or directory"),
+        (lambda tmp: (tmp / "model.ckpt").write_bytes(b"x") and str(tmp / "model.ckpt"), "unsupported file type '.ckpt'"),
+        (lambda tmp: str(tmp), "directory without config.json"),
+    ],
+    ids=["bad-path", "unsupported-file", "not-a-model-dir"],
+)
+def test_compile_bad_source_exits_nonzero_with_one_line(tmp_path: Path, make_source, fragment: str):
+    result = run_cli("compile", make_source(tmp_path), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and fragment in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_then_info_on_a_factory(tmp_path: Path):
+    out = tmp_path / "engine"
+    result = run_cli("compile", "tests.optimize.factories:tiny_mlp", "-o", str(out), "--backend", "eager",
+                     "--max-batch", "4")
+    assert result.returncode == 0, result.stderr
+    assert "✓ verify" in result.stderr
+    assert "accuracy vs fp32 eager" in result.stdout and "[batch, 16]" in result.stdout
+    info = run_cli("info", str(out), "--json")
+    assert info.returncode == 0
+    manifest = json.loads(info.stdout)
+    assert manifest["backend"] == "eager" and manifest["config"]["max_batch"] == 4
+
+
+def test_info_on_a_non_engine_directory_is_one_line(tmp_path: Path):
+    result = run_cli("info", str(tmp_path))
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"error: {tmp_path} is not an engine directory: manifest.json not found"]
