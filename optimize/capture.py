@@ -80,20 +80,16 @@ def with_keyword_signature(module: torch.nn.Module, names: list[str]) -> torch.n
     return cls(module)
 
 
-def capture(source: Source, precision: str = "fp32", sizes: dict[str, int] | None = None) -> ExportedProgram:
-    """Export `source.module` (cast to `precision` when it is fp16/bf16) with dynamic dims.
+def example_sizes(inputs: list[TensorSpec]) -> dict[str, int]:
+    """Small example sizes for export, not 1 when the range allows (export specializes 0/1)."""
+    return {d.name: min(d.max, max(d.min, 2 if d.name == "batch" else 8)) for s in inputs for d in s.dims}
 
-    `sizes` picks the example shape (defaults to each dim's `opt`, capped to keep capture
-    cheap). Raises `CaptureError` with the exporter's first line when export fails.
-    """
-    if precision not in PRECISION_DTYPES:
-        raise CaptureError(f"capture supports precisions {', '.join(PRECISION_DTYPES)}; got {precision!r}")
-    module = source.module if precision == "fp32" else CastPrecision(source.module, PRECISION_DTYPES[precision])
-    module = with_keyword_signature(module, [s.name for s in source.inputs]).eval()
-    if sizes is None:
-        # Small example sizes that are not 1 (export would specialize on 0/1) when the range allows.
-        sizes = {d.name: min(d.max, max(d.min, 2 if d.name == "batch" else 8)) for s in source.inputs for d in s.dims}
-    example = source.make_inputs(sizes, torch.Generator().manual_seed(0))
+
+def export_module(module: torch.nn.Module, source: Source) -> ExportedProgram:
+    """`torch.export` of `module` (called with the source's named inputs) over the dynamic dims
+    of `source.inputs`. Raises `CaptureError` with the exporter's first line when it fails."""
+    module = with_keyword_signature(module, [s.name for s in source.inputs])  # sources are in eval mode
+    example = source.make_inputs(example_sizes(source.inputs), torch.Generator().manual_seed(0))
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -101,6 +97,14 @@ def capture(source: Source, precision: str = "fp32", sizes: dict[str, int] | Non
     except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependent, ...)
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise CaptureError(f"torch.export failed: {lines[0] if lines else type(exc).__name__}") from exc
+
+
+def capture(source: Source, precision: str = "fp32") -> ExportedProgram:
+    """Export `source.module`, cast to `precision` first when it is fp16/bf16."""
+    if precision not in PRECISION_DTYPES:
+        raise CaptureError(f"capture supports precisions {', '.join(PRECISION_DTYPES)}; got {precision!r}")
+    module = source.module if precision == "fp32" else CastPrecision(source.module, PRECISION_DTYPES[precision])
+    return export_module(module, source)
 
 
 def output_specs(program: ExportedProgram, inputs: list[TensorSpec]) -> list[TensorSpec]:

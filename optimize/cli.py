@@ -78,15 +78,35 @@ def _summary(engine_dir: Path) -> Table:
     return table
 
 
+def _passes_table(engine_dir: Path) -> Table:
+    from optimize.manifest import Manifest
+
+    table = Table(title="graph passes", title_justify="left")
+    for column in ("pass", "matched", "time", "accuracy after"):
+        table.add_column(column)
+    for entry in Manifest.read(engine_dir).passes:
+        if entry.get("skipped"):
+            table.add_row(entry["pass"], f"[dim]skipped: {escape(entry['skipped'])}[/]", "", "")
+            continue
+        matched = ", ".join(f"{k} {v}" for k, v in entry["matches"].items() if v) or "-"
+        acc = entry.get("accuracy")
+        acc_text = f"err {acc['max_abs_error']:.1e}, cos {acc['min_cosine']:.6f}" if acc else ""
+        table.add_row(entry["pass"], matched, f"{entry['seconds'] * 1e3:.0f} ms", acc_text)
+    return table
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import optimize
 
+    passes = {name: False for name in args.disable_pass} | {name: True for name in args.enable_pass}
     config = CompileConfig(
         backend=args.backend,
         precision=args.precision,
         max_batch=args.max_batch,
         max_seq=args.max_seq,
         min_seq=args.min_seq,
+        passes=passes,
+        verify_passes=args.verify_passes,
         seed=args.seed,
     )
     with Progress(
@@ -95,6 +115,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     ) as progress:
         optimize.compile(args.source, args.output, config, name=args.name, reporter=RichReporter(progress))
     Console().print(_summary(Path(args.output)))
+    Console().print(_passes_table(Path(args.output)))
     return 0
 
 
@@ -105,6 +126,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(Manifest.read(args.engine).to_json(), indent=2))
     else:
         Console().print(_summary(Path(args.engine)))
+        Console().print(_passes_table(Path(args.engine)))
     return 0
 
 
@@ -125,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-seq", type=int, default=1, help="shortest sequence the engine accepts (default 1)")
     c.add_argument("--name", help="model name recorded in the manifest (default: the source's name)")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    c.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="turn a graph pass off (repeatable)")
+    c.add_argument("--enable-pass", action="append", default=[], metavar="NAME", help="turn a graph pass on (repeatable)")
+    c.add_argument("--verify-passes", action="store_true",
+                   help="check accuracy after every pass and name the first one that breaks it")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("info", help="describe an engine directory")

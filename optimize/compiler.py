@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.export import ExportedProgram
 
 from optimize.backends import BuildContext, get_backend
-from optimize.capture import capture, output_specs
+from optimize.capture import capture, export_module, output_specs
 from optimize.config import CompileConfig
 from optimize.engine import Engine, load
 from optimize.errors import AccuracyError, ConfigError, OptimizeError
 from optimize.manifest import MANIFEST_FILE, Manifest, build_environment
 from optimize.pipeline import store_pipeline
 from optimize.sources import load_source
-from optimize.verify import verification_sizes, verify
+from optimize.passes import PassContext, PassResult, run_passes
+from optimize.sources.base import Source
+from optimize.verify import compare, verification_sizes, verify
 
 
 class Reporter(Protocol):
@@ -84,6 +87,8 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
     with stage("capture"):
         program = capture(src, config.precision)
         outputs = output_specs(program, src.inputs)
+    with stage("passes"):
+        program, pass_results = apply_passes(program, src, config, backend.name, backend.passes)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -101,6 +106,7 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
             outputs=outputs,
             source=src.describe(),
             payload=payload,
+            passes=[r.to_json() for r in pass_results],
             pipeline=src.pipeline,
             environment=build_environment(),
         )
@@ -135,6 +141,33 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
     finally:
         torch.set_grad_enabled(True)
     return load(out_dir)
+
+
+def apply_passes(
+    program: ExportedProgram, src: Source, config: CompileConfig, backend: str, allowed: frozenset[str]
+) -> tuple[ExportedProgram, list[PassResult]]:
+    """Run the graph passes on the captured program; re-export it when any pass changed it."""
+    gm = program.module()
+    ctx = PassContext(config=config, inputs=src.inputs, backend=backend)
+    verifier = None
+    if config.verify_passes:
+        sizes = {d.name: d.opt for s in src.inputs for d in s.dims}
+        feeds = src.make_inputs(sizes, torch.Generator().manual_seed(config.seed + 2))
+        with torch.inference_mode():
+            expected = src.module(**feeds)
+
+        def verifier(candidate: torch.fx.GraphModule) -> dict[str, float]:
+            with torch.inference_mode():
+                stats = compare(expected, candidate(**feeds))
+            return {"max_abs_error": max(v["max_abs_error"] for v in stats.values()),
+                    "min_cosine": min(v["min_cosine"] for v in stats.values())}
+
+    tol = config.tolerance
+    assert tol is not None
+    results = run_passes(gm, ctx, allowed, verifier, (tol.max_abs_error, tol.min_cosine))
+    if any(r.total for r in results):
+        program = export_module(gm, src)
+    return program, results
 
 
 def _make_readable(directory: Path) -> None:

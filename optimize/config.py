@@ -54,6 +54,7 @@ class CompileConfig:
     opt_batch: int | None = None
     opt_seq: int | None = None
     passes: dict[str, bool] = field(default_factory=dict)
+    verify_passes: bool = False
     tolerance: Tolerance | None = None
     verify_samples: int = 4
     seed: int = 0

@@ -12,6 +12,7 @@ from torch.export import ExportedProgram
 from optimize.config import CompileConfig
 from optimize.engine import Engine
 from optimize.manifest import Manifest
+from optimize.passes import GENERIC_PASSES
 from optimize.specs import TensorSpec
 
 
@@ -29,6 +30,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     precisions: ClassVar[frozenset[str]]
+    # Graph passes this backend can execute the result of (see optimize.passes).
+    passes: ClassVar[frozenset[str]] = GENERIC_PASSES
 
     @abstractmethod
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
