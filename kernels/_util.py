@@ -1,0 +1,98 @@
+"""Small helpers every op file shares: interpreter detection and launch checks."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Triton decides at ``@triton.jit`` time whether a kernel is compiled or interpreted, so this
+#: flag is read once, when ``kernels`` is imported, exactly as Triton read it.
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+
+def check_launchable(*tensors: torch.Tensor | None) -> None:
+    """Raise if the Triton path cannot run on these tensors.
+
+    Compiled kernels need CUDA tensors; the interpreter (``TRITON_INTERPRET=1`` set before
+    ``triton`` was imported) runs on CPU tensors too.
+
+    Raises:
+        RuntimeError: a tensor is on a device the current Triton mode cannot reach, or
+            tensors are spread over several devices.
+    """
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"tensors on several devices: {sorted(map(str, devices))}")
+    if not INTERPRET and any(d.type != "cuda" for d in devices):
+        raise RuntimeError(
+            "the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            "imported to run on CPU; the torch.ops.kernels.* ops run the reference on CPU"
+        )
+
+
+def use_autotune(t: torch.Tensor) -> bool:
+    """True when launching real GPU kernels, where the autotuned configs apply. Under the
+    interpreter every config computes the same thing, only slower, so one fixed small
+    config keeps the CPU test suite fast."""
+    return t.is_cuda and not INTERPRET
+
+
+def cuda_capability_major(t: torch.Tensor) -> int:
+    """Compute-capability major version of ``t``'s GPU (8 Ampere, 9 Hopper), 0 off GPU."""
+    if not t.is_cuda:
+        return 0
+    return torch.cuda.get_device_capability(t.device)[0]
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    """Raise ``TypeError`` naming the argument and the allowed dtypes if ``t`` is not one."""
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; allowed: {', '.join(map(str, allowed))}")
+
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the references compute in: float32 for half types, float64 stays float64 so the
+    tests' oracle runs at full precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype for ``tl.dot`` on inputs of ``dtype``.
+
+    Triton 3.x's interpreter gets bfloat16 ``tl.dot`` and int-to-bfloat16 casts wrong (it
+    treats the raw 16-bit patterns as numbers), so under it bf16 operands are widened to fp32,
+    which is exact (bf16 is a subset of fp32) and leaves the accumulation unchanged. Compiled
+    kernels keep bf16 tensor-core dots.
+    """
+    if INTERPRET and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def shares_storage(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """True if ``a`` and ``b`` are views of one storage (an in-place call).
+
+    The autotuner launches a kernel once per candidate config; an in-place kernel would then
+    apply the op several times, so launchers skip autotuning for aliased calls."""
+    if a is None or b is None:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def fixed_row_config(block_n: int, single_tile: bool, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for row kernels launched without autotuning.
+
+    On GPU: one row per program and a warp per 256 row elements, up to 16 (the Triton
+    layer-norm tutorial's heuristic). Under the interpreter: two rows per program when a row
+    fits one tile, so odd row counts exercise the row mask; warps are irrelevant there.
+    """
+    if on_gpu:
+        return 1, min(max(block_n // 256, 1), 16)
+    return (2 if single_tile else 1), 4
