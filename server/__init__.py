@@ -1,0 +1,33 @@
+"""kiln's server: a model repository served over the KServe v2 / Triton gRPC protocol with
+dynamic batching.
+
+    python -m server --repository engines --port 8001
+
+or from Python (inside a running event loop):
+
+    server, port = create_server(ServerConfig(repository="engines", port=0))
+    await server.start()
+    ...
+    await server.stop()
+
+The server sees engines only through optimize's Engine API (`optimize.load`, specs, `run`).
+"""
+
+from server.app import Server, create_server
+from server.batcher import Batch, Batcher, BatchPolicy
+from server.config import ModelConfig, ServerConfig
+from server.errors import ServerError
+from server.repository import Model, Repository
+
+__all__ = [
+    "Batch",
+    "BatchPolicy",
+    "Batcher",
+    "Model",
+    "ModelConfig",
+    "Repository",
+    "Server",
+    "ServerConfig",
+    "ServerError",
+    "create_server",
+]

@@ -1,0 +1,75 @@
+"""`python -m server --repository DIR [--host 127.0.0.1] [--port 8001]`: serve a model repository
+until SIGINT or SIGTERM, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from server import logs
+from server.app import create_server
+from server.config import INT32_MAX, ServerConfig
+from server.errors import ServerError
+
+log = logging.getLogger("server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n")[0].strip("`"))
+    parser.add_argument("--repository", type=Path, required=True, help="model repository: <repo>/<model>/<version>/")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
+    parser.add_argument("--max-message-bytes", type=int, default=INT32_MAX,
+                        help="largest gRPC message received or sent (default: INT32_MAX, as Triton)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                        help="on SIGTERM, seconds for queued and running requests to finish (default: 30)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG logs every request and batch (default: INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log line format (default: text)")
+    return parser.parse_args(argv)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server for `config` until SIGINT/SIGTERM, then stop it gracefully."""
+    server, _ = create_server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s received again; still draining (at most %.1f s)", signum.name, config.shutdown_grace_s)
+        else:
+            log.info("%s received", signum.name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 after a graceful shutdown, 1 when the server
+    cannot start)."""
+    args = parse_args(argv)
+    try:
+        logs.configure(args.log_level, args.log_format)
+        config = ServerConfig(
+            repository=args.repository, host=args.host, port=args.port,
+            max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace_s,
+        )
+        asyncio.run(serve(config))
+    except (ServerError, ValueError) as exc:  # bad options, missing repository, port in use
+        print(f"python -m server: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Protobuf ↔ numpy: the only place that knows how KServe v2 lays tensors out in messages.
+
+Inputs arrive either as `raw_input_contents` (little-endian bytes, one entry per input, BYTES
+elements each prefixed by a uint32 length) or as typed `contents` fields; outputs always leave
+as `raw_output_contents`, which is what Triton does and what tritonclient and perf_analyzer
+read. Every mismatch between what a request says and what it carries is an `InvalidArgument`
+naming the input; nothing here trusts a shape before checking it against the data.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from server.errors import InvalidArgument
+from server.proto import grpc_service_pb2 as pb
+from server.repository import Model
+
+# KServe v2 datatype → numpy dtype name (optimize.specs' canonical names). BYTES is a numpy
+# object array of `bytes`; BF16 has no numpy dtype.
+DTYPE_OF: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BF16": "bfloat16",
+    "BYTES": "object",
+}
+DATATYPE_OF: dict[str, str] = {dtype: datatype for datatype, dtype in DTYPE_OF.items()}
+
+# The typed field of InferTensorContents that carries each datatype (narrow ints travel widened).
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def datatype(dtype: str | np.dtype) -> str:
+    """The KServe v2 datatype of a numpy dtype or canonical dtype name ("int64" → "INT64")."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in DATATYPE_OF:
+        raise ValueError(f"dtype {name} has no KServe v2 datatype")
+    return DATATYPE_OF[name]
+
+
+def config_datatype(dtype: str) -> str:
+    """The ModelConfig `DataType` enum name of a canonical dtype name ("int64" → "TYPE_INT64")."""
+    kserve = datatype(dtype)
+    return "TYPE_STRING" if kserve == "BYTES" else f"TYPE_{kserve}"
+
+
+def _shape_str(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def decode_tensor(name: str, kserve_type: str, shape: tuple[int, ...], raw: bytes | None,
+                  contents: pb.InferTensorContents | None) -> np.ndarray:
+    """One input tensor from its wire form: `raw` bytes when the request uses
+    raw_input_contents, else the typed `contents`. Raises `InvalidArgument` when the data does
+    not match the datatype and shape."""
+    if kserve_type not in DTYPE_OF:
+        raise InvalidArgument(
+            f"input '{name}' has unknown datatype '{kserve_type}'; expected one of {', '.join(DTYPE_OF)}"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{name}' has a negative dimension in shape {_shape_str(shape)}")
+    count = math.prod(shape)
+    if kserve_type == "BF16":
+        raise InvalidArgument(f"input '{name}': datatype BF16 is not supported by this server")
+    if kserve_type == "BYTES":
+        return _decode_bytes(name, shape, count, raw, contents)
+    dtype = np.dtype(DTYPE_OF[kserve_type]).newbyteorder("<")
+    if raw is not None:
+        expected = count * dtype.itemsize
+        if len(raw) != expected:
+            raise InvalidArgument(
+                f"input '{name}' has {len(raw)} bytes of raw data, expected {expected} "
+                f"for shape {_shape_str(shape)} and datatype {kserve_type}"
+            )
+        # A copy: the message's bytes are immutable and engines may write to their inputs.
+        return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    field = _CONTENTS_FIELD.get(kserve_type)
+    values = getattr(contents, field) if contents is not None and field else ()
+    if field is None and count:
+        raise InvalidArgument(f"input '{name}': datatype {kserve_type} must be sent in raw_input_contents")
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{name}' has {len(values)} values in contents.{field}, "
+            f"expected {count} for shape {_shape_str(shape)}"
+        )
+    try:
+        return np.asarray(list(values), dtype=dtype.newbyteorder("=")).reshape(shape)
+    except (OverflowError, ValueError):  # e.g. 300 in uint_contents for a UINT8 input
+        raise InvalidArgument(f"input '{name}' holds values outside the range of {kserve_type}") from None
+
+
+def _decode_bytes(name: str, shape: tuple[int, ...], count: int, raw: bytes | None,
+                  contents: pb.InferTensorContents | None) -> np.ndarray:
+    if raw is None:
+        elements = list(contents.bytes_contents) if contents is not None else []
+    else:
+        elements, offset = [], 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise InvalidArgument(f"input '{name}': raw BYTES data ends inside an element's length prefix")
+            (length,) = struct.unpack_from("<I", raw, offset)
+            offset += 4
+            if offset + length > len(raw):
+                raise InvalidArgument(f"input '{name}': raw BYTES element {len(elements)} is longer than the data left")
+            elements.append(raw[offset:offset + length])
+            offset += length
+    if len(elements) != count:
+        raise InvalidArgument(
+            f"input '{name}' has {len(elements)} BYTES elements, expected {count} for shape {_shape_str(shape)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.ndarray]:
+    """The request's inputs as numpy arrays, checked for names, datatypes and data sizes
+    against `model` (shapes and value ranges are the model's `check_inputs`' job).
+    Raises `InvalidArgument`."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+            "give raw contents for every input or for none"
+        )
+    expected = ", ".join(model.inputs)
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = model.inputs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(f"unknown input '{tensor.name}' for model '{model.name}'; expected {expected}")
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        want = datatype(spec.dtype)
+        if tensor.datatype != want:
+            raise InvalidArgument(f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'}, expected {want}")
+        arrays[tensor.name] = decode_tensor(
+            tensor.name, tensor.datatype, tuple(tensor.shape),
+            raw[index] if raw else None,
+            tensor.contents if tensor.HasField("contents") else None,
+        )
+    missing = [name for name in model.inputs if name not in arrays]
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        raise InvalidArgument(f"missing input(s) {names} for model '{model.name}'; expected {expected}")
+    return arrays
+
+
+def requested_outputs(request: pb.ModelInferRequest, model: Model) -> list[str]:
+    """Names of the outputs to return, in the request's order; every output when none is
+    named. Raises `InvalidArgument` for an output the model does not have."""
+    if not request.outputs:
+        return list(model.outputs)
+    names: list[str] = []
+    for output in request.outputs:
+        if output.name not in model.outputs:
+            raise InvalidArgument(
+                f"unknown output '{output.name}' requested from model '{model.name}'; it has {', '.join(model.outputs)}"
+            )
+        if output.name not in names:
+            names.append(output.name)
+    return names
+
+
+def encode_tensor(array: np.ndarray) -> bytes:
+    """Raw wire bytes of an array: little-endian, row-major; BYTES elements length-prefixed."""
+    if array.dtype == object:
+        parts = []
+        for element in array.reshape(-1):
+            data = element if isinstance(element, bytes) else str(element).encode()
+            parts += [struct.pack("<I", len(data)), data]
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_response(request: pb.ModelInferRequest, model: Model, outputs: Mapping[str, np.ndarray],
+                    names: list[str]) -> pb.ModelInferResponse:
+    """The response carrying `outputs[name]` for each of `names` in raw_output_contents, with
+    the request's id echoed."""
+    response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+    for name in names:
+        array = outputs[name]
+        response.outputs.add(name=name, datatype=datatype(array.dtype), shape=array.shape)
+        response.raw_output_contents.append(encode_tensor(array))
+    return response

@@ -1,0 +1,57 @@
+"""One exception root for the server, and the one place that maps errors to gRPC status codes.
+
+Raise the subclass that says what went wrong; the service turns it into a status with
+`status_code(exc)` and the exception's message as details. Messages are one line and name the
+thing at fault (the model, the input, the config field).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServerError(Exception):
+    """Base of every error the server raises on purpose."""
+
+
+class ConfigError(ServerError, ValueError):
+    """A server option or a model's config.toml holds a value outside what is allowed."""
+
+
+class InvalidArgument(ServerError):
+    """The request is malformed or does not match the model's inputs."""
+
+
+class NotFound(ServerError):
+    """The request names a model (or version) the server does not serve."""
+
+
+class Unavailable(ServerError):
+    """The server cannot take or finish the request now (shutting down, model not ready)."""
+
+
+class Internal(ServerError):
+    """The engine failed while running an accepted request."""
+
+
+class Unimplemented(ServerError):
+    """The RPC exists in the protocol but this server does not implement it."""
+
+
+# Triton answers these conditions with the same codes (FIELD_NOTES: server src/grpc/infer_handler.cc).
+_STATUS: dict[type[ServerError], grpc.StatusCode] = {
+    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Internal: grpc.StatusCode.INTERNAL,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for `exc`: its class's entry (or its nearest base's), else INTERNAL."""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,150 @@
+"""The model repository: `<repo>/<model>/config.toml` and numeric version directories holding
+engines, laid out like Triton Inference Server's so its users already know it.
+
+    engines/
+      minilm/
+        config.toml      # optional: max_batch_size, max_queue_delay_us, instances
+        1/               # an engine directory (manifest.json, payload)
+        2/               # the latest version is the one served
+
+A model that cannot be served (no version directory, a bad config.toml, an engine that does
+not load) is logged and skipped; the others are served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import optimize
+from optimize.errors import OptimizeError
+from optimize.specs import TensorSpec
+from server.config import CONFIG_FILE, ModelConfig
+from server.errors import ConfigError, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+EngineLoader = Callable[[Path], optimize.Engine]
+
+
+@dataclass
+class Model:
+    """One served model: the engine of its latest version and its resolved serving config
+    (`config.max_batch_size` is concrete)."""
+
+    name: str
+    version: int
+    engine: optimize.Engine
+    config: ModelConfig
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.config = self.config.resolve(self.engine.max_batch_size, source=f"model '{self.name}'")
+        self._inputs = {spec.name: spec for spec in self.engine.inputs}
+        self._outputs = {spec.name: spec for spec in self.engine.outputs}
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch the server forms; 0 when it does not batch this model."""
+        assert self.config.max_batch_size is not None
+        return self.config.max_batch_size
+
+    @property
+    def inputs(self) -> Mapping[str, TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Mapping[str, TensorSpec]:
+        return self._outputs
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Validate a request's decoded inputs against the engine's specs and this model's
+        `max_batch_size`; return its size in samples (1 when the model does not batch).
+        Raises `InvalidArgument` naming the input and the problem."""
+        first = self.engine.inputs[0]
+        value = inputs.get(first.name)
+        # The server's own limit first (it may be below the engine's), worded in its terms.
+        batched = self.max_batch_size > 0 and value is not None and value.ndim == len(first.shape)
+        if batched and value.shape[0] > self.max_batch_size:
+            raise InvalidArgument(
+                f"input '{first.name}' has batch size {value.shape[0]}, more than model '{self.name}' accepts "
+                f"(max_batch_size {self.max_batch_size})"
+            )
+        reason = self.engine.check_inputs(inputs)
+        if reason:
+            raise InvalidArgument(f"model '{self.name}': {reason}")
+        return int(inputs[first.name].shape[0]) if self.max_batch_size > 0 else 1
+
+
+@dataclass
+class Repository:
+    """The models a server serves, and why the others are not (`failures`: name → reason)."""
+
+    models: dict[str, Model] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, loader: EngineLoader = optimize.load) -> Repository:
+        """Load the latest version of every model under `path`.
+
+        Raises `ConfigError` when `path` is not a directory. A model that cannot be loaded is
+        recorded in `failures` and logged; the server still starts with the rest. `loader`
+        turns a version directory into an Engine (tests inject fakes).
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a directory")
+        repo = cls(path=root)
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                model = _load_model(model_dir, loader)
+            except Exception as exc:  # one broken model must not keep the others from being served
+                expected = isinstance(exc, (ConfigError, OptimizeError))
+                reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+                repo.failures[model_dir.name] = reason
+                log.error("model '%s' is not served: %s", model_dir.name, reason, extra={"model": model_dir.name})
+                continue
+            repo.models[model.name] = model
+            log.info(
+                "model '%s' version %d loaded: %s engine, max_batch_size %d, max_queue_delay_us %d, instances %d",
+                model.name, model.version, model.engine.backend, model.max_batch_size,
+                model.config.max_queue_delay_us, model.config.instances, extra={"model": model.name},
+            )
+        if not repo.models:
+            log.warning("model repository %s has no servable model", root)
+        return repo
+
+    def get(self, name: str, version: str = "") -> Model:
+        """The model called `name`; `version` "" means the served one. Raises `NotFound` with
+        Triton's wording ("Request for unknown model: ...")."""
+        model = self.models.get(name)
+        if model is None:
+            if name in self.failures:
+                raise NotFound(f"Request for unknown model: '{name}' is not available: {self.failures[name]}")
+            served = ", ".join(sorted(self.models)) or "none"
+            raise NotFound(f"Request for unknown model: '{name}' is not found (served models: {served})")
+        if version and version != str(model.version):
+            raise NotFound(
+                f"Request for unknown model: '{name}' version {version} is not found (serving version {model.version})"
+            )
+        return model
+
+
+def _versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def _load_model(model_dir: Path, loader: EngineLoader) -> Model:
+    config = ModelConfig.read(model_dir)
+    versions = _versions(model_dir)
+    if not versions:
+        raise ConfigError(f"{model_dir} has no version directory (expected {model_dir}/<version>/ holding an engine)")
+    version = versions[-1]  # version policy "latest": only the newest is served
+    engine = loader(model_dir / str(version))
+    config = config.resolve(engine.max_batch_size, source=str(model_dir / CONFIG_FILE))
+    return Model(name=model_dir.name, version=version, engine=engine, config=config, path=model_dir / str(version))

@@ -1,0 +1,102 @@
+"""A fake Engine for server tests: real Engine API (specs, validation, numpy in/out), a
+trivial `_run` whose outputs reveal which rows it saw, and a record of every call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from optimize.config import CompileConfig
+from optimize.engine import Engine
+from optimize.manifest import Manifest
+from optimize.specs import Dim, TensorSpec
+
+VOCAB = 100
+WIDTH = 4
+
+
+def token_manifest(name: str = "fake", max_batch: int = 8, max_seq: int = 16) -> Manifest:
+    """Inputs `input_ids` / `attention_mask` int64 [batch, seq] (ids < VOCAB); output
+    `features` float32 [batch, 4]."""
+    config = CompileConfig(backend="eager", max_batch=max_batch, max_seq=max_seq)
+    batch, seq = config.dims["batch"], config.dims["seq"]
+    return Manifest(
+        name=name,
+        backend="fake",
+        config=config,
+        inputs=[
+            TensorSpec("input_ids", "int64", (batch, seq), value_range=(0, VOCAB - 1)),
+            TensorSpec("attention_mask", "int64", (batch, seq), value_range=(0, 1)),
+        ],
+        outputs=[
+            TensorSpec("features", "float32", (batch, WIDTH)),
+            TensorSpec("lengths", "int64", (batch,)),
+        ],
+        source={"kind": "test"},
+        payload=[],
+    )
+
+
+def expected_features(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What FakeEngine returns for each row: sum of ids, first id, last id, masked sum."""
+    return np.stack([ids.sum(1), ids[:, 0], ids[:, -1], (ids * mask).sum(1)], axis=1).astype(np.float32)
+
+
+class FakeEngine(Engine):
+    """Per-row features of its inputs, so a test can tell whether a batch was split back in the
+    right order. `calls` records the batch size of every run; `delay_s` makes each run take
+    that long (so concurrent requests queue and batch); `fail_with` makes runs raise."""
+
+    def __init__(self, manifest: Manifest | None = None, delay_s: float = 0.0) -> None:
+        super().__init__(Path("fake-engine"), manifest or token_manifest())
+        self.delay_s = delay_s
+        self.fail_with: Exception | None = None
+        self.calls: list[int] = []
+        self._lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        with self._lock:
+            self.calls.append(int(ids.shape[0]))
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if self.fail_with is not None:
+                raise self.fail_with
+            features = torch.from_numpy(expected_features(ids.numpy(), mask.numpy()))
+            return {"features": features, "lengths": mask.sum(1)}
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def echo_manifest(name: str = "echo", max_batch: int = 4, max_width: int = 4 * 1024 * 1024) -> Manifest:
+    """Input `x` float32 [batch, width] with width up to 4 Mi elements (16 MiB per sample);
+    output `y` = 2x."""
+    config = CompileConfig(backend="eager", max_batch=max_batch, max_seq=max_width)
+    batch = config.dims["batch"]
+    width = Dim("width", 1, 1, max_width)
+    return Manifest(
+        name=name, backend="fake", config=config,
+        inputs=[TensorSpec("x", "float32", (batch, width))],
+        outputs=[TensorSpec("y", "float32", (batch, width))],
+        source={"kind": "test"}, payload=[],
+    )
+
+
+class EchoEngine(Engine):
+    """Doubles its input: big messages in, big messages out."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("echo-engine"), echo_manifest())
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"y": inputs["x"] * 2}

@@ -1,0 +1,70 @@
+"""Serving configuration: defaults, config.toml parsing, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import INT32_MAX, ModelConfig, ServerConfig
+from server.errors import ConfigError
+
+
+def test_model_config_defaults_follow_the_engine_and_triton():
+    config = ModelConfig()
+    assert config.max_batch_size is None  # the engine's own maximum, resolved at load
+    assert config.max_queue_delay_us == 0
+    assert config.instances == 1
+    assert config.resolve(8).max_batch_size == 8
+
+
+def test_model_config_reads_config_toml(tmp_path: Path):
+    (tmp_path / "config.toml").write_text("max_batch_size = 4\nmax_queue_delay_us = 2000\ninstances = 2\n")
+    assert ModelConfig.read(tmp_path) == ModelConfig(max_batch_size=4, max_queue_delay_us=2000, instances=2)
+
+
+def test_a_model_without_config_toml_gets_the_defaults(tmp_path: Path):
+    assert ModelConfig.read(tmp_path) == ModelConfig()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_batch_size = -1", "max_batch_size must be an integer between 0 and"),
+        ("max_batch_size = true", "max_batch_size must be an integer"),
+        ("max_queue_delay_us = 1.5", "max_queue_delay_us must be an integer"),
+        ("instances = 0", "instances must be an integer between 1 and 64"),
+        ("max_batch = 8", "unknown key 'max_batch'"),
+        ("max_batch_size = ", "not readable TOML"),
+    ],
+)
+def test_a_bad_config_toml_names_the_file_and_the_field(tmp_path: Path, text: str, message: str):
+    (tmp_path / "config.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        ModelConfig.read(tmp_path)
+    assert str(tmp_path / "config.toml") in str(info.value)
+
+
+def test_max_batch_size_above_the_engine_maximum_is_refused():
+    with pytest.raises(ConfigError, match="max_batch_size = 16 but the engine accepts batches up to 8"):
+        ModelConfig(max_batch_size=16).resolve(8)
+    with pytest.raises(ConfigError, match="has no batch dimension"):
+        ModelConfig(max_batch_size=2).resolve(0)
+    assert ModelConfig(max_batch_size=0).resolve(8).max_batch_size == 0  # batching turned off
+
+
+def test_server_config_defaults_raise_grpc_message_limits_to_int32_max():
+    config = ServerConfig(repository="engines")
+    assert config.max_message_bytes == INT32_MAX
+    assert config.repository == Path("engines")
+    assert config.address == "127.0.0.1:8001"
+    assert ServerConfig(host="::1", port=0).address == "[::1]:0"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("port", 70000), ("port", -1), ("max_message_bytes", 2**31), ("shutdown_grace_s", -1.0), ("host", "")],
+)
+def test_server_config_names_the_bad_field(field: str, value: object):
+    with pytest.raises(ConfigError, match=field if field != "host" else "host must not be empty"):
+        ServerConfig(**{field: value})

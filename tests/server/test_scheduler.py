@@ -1,0 +1,175 @@
+"""The asyncio driver: real batches from concurrent requests, results split back per request,
+failures and shutdown answered explicitly, cancelled requests dropped. No sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from server.config import ModelConfig
+from server.errors import Internal, Unavailable
+from server.repository import Model
+from server.scheduler import ModelScheduler
+from tests.server.fakes import FakeEngine, expected_features
+
+
+def request(first_id: int, batch: int = 1, seq: int = 4) -> dict[str, np.ndarray]:
+    ids = (np.arange(batch * seq, dtype=np.int64).reshape(batch, seq) + first_id) % 100
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def scheduler_for(engine: FakeEngine, **config: int) -> ModelScheduler:
+    return ModelScheduler(Model(name="fake", version=1, engine=engine, config=ModelConfig(**config)))
+
+
+def run(coro, timeout_s: float = 20.0):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows_back():
+    engine = FakeEngine(delay_s=0.05)
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=20_000)
+    requests = [request(7 * i, batch=1 + i % 3) for i in range(12)]
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        results = await asyncio.gather(*(scheduler.infer(r, len(r["input_ids"])) for r in requests))
+        await scheduler.stop(grace_s=5)
+        return results
+
+    results = run(main())
+    for r, out in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(out["features"], expected_features(r["input_ids"], r["attention_mask"]))
+        np.testing.assert_array_equal(out["lengths"], [4] * len(r["input_ids"]))
+    assert sum(engine.calls) == sum(len(r["input_ids"]) for r in requests)
+    assert max(engine.calls) > 1, f"no batch was formed: {engine.calls}"
+    assert max(engine.calls) <= 8
+
+
+def test_requests_of_different_sequence_lengths_run_in_separate_batches():
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=50_000)
+    short, long = request(1, seq=3), request(2, seq=9)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        results = await asyncio.gather(*(scheduler.infer(r, 1) for r in (short, long, short, long)))
+        await scheduler.stop(grace_s=5)
+        return results
+
+    results = run(main())
+    assert sorted(engine.calls) == [2, 2]
+    np.testing.assert_array_equal(results[1]["features"], expected_features(long["input_ids"], long["attention_mask"]))
+
+
+def test_an_engine_failure_fails_the_batch_with_internal_and_the_model_keeps_serving():
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=20_000)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        engine.fail_with = RuntimeError("out of memory")
+        failed = await asyncio.gather(*(scheduler.infer(request(i), 1) for i in range(3)), return_exceptions=True)
+        engine.fail_with = None
+        ok = await scheduler.infer(request(5), 1)
+        await scheduler.stop(grace_s=5)
+        return failed, ok
+
+    failed, ok = run(main())
+    assert all(isinstance(e, Internal) and "model 'fake' failed: out of memory" in str(e) for e in failed)
+    assert ok["features"].shape == (1, 4)
+
+
+def test_stop_runs_everything_queued_without_waiting_for_the_batch_delay():
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=30_000_000)  # 30 s delay
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        tasks = [asyncio.create_task(scheduler.infer(request(i), 1)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert len(scheduler.batcher) == 3  # waiting for company
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await scheduler.stop(grace_s=10)
+        return await asyncio.gather(*tasks), loop.time() - started
+
+    results, stop_s = run(main())
+    assert len(results) == 3 and stop_s < 5
+    assert engine.calls == [3]
+
+
+def test_requests_still_unfinished_after_the_grace_period_fail_with_unavailable():
+    engine = FakeEngine(delay_s=1.0)
+    scheduler = scheduler_for(engine, max_batch_size=1, max_queue_delay_us=0)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        tasks = [asyncio.create_task(scheduler.infer(request(i), 1)) for i in range(3)]
+        await asyncio.sleep(0.1)  # the first is running, two are queued
+        await scheduler.stop(grace_s=0.2)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = run(main())
+    assert all(isinstance(r, Unavailable) and "shut down before the request finished" in str(r) for r in results)
+
+
+def test_a_stopped_scheduler_refuses_new_requests_with_unavailable():
+    scheduler = scheduler_for(FakeEngine(), max_batch_size=8)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        await scheduler.stop(grace_s=1)
+        await scheduler.infer(request(1), 1)
+
+    with pytest.raises(Unavailable, match="shutting down"):
+        run(main())
+
+
+def test_a_cancelled_request_leaves_the_queue_and_never_runs():
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=30_000_000)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        task = asyncio.create_task(scheduler.infer(request(1), 1))
+        await asyncio.sleep(0.05)
+        assert len(scheduler.batcher) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(scheduler.batcher) == 0
+        await scheduler.stop(grace_s=1)
+
+    run(main())
+    assert engine.calls == []
+
+
+def test_instances_run_batches_concurrently():
+    engine = FakeEngine(delay_s=0.2)
+    scheduler = scheduler_for(engine, max_batch_size=1, instances=2)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        await asyncio.gather(*(scheduler.infer(request(i), 1) for i in range(4)))
+        await scheduler.stop(grace_s=5)
+
+    run(main())
+    assert engine.max_running == 2
+
+
+def test_a_model_without_batching_runs_each_request_alone():
+    engine = FakeEngine(delay_s=0.02)
+    scheduler = scheduler_for(engine, max_batch_size=0)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        results = await asyncio.gather(*(scheduler.infer(request(i, batch=2), 1) for i in range(4)))
+        await scheduler.stop(grace_s=5)
+        return results
+
+    results = run(main())
+    assert engine.calls == [2, 2, 2, 2]
+    assert all(r["features"].shape == (2, 4) for r in results)
