@@ -80,6 +80,22 @@ def with_keyword_signature(module: torch.nn.Module, names: list[str]) -> torch.n
     return cls(module)
 
 
+class _Replay(torch.nn.Module):
+    """Runs an unlifted exported graph node by node so that re-exporting it keeps each node's
+    metadata (module path, stack trace): the profiler attributes ops to layers through it."""
+
+    def __init__(self, gm: torch.fx.GraphModule, names: list[str]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.names = names
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        flat = [inputs[n] for n in self.names]
+        with torch.fx.traceback.preserve_node_meta():
+            # Interpreter.run applies the graph's pytree codegen: outputs come back unflattened
+            return torch.fx.Interpreter(self.gm).run(*flat)
+
+
 def example_sizes(inputs: list[TensorSpec]) -> dict[str, int]:
     """Small example sizes for export, not 1 when the range allows (export specializes 0/1)."""
     return {d.name: min(d.max, max(d.min, 2 if d.name == "batch" else 8)) for s in inputs for d in s.dims}
@@ -88,7 +104,10 @@ def example_sizes(inputs: list[TensorSpec]) -> dict[str, int]:
 def export_module(module: torch.nn.Module, source: Source) -> ExportedProgram:
     """`torch.export` of `module` (called with the source's named inputs) over the dynamic dims
     of `source.inputs`. Raises `CaptureError` with the exporter's first line when it fails."""
-    module = with_keyword_signature(module, [s.name for s in source.inputs])  # sources are in eval mode
+    names = [s.name for s in source.inputs]
+    if isinstance(module, torch.fx.GraphModule) and getattr(module, "_out_spec", None) is not None:
+        module = _Replay(module, names)  # a rewritten program: keep its node metadata
+    module = with_keyword_signature(module, names)  # sources are in eval mode
     example = source.make_inputs(example_sizes(source.inputs), torch.Generator().manual_seed(0))
     try:
         with warnings.catch_warnings(), torch.no_grad():

@@ -16,34 +16,36 @@ from rich.markup import escape
 from rich.progress import TaskID, BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimize.config import PRECISIONS, CompileConfig
+from optimize.config import CALIBRATION_METHODS, PRECISIONS, CompileConfig
 from optimize.errors import OptimizeError
 
 console = Console(stderr=True)
 
 
 class RichReporter:
-    """Shows each compile stage as a progress line (a bar when the stage has steps)."""
+    """Shows each compile stage as a progress line (a bar when the stage has steps). Stages
+    nest (a backend's calibration runs inside "build"): the innermost one advances."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task: TaskID | None = None
-        self.label = ""
+        self.stack: list[tuple[TaskID, str]] = []
 
     def start(self, stage: str, total: int | None = None) -> None:
-        self.label = escape(stage)
-        self.task = self.progress.add_task(self.label, total=total)
+        label = ("  " * len(self.stack)) + escape(stage)
+        self.stack.append((self.progress.add_task(label, total=total), label))
 
     def advance(self, detail: str = "") -> None:
-        if self.task is not None:
-            description = f"{self.label} · {escape(detail)}" if detail else self.label
-            self.progress.update(self.task, advance=1, description=description)
+        if self.stack:
+            task, label = self.stack[-1]
+            description = f"{label} · {escape(detail)}" if detail else label
+            self.progress.update(task, advance=1, description=description)
 
     def finish(self, stage: str, seconds: float) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            self.task = None
-        self.progress.console.print(f"[green]✓[/] {escape(stage)} [dim]{seconds:.1f}s[/]")
+        indent = "  " * max(len(self.stack) - 1, 0)
+        if self.stack:
+            task, _ = self.stack.pop()
+            self.progress.remove_task(task)
+        self.progress.console.print(f"{indent}[green]✓[/] {escape(stage)} [dim]{seconds:.1f}s[/]")
 
 
 def _summary(engine_dir: Path) -> Table:
@@ -62,13 +64,22 @@ def _summary(engine_dir: Path) -> Table:
     dims = {d.name: d for s in m.inputs for d in s.dims}
     table.add_row("shape ranges", ", ".join(f"{d.name} {d.min}..{d.max} (opt {d.opt})" for d in dims.values()))
     acc = m.accuracy
-    if acc:
+    if acc.get("skipped"):
+        table.add_row("accuracy vs fp32 eager", f"[yellow]{escape(acc['skipped'])}[/]")
+    elif acc:
         tol = acc.get("tolerance", {})
         table.add_row(
             "accuracy vs fp32 eager",
             f"max abs err {acc['max_abs_error']:.2e} (≤ {tol.get('max_abs_error', '?')}), "
-            f"min cosine {acc['min_cosine']:.6f} (≥ {tol.get('min_cosine', '?')}) over {len(acc.get('shapes', []))} shapes",
+            f"min cosine {acc['min_cosine']:.6f} (≥ {tol.get('min_cosine', '?')}) over {len(acc.get('shapes', []))} random shapes",
         )
+        if acc.get("samples"):
+            real = acc["samples"]
+            table.add_row(
+                "  on real sentences",
+                f"max abs err {real['max_abs_error']:.2e}, min cosine {real['min_cosine']:.6f} over "
+                f"{len(real.get('shapes', []))} batches (judged on {', '.join(acc.get('judged_on', []))})",
+            )
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     table.add_row("size on disk", f"{size / 2**20:.1f} MiB")
     if m.pipeline:
@@ -85,13 +96,40 @@ def _passes_table(engine_dir: Path) -> Table:
     for column in ("pass", "matched", "time", "accuracy after"):
         table.add_column(column)
     for entry in Manifest.read(engine_dir).passes:
+        if entry.get("skipped", "").startswith("not supported by backend"):
+            continue  # e.g. kernel fusions on a backend that cannot run kiln kernels: noise here
         if entry.get("skipped"):
             table.add_row(entry["pass"], f"[dim]skipped: {escape(entry['skipped'])}[/]", "", "")
             continue
         matched = ", ".join(f"{k} {v}" for k, v in entry["matches"].items() if v) or "-"
-        acc = entry.get("accuracy")
-        acc_text = f"err {acc['max_abs_error']:.1e}, cos {acc['min_cosine']:.6f}" if acc else ""
+        acc = entry.get("accuracy") or {}
+        acc_text = (f"err {acc['max_abs_error']:.1e}, cos {acc['min_cosine']:.6f}" if "max_abs_error" in acc
+                    else escape(acc.get("skipped", "")))
         table.add_row(entry["pass"], matched, f"{entry['seconds'] * 1e3:.0f} ms", acc_text)
+    return table
+
+
+def _auto_table(engine_dir: Path) -> Table | None:
+    """The candidates `--backend auto` tried, fastest first, with why any was rejected."""
+    from optimize.manifest import Manifest
+
+    auto = Manifest.read(engine_dir).build.get("auto")
+    if not auto:
+        return None
+    shape = auto["shape"]
+    table = Table(title=f"backend auto: candidates at batch {shape['batch']} × seq {shape['seq']} ({auto['timing']})",
+                  title_justify="left")
+    for column in ("candidate", "median", "max abs err", "min cosine", "result"):
+        table.add_column(column)
+    rows = sorted(auto["candidates"], key=lambda c: (c["median_ms"] is None, c["median_ms"] or 0.0))
+    for c in rows:
+        acc = c.get("accuracy") or {}
+        result = {"chosen": "[green]chosen[/]", "passed": "passed"}.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
+        table.add_row(
+            escape(c["candidate"]), f"{c['median_ms']:.3g} ms" if c["median_ms"] is not None else "-",
+            f"{acc['max_abs_error']:.1e}" if acc.get("max_abs_error") is not None else "-",
+            f"{acc['min_cosine']:.6f}" if acc.get("min_cosine") is not None else "-", result,
+        )
     return table
 
 
@@ -100,6 +138,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     passes = {name: False for name in args.disable_pass} | {name: True for name in args.enable_pass}
     config = CompileConfig(
+        calibration=args.calibration,
+        calibration_method=args.calibration_method,
+        backend_options=dict(args.backend_option),
         backend=args.backend,
         precision=args.precision,
         max_batch=args.max_batch,
@@ -116,6 +157,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         optimize.compile(args.source, args.output, config, name=args.name, reporter=RichReporter(progress))
     Console().print(_summary(Path(args.output)))
     Console().print(_passes_table(Path(args.output)))
+    auto = _auto_table(Path(args.output))
+    if auto is not None:
+        Console().print(auto)
     return 0
 
 
@@ -127,7 +171,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         Console().print(_summary(Path(args.engine)))
         Console().print(_passes_table(Path(args.engine)))
+        auto = _auto_table(Path(args.engine))
+        if auto is not None:
+            Console().print(auto)
     return 0
+
+
+def _backend_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an engine directory")
     c.add_argument("source", help="Hugging Face model directory, exported .pt2 file, or module:function factory")
     c.add_argument("-o", "--output", required=True, type=Path, help="engine directory to write")
-    c.add_argument("--backend", default="onnxruntime", choices=available_backends())
+    c.add_argument("--backend", default="onnxruntime", choices=[*available_backends(), "auto"],
+                   help="engine backend; auto builds every candidate here and keeps the fastest accurate one")
     c.add_argument("--precision", default="fp32", choices=PRECISIONS)
     c.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts (default 32)")
     c.add_argument("--max-seq", type=int, default=256, help="longest sequence the engine accepts (default 256)")
@@ -151,12 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--enable-pass", action="append", default=[], metavar="NAME", help="turn a graph pass on (repeatable)")
     c.add_argument("--verify-passes", action="store_true",
                    help="check accuracy after every pass and name the first one that breaks it")
+    c.add_argument("--calibration", metavar="FILE",
+                   help="calibration data: .txt (one text per line), .jsonl ({'text': ...}) or .safetensors "
+                        "(default: built-in sentences for text models)")
+    c.add_argument("--calibration-method", default="percentile", choices=CALIBRATION_METHODS,
+                   help="int8 activation calibration (default percentile)")
+    c.add_argument("--backend-option", action="append", default=[], type=_backend_option, metavar="KEY=VALUE",
+                   help="a backend-specific setting, VALUE parsed as JSON when it is JSON (repeatable), "
+                        "e.g. optimization_level=5, compute_capabilities='[\"sm89\"]'")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("info", help="describe an engine directory")
     i.add_argument("engine", type=Path)
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_info)
+
+    from optimize.profile.cli import add_profile_parser
+
+    add_profile_parser(sub)
     return parser
 
 

@@ -9,7 +9,12 @@ from typing import Any
 from optimize.errors import ConfigError
 from optimize.specs import Dim
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8-weight", "fp8")
+# int8: weights and activations in int8 (calibrated Q/DQ); int8-weight: weights only, no calibration.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weight", "fp8")
+# Precisions whose error random inputs exaggerate: they are judged on real samples when the
+# source has them (see optimize.samples).
+QUANTIZED_PRECISIONS = frozenset({"int8", "int8-weight", "fp8"})
+CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
 CONFIG_VERSION = 1
 
 
@@ -31,6 +36,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs_error=1e-3, min_cosine=0.9999),
     "fp16": Tolerance(max_abs_error=5e-2, min_cosine=0.999),
     "bf16": Tolerance(max_abs_error=2e-1, min_cosine=0.995),
+    "int8": Tolerance(max_abs_error=5e-1, min_cosine=0.99),
     "int8-weight": Tolerance(max_abs_error=5e-1, min_cosine=0.99),
     "fp8": Tolerance(max_abs_error=1.0, min_cosine=0.98),
 }
@@ -42,7 +48,10 @@ class CompileConfig:
 
     Shape ranges are given as batch and sequence bounds; `dims` derives the `Dim`s every
     TensorSpec, export and profile uses. `opt_*` default to a typical serving shape inside the
-    range. Raises `ConfigError` (a `ValueError`) naming the field on a bad value.
+    range. `calibration` is a data set file (see `optimize.samples`; None = built-in sentences)
+    used by calibrated precisions and the fp16 overflow guard. `backend_options` holds settings
+    only one backend understands (each backend validates its own). Raises `ConfigError` (a
+    `ValueError`) naming the field on a bad value.
     """
 
     backend: str = "onnxruntime"
@@ -58,12 +67,22 @@ class CompileConfig:
     tolerance: Tolerance | None = None
     verify_samples: int = 4
     seed: int = 0
+    calibration: str | None = None
+    calibration_method: str = "percentile"
+    calibration_samples: int = 256
+    backend_options: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        for name in ("max_batch", "max_seq", "min_batch", "min_seq", "verify_samples"):
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}; got {self.calibration_method!r}"
+            )
+        if self.calibration is not None:
+            self.calibration = str(self.calibration)
+        for name in ("max_batch", "max_seq", "min_batch", "min_seq", "verify_samples", "calibration_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}")

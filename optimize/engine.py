@@ -17,7 +17,7 @@ import torch
 
 from optimize.errors import EngineError
 from optimize.manifest import MANIFEST_FILE, Manifest
-from optimize.specs import TensorSpec, dtype_name
+from optimize.specs import Dim, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
     from optimize.pipeline import Pipeline
@@ -54,6 +54,70 @@ class Engine(ABC):
     def max_batch_size(self) -> int:
         """Largest batch the engine accepts; 0 when its inputs have no dynamic batch dim."""
         return self.manifest.config.max_batch if all(s.batched for s in self.inputs) else 0
+
+    @property
+    def packed_mask_input(self) -> str | None:
+        """The [batch, seq] input whose zeros mark padding that this engine does not compute
+        (it packs the real tokens inside, from the first layer to the last), or None when
+        padding costs as much as real tokens. Written by the backend into the manifest
+        (`build["packed_batches"]["mask_input"]`)."""
+        packed = self.manifest.build.get("packed_batches")
+        return packed.get("mask_input") if isinstance(packed, dict) else None
+
+    @property
+    def accepts_packed(self) -> bool:
+        """True when the engine computes only real tokens, so one batch may mix sequence
+        lengths at no cost for padding: either send it packed (`run_packed`: rows back to
+        back, delimited by `cu_seqlens`), or padded to the longest row through `run` with
+        padding marked 0 in `packed_mask_input`. Token outputs are zero at padding positions.
+        A batcher can then drop sequence-length buckets."""
+        return self.packed_mask_input is not None
+
+    def run_packed(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run a packed variable-length batch (the server's `Packed` layout).
+
+        Inputs of token layout ([batch, seq, ...] specs) arrive as their rows concatenated,
+        [total_tokens, ...]; `cu_seqlens` (int [rows + 1], starting at 0) delimits the rows;
+        other inputs are per row, [rows, ...]. Outputs of token layout come back as
+        [total_tokens, ...], others as [rows, ...]; numpy in, numpy out as with `run`.
+        The rows are laid out padded to the longest one (an index copy) and run through `run`,
+        which on an engine that `accepts_packed` computes the real tokens only. Raises
+        `EngineError` on a missing or inconsistent `cu_seqlens` and on what `run` rejects.
+        """
+        if "cu_seqlens" not in inputs:
+            raise EngineError("run_packed needs a 'cu_seqlens' input (int [rows + 1], starting at 0)")
+        as_numpy = any(isinstance(v, np.ndarray) for v in inputs.values())
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                   for k, v in inputs.items()}
+        cu = tensors.pop("cu_seqlens").detach().cpu().long().reshape(-1)
+        lengths = cu[1:] - cu[:-1]
+        if cu.numel() < 2 or int(cu[0]) != 0 or bool((lengths < 0).any()):
+            raise EngineError(f"cu_seqlens must start at 0 and never decrease; got {cu.tolist()}")
+        rows, total = int(lengths.numel()), int(cu[-1])
+        longest = int(lengths.max())
+        row = torch.repeat_interleave(torch.arange(rows), lengths)
+        slot = row * longest + (torch.arange(total) - cu[row])  # each token's place in [rows, longest]
+        padded: dict[str, torch.Tensor] = {}
+        for spec in self.inputs:
+            value = tensors.get(spec.name)
+            if value is None or not _token_layout(spec):
+                if value is not None:
+                    padded[spec.name] = value
+                continue
+            if value.shape[0] != total:
+                raise EngineError(f"packed input '{spec.name}' has {value.shape[0]} tokens; cu_seqlens says {total}")
+            out = value.new_zeros((rows * longest, *value.shape[1:]))
+            out[slot.to(value.device)] = value
+            padded[spec.name] = out.reshape(rows, longest, *value.shape[1:])
+        padded.update({k: v for k, v in tensors.items() if k not in padded})  # unknown names: `run` says so
+        outputs = self.run(padded)
+        result: dict[str, Array] = {}
+        for spec in self.outputs:
+            value = outputs[spec.name]
+            if _token_layout(spec):
+                value = value.reshape(rows * longest, *value.shape[2:])[slot.to(value.device)]
+            result[spec.name] = value.detach().cpu().numpy() if as_numpy else value
+        return result
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -126,6 +190,23 @@ class Engine(ABC):
         }
 
 
+def _token_layout(spec: TensorSpec) -> bool:
+    """[batch, seq, ...]: a dynamic batch dim, then a dynamic (sequence) dim."""
+    return spec.batched and len(spec.shape) >= 2 and isinstance(spec.shape[1], Dim)
+
+
+class AheadOfTimeEngine(Engine):
+    """An engine built for another machine (e.g. a TensorRT plan built without a GPU): its
+    manifest and specs are readable here; running it raises `EngineError` with the reason."""
+
+    def __init__(self, path: Path, manifest: Manifest, reason: str) -> None:
+        super().__init__(path, manifest)
+        self.reason = reason
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise EngineError(f"engine {self.path} cannot run on this machine: {self.reason}")
+
+
 def load(directory: str | Path) -> Engine:
     """Load the engine stored in `directory` (a directory holding `manifest.json`).
 
@@ -143,4 +224,4 @@ def load(directory: str | Path) -> Engine:
     return backend.load(path, manifest)
 
 
-__all__ = ["Engine", "load", "MANIFEST_FILE"]
+__all__ = ["Engine", "AheadOfTimeEngine", "load", "MANIFEST_FILE"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class Manifest:
     environment: dict[str, Any] = field(default_factory=dict)
     pipeline: dict[str, Any] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +54,7 @@ class Manifest:
             "accuracy": self.accuracy,
             "pipeline": self.pipeline,
             "timings_s": self.timings_s,
+            "build": self.build,
             "environment": self.environment,
         }
 
@@ -90,6 +93,7 @@ class Manifest:
                 environment=data.get("environment", {}),
                 pipeline=data.get("pipeline"),
                 timings_s=data.get("timings_s", {}),
+                build=data.get("build", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{path} is malformed: {exc}") from None
@@ -111,4 +115,8 @@ def build_environment() -> dict[str, Any]:
             env[module] = __import__(module).__version__
         except Exception:  # an optional dependency that is absent or broken is just not recorded
             continue
+    # Engine runtimes are recorded when the build used them (importing them all costs seconds).
+    for module in ("tensorrt", "tensorrt_rtx", "openvino", "ctranslate2"):
+        if module in sys.modules:
+            env[module] = getattr(sys.modules[module], "__version__", "unknown")
     return env

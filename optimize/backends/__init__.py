@@ -16,6 +16,10 @@ from optimize.errors import ConfigError, OptimizeError
 _BUILTIN: dict[str, str] = {
     "eager": "optimize.backends.eager",
     "onnxruntime": "optimize.backends.onnxruntime",
+    "tensorrt": "optimize.backends.tensorrt",
+    "triton": "optimize.backends.triton",
+    "openvino": "optimize.backends.openvino",
+    "ctranslate2": "optimize.backends.ctranslate2",
 }
 _REGISTRY: dict[str, type[Backend]] = {}
 

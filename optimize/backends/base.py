@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch.export import ExportedProgram
 
 from optimize.config import CompileConfig
@@ -15,14 +17,35 @@ from optimize.manifest import Manifest
 from optimize.passes import GENERIC_PASSES
 from optimize.specs import TensorSpec
 
+if TYPE_CHECKING:
+    from optimize.compiler import Reporter
+    from optimize.passes.base import PassResult
+    from optimize.sources.base import Source
+
 
 @dataclass
 class BuildContext:
-    """What a backend needs besides the program: the config and the tensor contract."""
+    """What a backend needs besides the program: the config and the tensor contract.
+
+    Optional, for backends that run graph passes or calibrate: `samples()` returns calibration
+    batches (real sentences for text models, see `optimize.samples`), `reference` is the fp32
+    eager model, `reporter` shows progress, `previous` is the engine directory this build
+    replaces (caches in it can seed the new build), `source` is the loaded model source (for
+    backends that convert from the original weights rather than the captured program). A backend reports back through `passes` (results of
+    the passes it ran) and `record` (build details: library versions, targets, profiles); both
+    are written into the manifest.
+    """
 
     config: CompileConfig
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    samples: Callable[[], list[dict[str, torch.Tensor]]] | None = None
+    reference: Callable[..., dict[str, torch.Tensor]] | None = None
+    reporter: Reporter | None = None
+    previous: Path | None = None
+    source: Source | None = None
+    passes: list[PassResult] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(ABC):
@@ -32,6 +55,30 @@ class Backend(ABC):
     precisions: ClassVar[frozenset[str]]
     # Graph passes this backend can execute the result of (see optimize.passes).
     passes: ClassVar[frozenset[str]] = GENERIC_PASSES
+
+    # Settings only this backend understands (`CompileConfig.backend_options`), with defaults.
+    options: ClassVar[dict[str, Any]] = {}
+
+    def capture_precision(self, precision: str) -> str:
+        """The precision the program is captured in. Backends that apply precision as graph
+        passes (casts, Q/DQ nodes) capture fp32 and return "fp32"."""
+        return precision
+
+    def can_run_here(self) -> tuple[bool, str]:
+        """(True, "") when engines of this backend can run on this machine, else (False, the
+        reason). A backend that cannot still builds (ahead of time), unverified, and says why."""
+        return True, ""
+
+    def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
+        """`config.backend_options` over this backend's defaults; raises `ConfigError` naming
+        an option this backend does not know."""
+        from optimize.errors import ConfigError
+
+        unknown = sorted(set(config.backend_options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ConfigError(f"backend {self.name!r} has no option(s) {', '.join(unknown)}; its options: {known}")
+        return {**self.options, **config.backend_options}
 
     @abstractmethod
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:

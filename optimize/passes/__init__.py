@@ -17,13 +17,32 @@ from optimize.errors import AccuracyError, ConfigError
 from optimize.passes.base import GraphPass, PassContext, PassResult
 from optimize.passes.constant_folding import ConstantFolding
 from optimize.passes.dead_code import DeadCode
+from optimize.passes.fuse_attention import FuseAttention
+from optimize.passes.fuse_bias_gelu import FuseBiasGelu
+from optimize.passes.fuse_embedding_layer_norm import FuseEmbeddingLayerNorm
+from optimize.passes.fuse_qkv import FuseQKV
+from optimize.passes.fuse_residual_layer_norm import FuseResidualLayerNorm
+from optimize.passes.precision import Precision
+from optimize.passes.quantize_int8 import QuantizeInt8
 from optimize.passes.remove_dropout import RemoveDropout
+from optimize.passes.remove_padding import RemovePadding
 
-# The order passes run in. Clean-ups first so the fusions see the simplest graph.
-PIPELINE: list[type[GraphPass]] = [RemoveDropout, ConstantFolding, DeadCode]
+# The order passes run in. Clean-ups first so the fusions see the simplest graph; embedding + LN
+# before residual + LN (an embedding sum is an add too); bias + GELU before int8 so the GELU
+# moves into the int8 GEMM's epilogue; precision after the fusions (it only wraps what is left
+# of aten reductions); padding removal last, over the fused ops.
+PIPELINE: list[type[GraphPass]] = [
+    RemoveDropout, ConstantFolding, DeadCode,
+    FuseAttention, FuseQKV, FuseEmbeddingLayerNorm, FuseResidualLayerNorm, FuseBiasGelu,
+    QuantizeInt8, Precision, RemovePadding,
+]
 PASSES: dict[str, type[GraphPass]] = {p.name: p for p in PIPELINE}
 # Passes every backend can take: they only remove or precompute aten nodes.
 GENERIC_PASSES = frozenset({"remove_dropout", "constant_folding", "dead_code"})
+# Passes whose result calls kiln kernels (torch.ops.kernels / kernels_cuda) or relies on their
+# fp32 accumulation: only backends that execute those ops (`triton`) take them.
+KERNEL_PASSES = frozenset({"fuse_attention", "fuse_qkv", "fuse_embedding_layer_norm", "fuse_residual_layer_norm",
+                           "fuse_bias_gelu", "quantize_int8", "precision", "remove_padding"})
 
 Verifier = Callable[[fx.GraphModule], dict[str, float]]
 
@@ -40,8 +59,14 @@ def register_pass(cls: type[GraphPass], after: str | None = None) -> type[GraphP
 
 def check_pass_names(names: list[str] | set[str]) -> None:
     unknown = sorted(set(names) - set(PASSES))
+    if unknown:  # `CompileConfig.passes` also toggles the ONNX passes (optimize.onnx)
+        from optimize.onnx import ONNX_PASSES
+
+        unknown = sorted(set(unknown) - set(ONNX_PASSES))
     if unknown:
-        raise ConfigError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join(PASSES)}")
+        from optimize.onnx import ONNX_PASSES
+
+        raise ConfigError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join([*PASSES, *ONNX_PASSES])}")
 
 
 def run_passes(
@@ -86,5 +111,5 @@ def run_passes(
     return results
 
 
-__all__ = ["GraphPass", "PassContext", "PassResult", "PIPELINE", "PASSES", "GENERIC_PASSES", "register_pass",
+__all__ = ["GraphPass", "PassContext", "PassResult", "PIPELINE", "PASSES", "GENERIC_PASSES", "KERNEL_PASSES", "register_pass",
            "run_passes", "check_pass_names"]

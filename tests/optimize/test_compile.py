@@ -129,7 +129,7 @@ def test_accuracy_outside_tolerance_fails_and_leaves_no_engine(tmp_path: Path):
 
 
 def test_unsupported_precision_for_backend_is_a_config_error(tmp_path: Path):
-    with pytest.raises(ConfigError, match="supports precision fp32"):
+    with pytest.raises(ConfigError, match=r"supports precision fp16, fp32, int8, int8-weight; got .bf16."):
         optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
                          optimize.CompileConfig(backend="onnxruntime", precision="bf16"))
 

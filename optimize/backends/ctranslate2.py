@@ -1,0 +1,124 @@
+"""Backend `ctranslate2`: CTranslate2's encoder, converted from the Hugging Face weights.
+
+CTranslate2 runs BERT-family encoders with its own kernels and skips padding (each sequence is
+computed at its own length), which makes it the fastest fp32 CPU engine at small batches in
+FIELD_NOTES. It converts from the model directory, not from the captured program, so it takes
+Hugging Face sources of the architectures its `TransformersConverter` knows. The sentence
+pooling and normalization kiln folds into the graph for other backends are applied here after
+the encoder, as the manifest's source records them.
+
+Precisions: `fp32` (compute type float32) and `int8` (int8 weights and dynamically quantized
+int8 activations in the linear layers, float32 elsewhere: compute type int8_float32).
+Option `threads` (0 = CTranslate2's choice): intra-op threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.export import ExportedProgram
+
+from optimize.backends import register_backend
+from optimize.backends.base import Backend, BuildContext
+from optimize.engine import Engine
+from optimize.errors import ConfigError, EngineError
+from optimize.manifest import Manifest
+
+MODEL_DIR = "ctranslate2"
+COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32"}
+
+
+class CTranslate2Engine(Engine):
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        super().__init__(path, manifest)
+        try:
+            import ctranslate2
+        except ImportError:
+            raise EngineError(f"engine {path} needs CTranslate2: pip install 'kiln[cpu-engines]'") from None
+        options = {**CTranslate2Backend.options, **manifest.config.backend_options}
+        try:
+            self._encoder = ctranslate2.Encoder(str(path / MODEL_DIR), device="cpu",
+                                                compute_type=COMPUTE_TYPES[manifest.config.precision],
+                                                intra_threads=int(options["threads"]))
+        except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError with long messages
+            raise EngineError(f"CTranslate2 cannot open {path / MODEL_DIR}: {str(exc).splitlines()[0]}") from exc
+        self._pooling = manifest.source.get("pooling")
+        self._normalize = bool(manifest.source.get("normalize"))
+        self._outputs = [s.name for s in manifest.outputs]
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import ctranslate2
+
+        ids = inputs["input_ids"].detach().cpu()
+        mask = inputs["attention_mask"].detach().cpu()
+        lengths = mask.sum(dim=1).to(torch.int32).clamp(min=1)
+        out = self._encoder.forward_batch(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(ids.numpy().astype(np.int32))),
+            ctranslate2.StorageView.from_array(lengths.numpy()),
+        )
+        hidden = torch.from_numpy(np.array(out.last_hidden_state, dtype=np.float32, copy=True))
+        if hidden.shape[1] < ids.shape[1]:  # the encoder returns the longest length, not the padded one
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
+        results = {"last_hidden_state": hidden}
+        if "sentence_embedding" in self._outputs:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            if self._pooling == "mean":
+                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+            elif self._pooling == "max":
+                pooled = hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+            else:
+                pooled = hidden[:, 0]
+            if self._normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+            results["sentence_embedding"] = pooled
+        return {name: results[name] for name in self._outputs}
+
+
+@register_backend
+class CTranslate2Backend(Backend):
+    name: ClassVar[str] = "ctranslate2"
+    precisions: ClassVar[frozenset[str]] = frozenset(COMPUTE_TYPES)
+    options: ClassVar[dict[str, Any]] = {"threads": 0}
+
+    def capture_precision(self, precision: str) -> str:
+        return "fp32"
+
+    def can_run_here(self) -> tuple[bool, str]:
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            return False, "ctranslate2 is not installed"
+        return True, ""
+
+    def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
+        try:
+            import ctranslate2
+            from ctranslate2.converters import TransformersConverter
+        except ImportError:
+            raise ConfigError("backend 'ctranslate2' needs CTranslate2: pip install 'kiln[cpu-engines]'") from None
+        source = ctx.source
+        if source is None or source.kind != "huggingface":
+            raise ConfigError("backend 'ctranslate2' converts Hugging Face model directories; "
+                              f"this source is {source.kind if source else 'unknown'}")
+        names = {s.name for s in ctx.outputs}
+        if not {s.name for s in ctx.inputs} == {"input_ids", "attention_mask"} or not names <= {"last_hidden_state", "sentence_embedding"}:
+            raise ConfigError("backend 'ctranslate2' runs encoders with inputs input_ids/attention_mask")
+        quantization = "int8" if ctx.config.precision == "int8" else None
+        try:
+            TransformersConverter(source.location).convert(str(directory / MODEL_DIR), quantization=quantization, force=True)
+        except Exception as exc:  # the converter raises ValueError/NotImplementedError for unknown models
+            raise ConfigError(f"CTranslate2 cannot convert {source.location}: {str(exc).splitlines()[0]}") from exc
+        ctx.record["ctranslate2"] = {"version": ctranslate2.__version__,
+                                     "compute_type": COMPUTE_TYPES[ctx.config.precision],
+                                     "pooling": source.metadata.get("pooling"),
+                                     "normalize": bool(source.metadata.get("normalize"))}
+        return sorted(str(p.relative_to(directory)) for p in (directory / MODEL_DIR).rglob("*") if p.is_file())
+
+    def load(self, directory: Path, manifest: Manifest) -> Engine:
+        return CTranslate2Engine(directory, manifest)
+
+
+__all__ = ["CTranslate2Backend", "CTranslate2Engine"]

@@ -1,0 +1,178 @@
+"""Backend `openvino`: kiln's prepared ONNX converted to an OpenVINO model, run by OpenVINO.
+
+The shape ranges of the TensorSpecs become the model's bounded dynamic dims. Quantization goes
+through NNCF: `int8-weight` compresses the weights to int8 (activations stay float), `int8` is
+NNCF's post-training quantization with the transformer preset, calibrated on the same real
+samples as every other backend (`optimize.samples`). Inference precision is pinned to f32
+(OpenVINO would otherwise choose bf16 by itself on some CPUs), so only fp32 and the int8 modes
+are offered. Payload: `model.xml` + `model.bin`.
+
+Options (`CompileConfig.backend_options`):
+- `hint` ("latency" default | "throughput"): OpenVINO's performance hint;
+- `threads` (0 = OpenVINO's choice): inference threads;
+- `device` ("CPU" default): the OpenVINO device.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.export import ExportedProgram
+
+from optimize.backends import register_backend
+from optimize.backends.base import Backend, BuildContext
+from optimize.config import CompileConfig
+from optimize.engine import Engine
+from optimize.errors import ConfigError, EngineError
+from optimize.manifest import Manifest
+from optimize.specs import Dim, numpy_dtype
+
+MODEL_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
+PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention")
+HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError("backend 'openvino' needs OpenVINO: pip install 'kiln[cpu-engines]' (openvino, nncf)") from None
+    return openvino
+
+
+def _config(options: dict[str, Any]) -> dict[str, Any]:
+    # OpenVINO 2026.4 picks bf16 inference precision on its own on this CI CPU (Zen 3):
+    # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs); f32 is pinned, so an engine
+    # computes in the precision its manifest says.
+    config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]], "INFERENCE_PRECISION_HINT": "f32"}
+    if int(options["threads"]) > 0:
+        config["INFERENCE_NUM_THREADS"] = int(options["threads"])
+    if options["device"] == "CPU":
+        # OpenVINO 2026.4's CPU shape cache returns wrong results: a model with
+        # nn.MultiheadAttention (tests.optimize.factories:tiny_tokens) run at [1, 1] and then at
+        # [4, 16] is off by 0.6 at the second shape, on the same or a fresh infer request, with
+        # or without bounded dims; with the cache off every shape is exact.
+        config["CPU_RUNTIME_CACHE_CAPACITY"] = 0
+    return config
+
+
+class OpenVINOEngine(Engine):
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        super().__init__(path, manifest)
+        try:
+            import openvino as ov
+        except ImportError:
+            raise EngineError(f"engine {path} needs OpenVINO: pip install 'kiln[cpu-engines]'") from None
+        options = {**OpenVINOBackend.options, **manifest.config.backend_options}
+        core = ov.Core()
+        if options["device"] not in core.available_devices:
+            raise EngineError(f"OpenVINO device {options['device']} is not available here; "
+                              f"available: {', '.join(core.available_devices)}")
+        try:
+            self._compiled = core.compile_model(str(path / MODEL_FILE), options["device"], _config(options))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
+            raise EngineError(f"OpenVINO cannot open {path / MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
+        self._request = self._compiled.create_infer_request()
+        self._input_dtypes = {s.name: numpy_dtype(s.dtype) for s in manifest.inputs}
+        self._outputs = [s.name for s in manifest.outputs]
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=self._input_dtypes[k]) for k, v in inputs.items()}
+        results = self._request.infer(feeds)
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        # The request reuses its output buffers on the next call: copy.
+        return {name: torch.from_numpy(np.array(by_name[name], copy=True)) for name in self._outputs}
+
+
+@register_backend
+class OpenVINOBackend(Backend):
+    name: ClassVar[str] = "openvino"
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "int8", "int8-weight"})
+    options: ClassVar[dict[str, Any]] = {"hint": "latency", "threads": 0, "device": "CPU"}
+
+    def capture_precision(self, precision: str) -> str:
+        return "fp32"
+
+    def can_run_here(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+        except ImportError:
+            return False, "openvino is not installed"
+        if "CPU" not in ov.Core().available_devices:
+            return False, "OpenVINO has no CPU device here"
+        return True, ""
+
+    def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
+        options = super().resolve_options(config)
+        if options["hint"] not in HINTS:
+            raise ConfigError(f"backend option hint must be one of {', '.join(HINTS)}; got {options['hint']!r}")
+        return options
+
+    def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
+        from optimize.onnx import prepare_onnx
+        from optimize.onnx.export import save_model
+
+        ov = _openvino()
+        options = self.resolve_options(ctx.config)
+        with tempfile.TemporaryDirectory(prefix="kiln-openvino-") as workdir:
+            model = prepare_onnx(program, ctx, Path(workdir), PASSES, options, backend=self.name)
+            onnx_path = save_model(model, Path(workdir) / "model.onnx")
+            ov_model = ov.convert_model(str(onnx_path))
+        specs = {s.name: s for s in ctx.inputs}
+        ov_model.reshape({
+            port.get_any_name(): ov.PartialShape([
+                ov.Dimension(d.min, d.max) if isinstance(d, Dim) else ov.Dimension(d)
+                for d in specs[port.get_any_name()].shape
+            ])
+            for port in ov_model.inputs
+        })
+        precision = ctx.config.precision
+        if precision == "int8-weight":
+            import nncf
+
+            ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            ctx.record["quantization"] = {"mode": "weight_only", "tool": f"nncf {nncf.__version__}", "weights": "int8 asymmetric"}
+        elif precision == "int8":
+            ov_model = self._quantize(ov_model, ctx)
+        ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=False)
+        ctx.record["openvino"] = {"version": ov.__version__, "hint": options["hint"], "device": options["device"]}
+        return [MODEL_FILE, WEIGHTS_FILE]
+
+    def _quantize(self, ov_model: Any, ctx: BuildContext) -> Any:
+        """NNCF post-training quantization (transformer preset) on the calibration samples."""
+        import nncf
+
+        batches = ctx.samples() if ctx.samples is not None else []
+        if not batches:
+            raise ConfigError("int8 calibration needs samples and none are available")
+        names = [p.get_any_name() for p in ov_model.inputs]
+        reporter = ctx.reporter
+        if reporter is not None:
+            reporter.start(f"calibrate int8 (nncf, {len(batches)} batches)", len(batches))
+
+        def transform(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+            if reporter is not None:
+                reporter.advance()
+            return {n: feeds[n].numpy() for n in names}
+
+        import time
+
+        t0 = time.perf_counter()
+        quantized = nncf.quantize(ov_model, nncf.Dataset(batches, transform), subset_size=len(batches),
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED)
+        if reporter is not None:
+            reporter.finish(f"calibrate int8 (nncf, {len(batches)} batches)", round(time.perf_counter() - t0, 3))
+        ctx.record["quantization"] = {"mode": "static", "tool": f"nncf {nncf.__version__}", "preset": "mixed",
+                                      "model_type": "transformer", "batches": len(batches)}
+        return quantized
+
+    def load(self, directory: Path, manifest: Manifest) -> Engine:
+        return OpenVINOEngine(directory, manifest)
+
+
+__all__ = ["OpenVINOBackend", "OpenVINOEngine"]

@@ -1,0 +1,395 @@
+"""Backend `tensorrt`: a TensorRT engine (`engine.plan`) built from kiln's prepared ONNX.
+
+Uses `tensorrt` when it is installed, else `tensorrt_rtx` (PyPI `tensorrt-rtx-cu13`), which
+builds engines ahead of time on a machine without a GPU for SM75–SM121 (no SM90). Networks are
+strongly typed (TensorRT 10+ dropped the precision flags; TensorRT-RTX never had them), so the
+precision comes from the graph: the ONNX passes insert casts (fp16/bf16 with fp32 islands for
+norms, softmax, reductions and overflowing tensors) and Q/DQ nodes (int8). One optimization
+profile spans the TensorSpec ranges: min/opt/max of every `Dim`.
+
+Caches, persisted in the engine directory:
+- `timing.cache` (full TensorRT): kernel timings, seeded from the engine this build replaces,
+  so a rebuild skips most autotuning. TensorRT-RTX's timing cache queries the GPU, so it is
+  left off where there is none (FIELD_NOTES).
+- `runtime.cache` (TensorRT-RTX): kernels it compiles just in time on the first runs, loaded
+  when the engine is opened and saved back when the directory is writable.
+
+Options (`CompileConfig.backend_options`):
+- `optimization_level` (0–5, default 3): builder optimization level;
+- `compute_capabilities` ("auto" or a list such as ["sm89", "sm120"]; TensorRT-RTX only):
+  "auto" is the GPU here, or every target the library supports when there is no GPU;
+- `quantized_fallback` ("fp16" default | "bf16" | "fp32"): type of the ops int8 leaves;
+- `workspace_mib` (0 = TensorRT's default): builder workspace limit;
+- `int8_keep_sensitive` (default True): keep the worst-quantizing MatMuls in float until the
+  calibration samples are within tolerance.
+
+Running needs a CUDA GPU and torch with CUDA: inputs are torch tensors moved to the GPU, input
+shapes are set per call, tensor addresses bound, and the engine is enqueued on the current
+stream. Loading an engine built by another TensorRT version, or for another GPU, fails with a
+message that says which.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch.export import ExportedProgram
+
+from optimize.backends import register_backend
+from optimize.backends.base import Backend, BuildContext
+from optimize.config import CompileConfig
+from optimize.engine import Engine
+from optimize.errors import ConfigError, EngineError, OptimizeError
+from optimize.manifest import Manifest
+from optimize.specs import torch_dtype
+
+PLAN_FILE = "engine.plan"
+TIMING_CACHE_FILE = "timing.cache"
+RUNTIME_CACHE_FILE = "runtime.cache"
+LIBRARIES = ("tensorrt", "tensorrt_rtx")
+PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention", "onnx_quantize",
+          "onnx_mixed_precision")
+# Oldest target per compute type in TensorRT-RTX: bf16 needs Ampere (SM80)+, fp8 Ada (SM89)+,
+# and fp32 GEMMs are not compiled for Turing ("Cannot compile operation ... for Turing (SM75):
+# FP32 GEMM is not supported", tensorrt_rtx 1.7 building all-MiniLM-L6-v2 at fp32).
+MIN_SM = {"fp32": 80, "bf16": 80, "fp8": 89}
+
+
+class TensorRTBuildError(OptimizeError):
+    """TensorRT could not parse the model or build an engine from it."""
+
+
+def library() -> tuple[ModuleType, str] | None:
+    """The TensorRT module to use and its name: `tensorrt` when importable, else `tensorrt_rtx`."""
+    for name in LIBRARIES:
+        try:
+            return importlib.import_module(name), name
+        except ImportError:
+            continue
+    return None
+
+
+def require_library() -> tuple[ModuleType, str]:
+    found = library()
+    if found is None:
+        raise ConfigError("backend 'tensorrt' needs TensorRT: pip install 'kiln[tensorrt]' (tensorrt-rtx-cu13), "
+                          "or NVIDIA's tensorrt")
+    return found
+
+
+def _logger(trt: ModuleType) -> Any:
+    """A TensorRT logger that keeps warnings and errors, so failures can quote them."""
+
+    class Collecting(trt.ILogger):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.WARNING:
+                self.messages.append(msg)
+
+        def errors(self) -> str:
+            return "; ".join(m.splitlines()[0] for m in self.messages[-3:]) or "no message from TensorRT"
+
+    return Collecting()
+
+
+def _sm(text: str) -> int:
+    digits = "".join(c for c in str(text) if c.isdigit())
+    if not digits:
+        raise ConfigError(f"compute capability {text!r} is not of the form sm89")
+    return int(digits)
+
+
+def cuda_device() -> tuple[str, int] | None:
+    """(name, SM number) of the current CUDA GPU, or None."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), major * 10 + minor
+
+
+def resolve_targets(trt: ModuleType, flavour: str, option: Any, precision: str) -> list[str]:
+    """The compute capabilities to build for, as "SM89"-style names ([] for full TensorRT,
+    which builds for the GPU it runs on)."""
+    if flavour != "tensorrt_rtx" or not hasattr(trt, "ComputeCapability"):
+        if option not in ("auto", None):
+            raise ConfigError("backend option compute_capabilities needs tensorrt_rtx; full TensorRT builds for its own GPU")
+        return []
+    supported = sorted((_sm(n) for n in trt.ComputeCapability.__members__ if n.startswith("SM")))
+    floor = MIN_SM.get(precision, 0)
+    if option in ("auto", None):
+        device = cuda_device()
+        wanted = [device[1]] if device else [sm for sm in supported if sm >= floor]
+    else:
+        wanted = [_sm(t) for t in (option if isinstance(option, (list, tuple)) else str(option).split(","))]
+    unknown = [sm for sm in wanted if sm not in supported]
+    if unknown:
+        raise ConfigError(f"{flavour} cannot target SM{unknown[0]}; it supports "
+                          f"{', '.join(f'SM{sm}' for sm in supported)}")
+    too_old = [sm for sm in wanted if sm < floor]
+    if too_old:
+        raise ConfigError(f"precision {precision} needs SM{floor} or newer; SM{too_old[0]} was asked for")
+    return [f"SM{sm}" for sm in wanted]
+
+
+class _Progress:
+    """Forwards TensorRT's top-level build phases to kiln's progress display."""
+
+    def __init__(self, trt: ModuleType, reporter: Any) -> None:
+        class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+                self.starts: dict[str, float] = {}
+
+            def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+                if parent_phase is None and reporter is not None:
+                    self.starts[phase_name] = time.perf_counter()
+                    reporter.start(f"tensorrt: {phase_name}", num_steps or None)
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                if phase_name in self.starts:
+                    reporter.advance()
+                return True
+
+            def phase_finish(self, phase_name: str) -> None:
+                if phase_name in self.starts:
+                    reporter.finish(f"tensorrt: {phase_name}", round(time.perf_counter() - self.starts.pop(phase_name), 3))
+
+        self.monitor = Monitor()
+
+
+def build_plan(model_bytes: bytes, ctx: BuildContext, options: dict[str, Any], previous: Path | None,
+               directory: Path) -> tuple[bytes, dict[str, Any], list[str]]:
+    """Parse the ONNX model and build a serialized engine; return it, the build record, and the
+    extra payload files written (the timing cache)."""
+    trt, flavour = require_library()
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    if flavour == "tensorrt" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model_bytes):
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        raise TensorRTBuildError(f"{flavour} cannot parse the model: {errors[0] if errors else logger.errors()}")
+
+    config = builder.create_builder_config()
+    level = int(options["optimization_level"])
+    if not 0 <= level <= 5:
+        raise ConfigError(f"backend option optimization_level must be 0..5; got {level}")
+    config.builder_optimization_level = level
+    if int(options["workspace_mib"]) > 0:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options["workspace_mib"]) << 20)
+    precision = ctx.config.precision
+    compute = options["quantized_fallback"] if precision in ("int8", "int8-weight", "fp8") else precision
+    targets = resolve_targets(trt, flavour, options["compute_capabilities"], compute)
+    if targets:
+        config.num_compute_capabilities = len(targets)
+        for i, target in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, target), i)
+
+    profile = builder.create_optimization_profile()
+    specs = {s.name: s for s in ctx.inputs}
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise TensorRTBuildError(f"network input {tensor.name!r} has no TensorSpec")
+        lo, opt, hi = (spec.concrete({d.name: getattr(d, k) for d in spec.dims}) for k in ("min", "opt", "max"))
+        profile.set_shape(tensor.name, lo, opt, hi)
+        shapes[tensor.name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
+    config.add_optimization_profile(profile)
+
+    # The timing cache: full TensorRT always; TensorRT-RTX only with a GPU (it queries one).
+    extra_files: list[str] = []
+    cache = None
+    timing = "off"
+    if flavour == "tensorrt" or cuda_device() is not None:
+        seed = previous / TIMING_CACHE_FILE if previous is not None else None
+        cache = config.create_timing_cache(seed.read_bytes() if seed is not None and seed.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        timing = "reused from the previous engine" if seed is not None and seed.is_file() else "new"
+    else:
+        timing = f"off ({flavour} queries a GPU for it; none here)"
+    if hasattr(config, "progress_monitor") and ctx.reporter is not None:
+        config.progress_monitor = _Progress(trt, ctx.reporter).monitor
+
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if plan is None:
+        raise TensorRTBuildError(f"{flavour} failed to build the engine: {logger.errors()}")
+    plan = bytes(memoryview(plan))
+    if cache is not None:
+        (directory / TIMING_CACHE_FILE).write_bytes(bytes(cache.serialize()))
+        extra_files.append(TIMING_CACHE_FILE)
+    device = cuda_device()
+    record = {
+        "library": flavour,
+        "version": trt.__version__,
+        "compute_capabilities": targets,
+        "build_device": {"name": device[0], "sm": device[1]} if device else None,
+        "optimization_level": level,
+        "profile": shapes,
+        "timing_cache": timing,
+        "plan_bytes": len(plan),
+        "build_seconds": round(seconds, 3),
+    }
+    return plan, record, extra_files
+
+
+class TensorRTEngine(Engine):
+    """Runs `engine.plan` on torch CUDA tensors. Outputs come back on the inputs' device."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        super().__init__(path, manifest)
+        built = manifest.build.get("tensorrt", {})
+        found = library()
+        if found is None:
+            raise EngineError(f"engine {path} was built with {built.get('library')} {built.get('version')}, "
+                              "which is not installed here: pip install 'kiln[tensorrt]'")
+        trt, flavour = found
+        if (flavour, trt.__version__) != (built.get("library"), built.get("version")):
+            raise EngineError(
+                f"engine {path} was built with {built.get('library')} {built.get('version')}; this machine has "
+                f"{flavour} {trt.__version__}: rebuild it here (TensorRT plans are tied to the version that built them)"
+            )
+        device = cuda_device()
+        if device is None:
+            raise EngineError(f"engine {path} needs a CUDA GPU ({flavour}); torch sees none on this machine")
+        name, sm = device
+        targets = built.get("compute_capabilities") or []
+        if targets and f"SM{sm}" not in targets:
+            raise EngineError(f"engine {path} was built for {', '.join(targets)}; this GPU ({name}) is SM{sm}: "
+                              "rebuild with compute_capabilities including it")
+        build_device = built.get("build_device")
+        if not targets and build_device and build_device.get("sm") != sm:
+            raise EngineError(f"engine {path} was built on {build_device.get('name')} (SM{build_device.get('sm')}); "
+                              f"this GPU is {name} (SM{sm}): rebuild it here")
+        self._trt = trt
+        self._logger = _logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        plan = (path / PLAN_FILE).read_bytes()
+        self._engine = self._runtime.deserialize_cuda_engine(plan)
+        if self._engine is None:
+            raise EngineError(f"{flavour} cannot load {path / PLAN_FILE}: {self._logger.errors()}")
+        self._runtime_cache = None
+        if hasattr(self._engine, "create_runtime_config"):  # TensorRT-RTX: JIT kernels cached across runs
+            runtime_config = self._engine.create_runtime_config()
+            self._runtime_cache = runtime_config.create_runtime_cache()
+            cache_file = path / RUNTIME_CACHE_FILE
+            if cache_file.is_file():
+                self._runtime_cache.deserialize(cache_file.read_bytes())
+            runtime_config.set_runtime_cache(self._runtime_cache)
+            self._context = self._engine.create_execution_context(runtime_config)
+        else:
+            self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise EngineError(f"{flavour} cannot create an execution context for {path / PLAN_FILE}: {self._logger.errors()}")
+        self._inputs = [s.name for s in manifest.inputs]
+        self._outputs = {s.name: torch_dtype(s.dtype) for s in manifest.outputs}
+        self._shapes_seen: set[tuple[tuple[int, ...], ...]] = set()
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first = next(iter(inputs.values()))
+        home = first.device
+        stream = torch.cuda.current_stream()
+        keep = []
+        for name in self._inputs:
+            tensor = inputs[name].to("cuda", non_blocking=True).contiguous()
+            keep.append(tensor)
+            self._context.set_input_shape(name, tuple(tensor.shape))
+            self._context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name, dtype in self._outputs.items():
+            shape = tuple(self._context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self._context.set_tensor_address(name, outputs[name].data_ptr())
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise EngineError(f"TensorRT failed to run {self.path / PLAN_FILE}: {self._logger.errors()}")
+        signature = tuple(tuple(t.shape) for t in keep)
+        if signature not in self._shapes_seen:  # TensorRT-RTX compiles kernels for new shapes
+            self._shapes_seen.add(signature)
+            self.save_runtime_cache()
+        if home.type != "cuda":
+            return {k: v.to(home) for k, v in outputs.items()}
+        return outputs
+
+    def save_runtime_cache(self) -> bool:
+        """Write the JIT kernel cache into the engine directory when it is writable."""
+        if self._runtime_cache is None or not os.access(self.path, os.W_OK):
+            return False
+        torch.cuda.current_stream().synchronize()
+        (self.path / RUNTIME_CACHE_FILE).write_bytes(bytes(self._runtime_cache.serialize()))
+        return True
+
+
+@register_backend
+class TensorRTBackend(Backend):
+    name: ClassVar[str] = "tensorrt"
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "bf16", "int8", "int8-weight"})
+    options: ClassVar[dict[str, Any]] = {
+        "optimization_level": 3,
+        "compute_capabilities": "auto",
+        "quantized_fallback": "fp16",
+        "workspace_mib": 0,
+        "int8_keep_sensitive": True,
+    }
+
+    def capture_precision(self, precision: str) -> str:
+        return "fp32"
+
+    def can_run_here(self) -> tuple[bool, str]:
+        found = library()
+        if found is None:
+            return False, "neither tensorrt nor tensorrt_rtx is installed"
+        if cuda_device() is None:
+            return False, f"no CUDA GPU on this machine ({found[1]} built the engine ahead of time)"
+        return True, ""
+
+    def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
+        options = super().resolve_options(config)
+        if options["quantized_fallback"] not in ("fp16", "bf16", "fp32"):
+            raise ConfigError(f"backend option quantized_fallback must be fp16, bf16 or fp32; got {options['quantized_fallback']!r}")
+        return options
+
+    def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
+        from optimize.onnx import ort_verifier, prepare_onnx
+        from optimize.onnx.base import OnnxPassContext
+
+        require_library()
+        options = self.resolve_options(ctx.config)
+        onnx_options = {**options, "int8_activations": "int8", "int8_weight_mode": "weight_only"}
+        with tempfile.TemporaryDirectory(prefix="kiln-tensorrt-") as workdir:
+            model = prepare_onnx(program, ctx, Path(workdir), PASSES, onnx_options, backend=self.name)
+            model_bytes = model.SerializeToString()
+            plan, record, files = build_plan(model_bytes, ctx, options, ctx.previous, directory)
+            if not self.can_run_here()[0]:
+                # The plan cannot run here; the graph it was built from can, on ONNX Runtime:
+                # a check of the passes' numerics (not of TensorRT's kernels), labelled as such.
+                check = ort_verifier(OnnxPassContext(ctx.config, ctx.inputs, ctx.outputs, self.name, Path(workdir),
+                                                     samples=ctx.samples, reference=ctx.reference))
+                if check is not None:
+                    record["prepared_onnx_check"] = {
+                        "runner": "onnxruntime CPU (checks the graph rewrites; fp16 ops may run in fp32 there)",
+                        "reference": "fp32 eager", **check(model)}
+        (directory / PLAN_FILE).write_bytes(plan)
+        ctx.record["tensorrt"] = record
+        return [PLAN_FILE, *files]
+
+    def load(self, directory: Path, manifest: Manifest) -> Engine:
+        return TensorRTEngine(directory, manifest)
+
+
+__all__ = ["TensorRTBackend", "TensorRTEngine", "TensorRTBuildError", "library", "resolve_targets", "PLAN_FILE"]

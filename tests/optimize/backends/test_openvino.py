@@ -1,0 +1,44 @@
+"""Backend `openvino`: ONNX → OpenVINO, int8 through NNCF, fp32 really computed in fp32."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import optimize
+from optimize.errors import ConfigError
+
+pytest.importorskip("openvino", reason="openvino is not installed (pip install 'kiln[cpu-engines]')")
+
+
+def test_fp32_engine_matches_eager_exactly_enough_and_bounds_its_dims(tmp_path: Path):
+    engine = optimize.compile("tests.optimize.factories:tiny_tokens", tmp_path / "ov",
+                              optimize.CompileConfig(backend="openvino", max_batch=4, max_seq=16))
+    # OpenVINO would pick bf16 by itself on some CPUs (0.03 off on MiniLM); kiln pins f32.
+    assert engine.manifest.accuracy["max_abs_error"] < 1e-4
+    assert {p.name for p in (tmp_path / "ov").iterdir()} >= {"model.xml", "model.bin", "manifest.json"}
+    import openvino as ov
+
+    model = ov.Core().read_model(str(tmp_path / "ov" / "model.xml"))
+    shape = model.inputs[0].get_partial_shape()
+    assert (shape[0].get_min_length(), shape[0].get_max_length()) == (1, 4), "TensorSpec ranges bound the dims"
+    assert (shape[1].get_min_length(), shape[1].get_max_length()) == (1, 16)
+    from tests.optimize.factories import TinyTokenModel
+
+    ids = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(engine.run({"ids": ids})["output_0"], TinyTokenModel().eval()(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_weight_compression_is_judged_on_real_sentences(tmp_path: Path, minilm_model_dir: Path):
+    config = optimize.CompileConfig(backend="openvino", precision="int8-weight", max_batch=4, max_seq=32)
+    engine = optimize.compile(minilm_model_dir, tmp_path / "ov8", config)
+    accuracy = engine.manifest.accuracy
+    assert accuracy["judged_on"] == ["real samples"] and accuracy["samples"]["min_cosine"] > 0.99
+    assert engine.manifest.build["quantization"]["mode"] == "weight_only"
+    assert (tmp_path / "ov8" / "model.bin").stat().st_size < 40 << 20, "int8 weights: ~4x smaller than fp32's 90 MB"
+
+
+def test_unknown_hint_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="hint must be one of latency, throughput"):
+        optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
+                         optimize.CompileConfig(backend="openvino", backend_options={"hint": "fastest"}))
