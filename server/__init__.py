@@ -14,7 +14,7 @@ The server sees engines only through optimize's Engine API (`optimize.load`, spe
 """
 
 from server.app import Server, create_server
-from server.batcher import Batch, Batcher, BatchPolicy
+from server.batcher import Batch, Batcher, BatchPolicy, QueuePolicy
 from server.config import ModelConfig, ServerConfig
 from server.errors import ServerError
 from server.repository import Model, Repository
@@ -25,6 +25,7 @@ __all__ = [
     "Batcher",
     "Model",
     "ModelConfig",
+    "QueuePolicy",
     "Repository",
     "Server",
     "ServerConfig",

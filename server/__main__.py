@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from server import logs
 from server.app import create_server
-from server.config import INT32_MAX, ServerConfig
+from server.config import CONTROL_MODES, INT32_MAX, ServerConfig
 from server.errors import ServerError
 
 log = logging.getLogger("server")
@@ -28,10 +29,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest gRPC message received or sent (default: INT32_MAX, as Triton)")
     parser.add_argument("--shutdown-grace-s", type=float, default=30.0,
                         help="on SIGTERM, seconds for queued and running requests to finish (default: 30)")
+    parser.add_argument("--metrics-port", type=int, default=8002,
+                        help="Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (default: 8002, "
+                             "as Triton)")
+    parser.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mTLS)")
+    parser.add_argument("--auth-token-file", type=Path,
+                        help="file holding a bearer token every RPC but health checks must carry "
+                             "(or set KILN_AUTH_TOKEN; a token is never taken from the command line)")
+    parser.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
+                        help="explicit: clients load/unload models (RepositoryModelLoad/Unload) (default: none)")
+    parser.add_argument("--load-model", action="append", metavar="NAME",
+                        help="with --model-control-mode explicit: model to load at startup (repeatable; '*': all; "
+                             "default: all)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG logs every request and batch (default: INFO)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="log line format (default: text)")
     return parser.parse_args(argv)
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token from `path`, else from $KILN_AUTH_TOKEN, else None (no auth)."""
+    if path is not None:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --auth-token-file {path}: {exc.strerror}") from None
+    return os.environ.get("KILN_AUTH_TOKEN") or None
 
 
 async def serve(config: ServerConfig) -> None:
@@ -63,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         config = ServerConfig(
             repository=args.repository, host=args.host, port=args.port,
             max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace_s,
+            metrics_port=None if args.no_metrics else args.metrics_port,
+            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca,
+            auth_token=read_token(args.auth_token_file),
+            model_control_mode=args.model_control_mode, startup_models=tuple(args.load_model or ("*",)),
         )
         asyncio.run(serve(config))
     except (ServerError, ValueError) as exc:  # bad options, missing repository, port in use

@@ -3,73 +3,168 @@ threads; time comes from an injected clock — so every rule is unit-tested with
 
 Rules (Triton's dynamic batcher, FIELD_NOTES "Triton's dynamic batcher"):
 - A batch holds at most `max_batch_size` samples and never splits a request.
-- Only requests with equal batching keys join one batch. The key is the caller's business;
-  the server uses every input's dtype and non-batch dims, so concatenation along dim 0 is
-  always valid. Requests of another shape wait for their own batch.
-- The oldest queued request decides what is dispatched next, across all keys, so no shape
-  starves behind a stream of another. Its batch is ready when it is full (no further queued
-  request of its key fits) or when that oldest request has waited `max_queue_delay_us`.
-  With a delay of 0 a batch is ready at once with whatever is queued, so requests still batch
-  when they queue behind a busy instance.
+- Only requests with equal batching keys join one batch. The key is the caller's business
+  (`server.layout` makes it: exact shapes, a sequence-length bucket, or nothing but dtypes for
+  packed batches). Requests of another key wait for their own batch.
+- Priority levels (1 is the highest): the oldest request of the highest non-empty level decides
+  what is dispatched next, across all keys, so no shape starves within a level. Requests of
+  lower levels with the same key join its batch after every request of higher levels.
+- A batch is ready when it is full (no further queued request of its key fits), when the
+  queued requests of its key reach a preferred batch size (the largest one reachable goes), or
+  when the deciding request has waited `max_queue_delay_us`. With a delay of 0 a batch is ready
+  at once with whatever is queued, so requests still batch when they queue behind a busy
+  instance.
+- Queue policy, per priority level: `max_queue_size` bounds the level's queue (`add` raises
+  `QueueFull`); a request's timeout (the level's default, or the request's own when overriding
+  is allowed — only ever shorter) either rejects it (`expire` returns it) or delays it behind
+  every request that has not timed out. A request's deadline (its client's) always rejects.
+  `next_batch` never returns a request whose deadline or rejecting timeout has passed.
 - `max_batch_size` 0 means the model does not batch: every request is its own batch.
 
-`next_batch` is asked whenever an instance is free; `wait_s` tells the driver how long it may
-sleep before a batch becomes ready without new arrivals. `concatenate` and `split` turn a
-batch's inputs into one tensor per input and the engine's outputs back into one result per
-request.
+`next_batch` is asked whenever an instance is free, by any number of instances sharing one
+batcher; `wait_s` tells the driver how long it may sleep before a batch becomes ready or a
+request times out without new arrivals. `InOrder` releases answers in arrival order for models
+that preserve ordering.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-
-import numpy as np
 
 T = TypeVar("T")
 Clock = Callable[[], float]  # seconds, monotonic
 
+TIMEOUT_ACTIONS = ("reject", "delay")
+
+
+class QueueFull(Exception):
+    """The request's priority level already holds `max_queue_size` requests."""
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How one priority level's queue treats its requests (Triton's `ModelQueuePolicy`).
+
+    - `max_queue_size`: requests the level may hold; 0 is unbounded.
+    - `default_timeout_us`: how long a request may wait in the queue; 0 is forever.
+    - `allow_timeout_override`: whether a request's own `timeout` applies; it may only shorten
+      the default (Triton's rule). kiln's default is True, so the `timeout` request parameter
+      works out of the box; Triton's default is False.
+    - `timeout_action`: "reject" answers a timed-out request UNAVAILABLE; "delay" lets it wait
+      behind every request that has not timed out.
+    """
+
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
+    allow_timeout_override: bool = True
+    timeout_action: str = "reject"
+
+    def __post_init__(self) -> None:
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        if self.default_timeout_us < 0:
+            raise ValueError(f"default_timeout_us must be >= 0, got {self.default_timeout_us}")
+        if self.timeout_action not in TIMEOUT_ACTIONS:
+            raise ValueError(f"timeout_action must be one of {', '.join(TIMEOUT_ACTIONS)}, got {self.timeout_action!r}")
+
+    def timeout_us(self, requested_us: int = 0) -> int:
+        """The timeout of a request asking for `requested_us` (0: none asked): the default, or
+        the request's when overriding is allowed and it is shorter (or there is no default)."""
+        if self.allow_timeout_override and requested_us > 0:
+            if self.default_timeout_us == 0 or requested_us < self.default_timeout_us:
+                return requested_us
+        return self.default_timeout_us
+
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """What the batcher may form. `max_batch_size` in samples (0: no batching);
-    `max_queue_delay_us`: the longest the oldest request waits for company."""
+    """What the batcher may form and how it queues.
+
+    `max_batch_size` in samples (0: no batching); `max_queue_delay_us`: the longest the deciding
+    request waits for company; `preferred_batch_sizes`: sizes dispatched as soon as they can be
+    formed; `priority_levels` (0: one level) with `default_priority_level` for requests that
+    name none (0: the lowest level); `queue_policy` for every level unless
+    `priority_queue_policy` has an entry for it.
+    """
 
     max_batch_size: int
     max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    queue_policy: QueuePolicy = QueuePolicy()
+    priority_queue_policy: Mapping[int, QueuePolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
             raise ValueError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(self.preferred_batch_sizes))))
+        for size in self.preferred_batch_sizes:
+            if size < 1 or (self.max_batch_size and size > self.max_batch_size):
+                raise ValueError(
+                    f"preferred batch size {size} must be between 1 and max_batch_size {self.max_batch_size}")
+        if self.priority_levels < 0:
+            raise ValueError(f"priority_levels must be >= 0, got {self.priority_levels}")
+        if not 0 <= self.default_priority_level <= self.levels:
+            raise ValueError(
+                f"default_priority_level must be between 1 and {self.levels}, got {self.default_priority_level}")
+        for level in self.priority_queue_policy:
+            if not 1 <= level <= self.levels:
+                raise ValueError(f"priority_queue_policy level {level} is outside 1..{self.levels}")
 
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_us / 1e6
 
+    @property
+    def levels(self) -> int:
+        """Number of priority levels (at least 1)."""
+        return max(1, self.priority_levels)
+
+    def level(self, priority: int = 0) -> int:
+        """The level a request asking for `priority` lands in. 0, or a value outside
+        1..levels, means the default level (Triton's rule)."""
+        if 1 <= priority <= self.levels:
+            return priority
+        return self.default_priority_level or self.levels
+
+    def policy(self, level: int) -> QueuePolicy:
+        """The queue policy of priority `level`."""
+        return self.priority_queue_policy.get(level, self.queue_policy)
+
 
 @dataclass(eq=False)
 class Pending(Generic[T]):
-    """One queued request: its size in samples, its batching key, when it arrived (clock
-    seconds) and the caller's payload (inputs, a future to answer, ...)."""
+    """One queued request: its size in samples, batching key, payload, arrival time (clock
+    seconds) and priority level; `timeout_s`/`deadline_s` are absolute clock times or None."""
 
     size: int
     key: Hashable
     payload: T
     arrival_s: float
     seq: int = field(repr=False)  # arrival order; breaks ties between equal clock readings
+    level: int = 1
+    timeout_s: float | None = None
+    timeout_action: str = "reject"
+    deadline_s: float | None = None
+    delayed: bool = False  # timed out with action "delay": waits behind everything else
+    queued: bool = field(default=True, repr=False)
 
 
 @dataclass(eq=False)
 class Batch(Generic[T]):
-    """Requests dispatched together, in arrival order. `reason` says why it left the queue:
-    "full", "delay" (the oldest request waited long enough), "flush" (draining) or
-    "unbatched" (the model does not batch)."""
+    """Requests dispatched together, in the order their results are laid out. `reason` says
+    why it left the queue: "full", "preferred" (a preferred batch size was reached), "delay"
+    (the deciding request waited long enough), "flush" (draining) or "unbatched" (the model
+    does not batch)."""
 
     requests: list[Pending[T]]
     reason: str
@@ -84,14 +179,28 @@ class Batch(Generic[T]):
         return [r.size for r in self.requests]
 
 
+@dataclass(eq=False)
+class Expired(Generic[T]):
+    """A request taken out of the queue unrun: `reason` is "timeout" (its queue policy's timeout
+    with action reject) or "deadline" (its client's deadline)."""
+
+    pending: Pending[T]
+    reason: str
+
+
 class Batcher(Generic[T]):
     """Queue of pending requests that forms batches by the module's rules."""
 
     def __init__(self, policy: BatchPolicy, clock: Clock = time.monotonic) -> None:
         self.policy = policy
         self._clock = clock
-        # One FIFO per key; the oldest request overall is the oldest of the FIFO heads.
-        self._queues: dict[Hashable, deque[Pending[T]]] = {}
+        # Tier t < levels holds level t+1's requests; tier levels + t holds its delayed ones, so
+        # delayed requests come after every request that has not timed out. Per tier, one FIFO
+        # per key; a tier's oldest request is the oldest of its FIFO heads.
+        self._tiers: list[dict[Hashable, deque[Pending[T]]]] = [{} for _ in range(2 * policy.levels)]
+        self._level_counts = [0] * (policy.levels + 1)
+        self._timers: list[tuple[float, int, Pending[T]]] = []  # (when, seq, request): lazy heap
+        self._expired: list[Expired[T]] = []
         self._seq = itertools.count()
         self._count = 0
 
@@ -99,45 +208,83 @@ class Batcher(Generic[T]):
         """Requests waiting."""
         return self._count
 
-    def add(self, size: int, key: Hashable, payload: T) -> Pending[T]:
-        """Queue a request of `size` samples. Raises `ValueError` when it can never be
-        dispatched (larger than `max_batch_size`, or not a positive size)."""
+    def queued(self, level: int | None = None) -> int:
+        """Requests waiting, in one priority level or in all."""
+        return self._count if level is None else self._level_counts[level]
+
+    def add(self, size: int, key: Hashable, payload: T, *, priority: int = 0, timeout_us: int = 0,
+            deadline_s: float | None = None) -> Pending[T]:
+        """Queue a request of `size` samples under `key`.
+
+        `priority` picks the level (see `BatchPolicy.level`), `timeout_us` is the request's own
+        queue timeout (0: none; applied as the level's policy allows), `deadline_s` an absolute
+        clock time after which it must never run. Raises `ValueError` when it can never be
+        dispatched (larger than `max_batch_size`, or not a positive size) and `QueueFull` when
+        its level's queue is at `max_queue_size`.
+        """
         if size < 1:
             raise ValueError(f"request size must be >= 1, got {size}")
         if self.policy.max_batch_size and size > self.policy.max_batch_size:
             raise ValueError(f"request of {size} samples exceeds max_batch_size {self.policy.max_batch_size}")
-        pending = Pending(size=size, key=key, payload=payload, arrival_s=self._clock(), seq=next(self._seq))
-        self._queues.setdefault(key, deque()).append(pending)
+        level = self.policy.level(priority)
+        queue_policy = self.policy.policy(level)
+        if queue_policy.max_queue_size and self._level_counts[level] >= queue_policy.max_queue_size:
+            raise QueueFull(f"Exceeds maximum queue size ({queue_policy.max_queue_size} at priority level {level})")
+        now = self._clock()
+        timeout_us = queue_policy.timeout_us(timeout_us)
+        pending = Pending(
+            size=size, key=key, payload=payload, arrival_s=now, seq=next(self._seq), level=level,
+            timeout_s=now + timeout_us / 1e6 if timeout_us else None, timeout_action=queue_policy.timeout_action,
+            deadline_s=deadline_s,
+        )
+        self._tiers[level - 1].setdefault(key, deque()).append(pending)
+        self._level_counts[level] += 1
         self._count += 1
+        for when in (pending.timeout_s, pending.deadline_s):
+            if when is not None:
+                heapq.heappush(self._timers, (when, pending.seq, pending))
         return pending
 
     def remove(self, pending: Pending[T]) -> bool:
         """Take a request out of the queue (its client went away). False when it is no longer
-        queued (already dispatched or removed)."""
-        queue = self._queues.get(pending.key)
-        if queue is None:
+        queued (already dispatched, expired or removed)."""
+        if not pending.queued:
             return False
-        try:
-            queue.remove(pending)
-        except ValueError:
-            return False
+        tier = self._tiers[self._tier(pending)]
+        queue = tier[pending.key]
+        queue.remove(pending)
         if not queue:
-            del self._queues[pending.key]
-        self._count -= 1
+            del tier[pending.key]
+        self._forget(pending)
         return True
 
     def drain(self) -> list[Pending[T]]:
         """Remove and return every queued request, oldest first (shutdown fails them)."""
-        everything = sorted((p for q in self._queues.values() for p in q), key=lambda p: p.seq)
-        self._queues.clear()
+        everything = sorted((p for tier in self._tiers for q in tier.values() for p in q), key=lambda p: p.seq)
+        for pending in everything:
+            pending.queued = False
+        for tier in self._tiers:
+            tier.clear()
+        self._level_counts = [0] * len(self._level_counts)
+        self._timers.clear()
         self._count = 0
         return everything
 
+    def expire(self) -> list[Expired[T]]:
+        """Apply timeouts and deadlines that have passed and return the requests taken out of
+        the queue unrun (deadline or rejecting timeout passed; also those `next_batch` found),
+        oldest first. Requests whose delaying timeout passed move behind the others."""
+        self._apply_timers()
+        expired, self._expired = self._expired, []
+        return sorted(expired, key=lambda e: e.pending.seq)
+
     def next_batch(self, *, flush: bool = False) -> Batch[T] | None:
         """The batch to run now, removed from the queue, or None when nothing is ready.
-        `flush=True` dispatches the oldest request's batch even if it could still grow
-        (used while draining)."""
-        head = self._oldest()
+        Requests past their deadline or rejecting timeout are never in it (`expire` returns
+        them). `flush=True` dispatches the deciding request's batch even if it could still
+        grow (used while draining)."""
+        self._apply_timers()
+        head = self._head()
         if head is None:
             return None
         if self.policy.max_batch_size == 0:
@@ -145,6 +292,9 @@ class Batcher(Generic[T]):
         members, full = self._gather(head)
         if full:
             return self._pop(members, "full")
+        preferred = self._preferred(members)
+        if preferred:
+            return self._pop(members[:preferred], "preferred")
         if self._clock() - head.arrival_s >= self.policy.max_queue_delay_s:
             return self._pop(members, "delay")
         if flush:
@@ -152,72 +302,145 @@ class Batcher(Generic[T]):
         return None
 
     def wait_s(self) -> float | None:
-        """Seconds until `next_batch` returns a batch if nothing else arrives: 0 when one is
-        ready now, None when the queue is empty."""
-        head = self._oldest()
+        """Seconds until `next_batch` or `expire` has something to do if nothing else arrives:
+        0 when a batch is ready (or an expired request waits to be collected) now, None when
+        the queue is empty."""
+        if self._expired:
+            return 0.0
+        head = self._head()
         if head is None:
             return None
-        if self.policy.max_batch_size == 0 or self._gather(head)[1]:
+        if self.policy.max_batch_size == 0:
             return 0.0
-        return max(0.0, head.arrival_s + self.policy.max_queue_delay_s - self._clock())
+        members, full = self._gather(head)
+        if full or self._preferred(members):
+            return 0.0
+        now = self._clock()
+        wait = head.arrival_s + self.policy.max_queue_delay_s - now
+        timer = self.next_timer_s()
+        if timer is not None:
+            wait = min(wait, timer - now)
+        return max(0.0, wait)
 
-    def _oldest(self) -> Pending[T] | None:
-        if not self._queues:
-            return None
-        return min((q[0] for q in self._queues.values()), key=lambda p: p.seq)
+    def next_timer_s(self) -> float | None:
+        """Clock time of the earliest pending timeout or deadline, None when there is none."""
+        while self._timers and not self._timers[0][2].queued:
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
+
+    # -- internals ---------------------------------------------------------------------------
+    def _apply_timers(self) -> None:
+        now = self._clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, pending = heapq.heappop(self._timers)
+            if not pending.queued:
+                continue
+            if pending.deadline_s is not None and pending.deadline_s <= now:
+                self.remove(pending)
+                self._expired.append(Expired(pending, "deadline"))
+            elif pending.timeout_s is not None and pending.timeout_s <= now and not pending.delayed:
+                if pending.timeout_action == "reject":
+                    self.remove(pending)
+                    self._expired.append(Expired(pending, "timeout"))
+                else:
+                    self._delay(pending)
+
+    def _tier(self, pending: Pending[T]) -> int:
+        return pending.level - 1 + (self.policy.levels if pending.delayed else 0)
+
+    def _forget(self, pending: Pending[T]) -> None:
+        pending.queued = False
+        self._level_counts[pending.level] -= 1
+        self._count -= 1
+
+    def _delay(self, pending: Pending[T]) -> None:
+        tier = self._tiers[self._tier(pending)]
+        queue = tier[pending.key]
+        queue.remove(pending)
+        if not queue:
+            del tier[pending.key]
+        pending.delayed = True
+        self._tiers[self._tier(pending)].setdefault(pending.key, deque()).append(pending)
+
+    def _head(self) -> Pending[T] | None:
+        """The deciding request: the oldest of the first non-empty tier."""
+        for tier in self._tiers:
+            if tier:
+                return min((q[0] for q in tier.values()), key=lambda p: p.seq)
+        return None
+
+    def _candidates(self, head: Pending[T]) -> Iterator[Pending[T]]:
+        """Requests that may join `head`'s batch, in the order they join: its key's FIFO in
+        its tier, then in every later tier."""
+        for tier in self._tiers[self._tier(head):]:
+            yield from tier.get(head.key, ())
 
     def _gather(self, head: Pending[T]) -> tuple[list[Pending[T]], bool]:
-        """The requests that join `head`'s batch (FIFO within its key, stopping at the first
-        that does not fit: a later, smaller request never overtakes it) and whether the
-        batch is full."""
+        """The requests that join `head`'s batch (in order, stopping at the first that does
+        not fit: a later, smaller request never overtakes it) and whether the batch is full."""
         members: list[Pending[T]] = []
         total = 0
         limit = self.policy.max_batch_size
-        for pending in self._queues[head.key]:
+        for pending in self._candidates(head):
             if total + pending.size > limit:
                 return members, True
             members.append(pending)
             total += pending.size
         return members, total == limit
 
+    def _preferred(self, members: list[Pending[T]]) -> int:
+        """How many of `members` (a prefix) make the largest preferred batch size; 0 if none."""
+        if not self.policy.preferred_batch_sizes:
+            return 0
+        best, total = 0, 0
+        for count, pending in enumerate(members, start=1):
+            total += pending.size
+            if total in self.policy.preferred_batch_sizes:
+                best = count
+        return best
+
     def _pop(self, members: list[Pending[T]], reason: str) -> Batch[T]:
-        queue = self._queues[members[0].key]
-        for _ in members:  # members are the queue's first len(members) entries
-            queue.popleft()
-        if not queue:
-            del self._queues[members[0].key]
-        self._count -= len(members)
+        for pending in members:
+            tier = self._tiers[self._tier(pending)]
+            queue = tier[pending.key]
+            queue.popleft()  # members are, tier by tier, the first entries of their key's FIFO
+            if not queue:
+                del tier[pending.key]
+            self._forget(pending)
         return Batch(members, reason)
 
 
-def batch_key(inputs: Mapping[str, np.ndarray]) -> tuple:
-    """Key under which requests can be concatenated along dim 0: every input's name, dtype
-    and non-batch dims."""
-    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(inputs.items()))
+class InOrder(Generic[T]):
+    """Releases answers in the order requests were admitted (Triton's `preserve_ordering`).
 
+    `admit` hands out a ticket per accepted request; `finish(ticket, answer)` returns the
+    answers that may go out now: this one and any later ones that were waiting, once every
+    earlier ticket is finished. A request that ends without an answer (its client went away)
+    is still finished, with None, so it never holds the others back.
+    """
 
-def concatenate(requests: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One array per input name, the requests' arrays stacked along dim 0 in order. A single
-    request's arrays are returned as they are."""
-    if len(requests) == 1:
-        return dict(requests[0])
-    return {name: np.concatenate([r[name] for r in requests], axis=0) for name in requests[0]}
+    def __init__(self) -> None:
+        self._next_ticket = 0
+        self._next_release = 0
+        self._done: dict[int, T | None] = {}
 
+    def __len__(self) -> int:
+        """Finished answers held back behind an unfinished earlier request."""
+        return len(self._done)
 
-def split(outputs: Mapping[str, np.ndarray], sizes: Sequence[int]) -> list[dict[str, np.ndarray]]:
-    """Cut each output along dim 0 into consecutive parts of `sizes` samples, one dict per
-    request. Raises `ValueError` when an output's dim 0 is not the batch's total size."""
-    if len(sizes) == 1:
-        return [dict(outputs)]
-    total = sum(sizes)
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != total:
-            raise ValueError(
-                f"output '{name}' has shape {list(array.shape)}, expected dim 0 to be the batch size {total}"
-            )
-    bounds = np.cumsum(sizes)[:-1]
-    parts: list[dict[str, np.ndarray]] = [{} for _ in sizes]
-    for name, array in outputs.items():
-        for part, piece in zip(parts, np.split(array, bounds, axis=0), strict=True):
-            part[name] = piece
-    return parts
+    def admit(self) -> int:
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        return ticket
+
+    def finish(self, ticket: int, answer: T | None) -> list[T]:
+        if ticket in self._done or not self._next_release <= ticket < self._next_ticket:
+            raise ValueError(f"ticket {ticket} is not outstanding")
+        self._done[ticket] = answer
+        released: list[T] = []
+        while self._next_release in self._done:
+            item = self._done.pop(self._next_release)
+            self._next_release += 1
+            if item is not None:
+                released.append(item)
+        return released

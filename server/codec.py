@@ -56,11 +56,19 @@ _CONTENTS_FIELD: dict[str, str] = {
 }
 
 
+_MAX_ELEMENTS = 2**40
+_DATATYPE_CACHE: dict[object, str] = {}
+
+
 def datatype(dtype: str | np.dtype) -> str:
     """The KServe v2 datatype of a numpy dtype or canonical dtype name ("int64" → "INT64")."""
+    found = _DATATYPE_CACHE.get(dtype)
+    if found is not None:
+        return found
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     if name not in DATATYPE_OF:
         raise ValueError(f"dtype {name} has no KServe v2 datatype")
+    _DATATYPE_CACHE[dtype] = DATATYPE_OF[name]  # dtypes and names are few: looked up per tensor
     return DATATYPE_OF[name]
 
 
@@ -85,6 +93,10 @@ def decode_tensor(name: str, kserve_type: str, shape: tuple[int, ...], raw: byte
         )
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}' has a negative dimension in shape {_shape_str(shape)}")
+    # numpy cannot even describe an empty array whose other dims multiply past its index range
+    # ([0, 2**31, 2**31]); no message can carry that many elements anyway.
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise InvalidArgument(f"input '{name}' has shape {_shape_str(shape)}, too large for any message")
     count = math.prod(shape)
     if kserve_type == "BF16":
         raise InvalidArgument(f"input '{name}': datatype BF16 is not supported by this server")
@@ -142,6 +154,9 @@ def _decode_bytes(name: str, shape: tuple[int, ...], count: int, raw: bytes | No
 def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.ndarray]:
     """The request's inputs as numpy arrays, checked for names, datatypes and data sizes
     against `model` (shapes and value ranges are the model's `check_inputs`' job).
+
+    For a model with a text pipeline, a request may instead carry only the BYTES input
+    `model.text_input`; it decodes to `{"text": <object array of str, one per sample>}`.
     Raises `InvalidArgument`."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -149,14 +164,18 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.n
             f"request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
             "give raw contents for every input or for none"
         )
-    expected = ", ".join(model.inputs)
+    text = model.text_input
+    expected = ", ".join(model.inputs) + (f" (or '{text}' alone)" if text else "")
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        if text is not None and tensor.name == text:
+            arrays[text] = _decode_text(tensor, raw[index] if raw else None)
+            continue
         spec = model.inputs.get(tensor.name)
         if spec is None:
             raise InvalidArgument(f"unknown input '{tensor.name}' for model '{model.name}'; expected {expected}")
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input '{tensor.name}' is given twice")
         want = datatype(spec.dtype)
         if tensor.datatype != want:
             raise InvalidArgument(f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'}, expected {want}")
@@ -165,6 +184,11 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.n
             raw[index] if raw else None,
             tensor.contents if tensor.HasField("contents") else None,
         )
+    if text is not None and text in arrays:
+        if len(arrays) > 1:
+            others = ", ".join(repr(n) for n in arrays if n != text)
+            raise InvalidArgument(f"input '{text}' cannot be combined with {others}: send texts or tokens, not both")
+        return arrays
     missing = [name for name in model.inputs if name not in arrays]
     if missing:
         names = ", ".join(repr(m) for m in missing)
@@ -172,11 +196,63 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.n
     return arrays
 
 
-def requested_outputs(request: pb.ModelInferRequest, model: Model) -> list[str]:
-    """Names of the outputs to return, in the request's order; every output when none is
-    named. Raises `InvalidArgument` for an output the model does not have."""
+def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    """A text input: BYTES of shape [n] or [n, 1], UTF-8; an object array of n str."""
+    name = tensor.name
+    if tensor.datatype != "BYTES":
+        raise InvalidArgument(f"input '{name}' has datatype {tensor.datatype or '(none)'}, expected BYTES")
+    shape = tuple(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise InvalidArgument(
+            f"input '{name}' has shape {_shape_str(shape)}, expected [n] or [n, 1] (one text per row)")
+    elements = decode_tensor(name, "BYTES", shape, raw, tensor.contents if tensor.HasField("contents") else None)
+    texts = np.empty(elements.size, dtype=object)
+    for i, element in enumerate(elements.reshape(-1)):
+        try:
+            texts[i] = element.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"input '{name}' element {i} is not valid UTF-8 text") from None
+    return texts
+
+
+_INT_PARAMETER = ("int64_param", "uint64_param")
+
+
+def _int_parameter(request: pb.ModelInferRequest, name: str) -> int | None:
+    if name not in request.parameters:
+        return None
+    parameter = request.parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in _INT_PARAMETER:
+        raise InvalidArgument(
+            f"request parameter '{name}' must be an integer (int64_param or uint64_param), got {kind}")
+    value = getattr(parameter, kind)
+    if value < 0:
+        raise InvalidArgument(f"request parameter '{name}' must be >= 0, got {value}")
+    return int(value)
+
+
+def request_options(request: pb.ModelInferRequest) -> tuple[int, int]:
+    """The request's `priority` (0: the model's default level) and `timeout` (µs, 0: none)
+    parameters, Triton's names. Other parameters are accepted and ignored, except sequence
+    batching's, which kiln's models do not support. Raises `InvalidArgument`."""
+    priority = _int_parameter(request, "priority") or 0
+    timeout_us = _int_parameter(request, "timeout") or 0
+    for name in ("sequence_id", "sequence_start", "sequence_end"):
+        if name in request.parameters:
+            parameter = request.parameters[name]
+            kind = parameter.WhichOneof("parameter_choice")
+            if kind is not None and getattr(parameter, kind):
+                raise InvalidArgument(f"request parameter '{name}': this model does not support sequence batching")
+    return priority, timeout_us
+
+
+def requested_outputs(request: pb.ModelInferRequest, model: Model, text: bool = False) -> list[str]:
+    """Names of the outputs to return, in the request's order; when none is named, every
+    output (or, for a `text` request, the pipeline's output). Raises `InvalidArgument` for an
+    output the model does not have."""
     if not request.outputs:
-        return list(model.outputs)
+        return [model.text_output] if text and model.text_output else list(model.outputs)
     names: list[str] = []
     for output in request.outputs:
         if output.name not in model.outputs:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.batcher import TIMEOUT_ACTIONS, BatchPolicy, QueuePolicy
 from server.errors import ConfigError
 
 INT32_MAX = 2**31 - 1
@@ -26,10 +27,48 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) 
         raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+INTERFACES = ("tokens", "text")
+_QUEUE_POLICY_KEYS = ("max_queue_size", "default_timeout_us", "allow_timeout_override", "timeout_action")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_sizes(name: str, value: Any, maximum: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+    for item in value:
+        _check_int(f"{name} entries", item, 1, maximum)
+    return tuple(sorted(set(value)))
+
+
+def _queue_policy(name: str, data: Any) -> QueuePolicy:
+    """A QueuePolicy from a TOML table (or the model's top-level keys), fields named on error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must be a table of {', '.join(_QUEUE_POLICY_KEYS)}, got {data!r}")
+    unknown = sorted(set(data) - set(_QUEUE_POLICY_KEYS))
+    if unknown:
+        raise ConfigError(f"{name}: unknown key {unknown[0]!r} (known keys: {', '.join(_QUEUE_POLICY_KEYS)})")
+    prefix = f"{name}." if name != "queue policy" else ""
+    if "max_queue_size" in data:
+        _check_int(f"{prefix}max_queue_size", data["max_queue_size"], 0, INT32_MAX)
+    if "default_timeout_us" in data:
+        _check_int(f"{prefix}default_timeout_us", data["default_timeout_us"], 0, 2**63 - 1)
+    if "allow_timeout_override" in data:
+        _check_bool(f"{prefix}allow_timeout_override", data["allow_timeout_override"])
+    if "timeout_action" in data and data["timeout_action"] not in TIMEOUT_ACTIONS:
+        raise ConfigError(f"{prefix}timeout_action must be one of {', '.join(repr(a) for a in TIMEOUT_ACTIONS)}, "
+                          f"got {data['timeout_action']!r}")
+    return QueuePolicy(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """How one model is served. Read from `<repo>/<model>/config.toml`; every key is optional.
 
+    Batching (Triton's `dynamic_batching`):
     - `max_batch_size`: largest batch the dynamic batcher forms (requests are concatenated
       along dim 0 up to this many samples). 0 turns batching off: each request runs alone and
       its shape includes the batch dim. Default (None): the engine's own maximum. May not
@@ -37,30 +76,97 @@ class ModelConfig:
     - `max_queue_delay_us`: how long the oldest queued request may wait for others to join its
       batch, in microseconds. 0 (Triton's default) never waits on purpose; requests still
       batch when they queue behind a busy instance.
+    - `preferred_batch_sizes`: batch sizes dispatched as soon as the queue can form one, without
+      waiting for the delay.
+    - `sequence_buckets`: boundaries (e.g. [16, 32, 64]) the dynamic non-batch dims of requests
+      are zero-padded up to, so requests of different lengths in one bucket share a batch.
+      Empty (default): only equal shapes share a batch. Only for models where zero padding is
+      neutral (masked by an attention mask). Engines that accept packed batches ignore it.
+    - `preserve_ordering`: answer requests in the order they arrived.
     - `instances`: concurrent executions of the engine (workers sharing the model's queue).
+    - `inline_below_us`: batches whose recent average time is below this run on the event
+      loop instead of an instance thread (the thread hand-off costs more than a tiny engine
+      computes); 0 always uses threads.
+    - `interface`: which inputs ModelMetadata and ModelConfig list for an engine with a text
+      pipeline: "tokens" (default: the engine's own inputs) or "text" (one BYTES input `text`
+      and the pipeline's output). Both kinds of request are always accepted; one is listed so
+      that tools which send every listed input (perf_analyzer) send a valid request.
+
+    Priorities and queue policy (Triton's `priority_levels` and `ModelQueuePolicy`):
+    - `priority_levels` (0: none), `default_priority_level` (0: the lowest level) for requests
+      without a valid `priority` parameter.
+    - `max_queue_size` (0: unbounded; beyond → UNAVAILABLE "Exceeds maximum queue size"),
+      `default_timeout_us` (0: none), `allow_timeout_override` (requests' `timeout` parameter
+      may shorten it; default true), `timeout_action` ("reject" or "delay"): the policy of
+      every priority level, overridden per level by `[priority_queue_policy.N]` tables with the
+      same keys.
     """
 
     max_batch_size: int | None = None
     max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    sequence_buckets: tuple[int, ...] = ()
+    preserve_ordering: bool = False
     instances: int = 1
+    inline_below_us: int = 100
+    interface: str = "tokens"
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    queue_policy: QueuePolicy = QueuePolicy()
+    priority_queue_policy: dict[int, QueuePolicy] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None:
             _check_int("max_batch_size", self.max_batch_size, 0, INT32_MAX)
         _check_int("max_queue_delay_us", self.max_queue_delay_us, 0, 60_000_000)
         _check_int("instances", self.instances, 1, 64)
+        _check_int("inline_below_us", self.inline_below_us, 0, 1_000_000)
+        object.__setattr__(self, "preferred_batch_sizes",
+                           _check_sizes("preferred_batch_sizes", self.preferred_batch_sizes, INT32_MAX))
+        object.__setattr__(self, "sequence_buckets", _check_sizes("sequence_buckets", self.sequence_buckets, INT32_MAX))
+        _check_bool("preserve_ordering", self.preserve_ordering)
+        if self.interface not in INTERFACES:
+            allowed = ", ".join(repr(i) for i in INTERFACES)
+            raise ConfigError(f"interface must be one of {allowed}, got {self.interface!r}")
+        _check_int("priority_levels", self.priority_levels, 0, 1_000_000)
+        levels = max(1, self.priority_levels)
+        _check_int("default_priority_level", self.default_priority_level, 0, levels)
+        for level in self.priority_queue_policy:
+            _check_int("priority_queue_policy level", level, 1, levels)
+        if self.max_batch_size is not None:
+            for size in self.preferred_batch_sizes:
+                if size > self.max_batch_size:
+                    raise ConfigError(
+                        f"preferred_batch_sizes entry {size} exceeds max_batch_size {self.max_batch_size}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model config") -> ModelConfig:
         """Build from parsed TOML; unknown keys and bad values raise `ConfigError` naming `source`
         and the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = ({f.name for f in dataclasses.fields(cls)} - {"queue_policy"}) | set(_QUEUE_POLICY_KEYS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
         try:
-            return cls(**data)
+            fields = {k: v for k, v in data.items() if k not in _QUEUE_POLICY_KEYS}
+            top = {k: data[k] for k in _QUEUE_POLICY_KEYS if k in data}
+            fields["queue_policy"] = _queue_policy("queue policy", top)
+            per_level = fields.get("priority_queue_policy", {})
+            if not isinstance(per_level, dict):
+                raise ConfigError(f"priority_queue_policy must be tables [priority_queue_policy.N], got {per_level!r}")
+            policies = {}
+            for level, table in per_level.items():
+                if not str(level).isdigit():
+                    raise ConfigError(f"priority_queue_policy.{level}: the level must be an integer")
+                if not isinstance(table, dict):
+                    raise ConfigError(f"priority_queue_policy.{level} must be a table, got {table!r}")
+                # A level's table inherits the top-level policy keys it does not set.
+                policies[int(level)] = _queue_policy(f"priority_queue_policy.{level}", {**top, **table})
+            fields["priority_queue_policy"] = policies
+            return cls(**fields)
         except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except ValueError as exc:  # a QueuePolicy/BatchPolicy rule
             raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
@@ -80,14 +186,36 @@ class ModelConfig:
         `engine_max_batch_size` (0: the engine has no batch dim). Raises `ConfigError` when the
         config asks for more than the engine accepts."""
         if self.max_batch_size is None:
-            return dataclasses.replace(self, max_batch_size=engine_max_batch_size)
-        if self.max_batch_size > engine_max_batch_size:
+            resolved = dataclasses.replace(self, max_batch_size=engine_max_batch_size)
+        elif self.max_batch_size > engine_max_batch_size:
             what = (
                 "has no batch dimension" if engine_max_batch_size == 0
                 else f"accepts batches up to {engine_max_batch_size}"
             )
             raise ConfigError(f"{source}: max_batch_size = {self.max_batch_size} but the engine {what}")
-        return self
+        else:
+            resolved = self
+        if resolved.max_batch_size and resolved.preferred_batch_sizes and \
+                resolved.preferred_batch_sizes[-1] > resolved.max_batch_size:
+            raise ConfigError(f"{source}: preferred_batch_sizes entry {resolved.preferred_batch_sizes[-1]} "
+                              f"exceeds max_batch_size {resolved.max_batch_size}")
+        return resolved
+
+    def batch_policy(self) -> BatchPolicy:
+        """The batcher's policy for this (resolved) config."""
+        assert self.max_batch_size is not None, "resolve() the config first"
+        return BatchPolicy(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            preferred_batch_sizes=self.preferred_batch_sizes if self.max_batch_size else (),
+            priority_levels=self.priority_levels,
+            default_priority_level=self.default_priority_level,
+            queue_policy=self.queue_policy,
+            priority_queue_policy=dict(self.priority_queue_policy),
+        )
+
+
+CONTROL_MODES = ("none", "explicit")
 
 
 @dataclass(frozen=True)
@@ -100,6 +228,15 @@ class ServerConfig:
       is too small for batched embeddings; Triton uses INT32_MAX, the largest gRPC accepts.
     - `shutdown_grace_s`: on SIGTERM, how long queued and running requests may take to finish
       before the rest are failed with UNAVAILABLE.
+    - `metrics_port`: Prometheus metrics over HTTP at `http://host:metrics_port/metrics`
+      (0 picks a free port); None serves none.
+    - `tls_cert_file`, `tls_key_file`: PEM files; with both, the gRPC port speaks TLS only.
+      `tls_client_ca_file` additionally requires client certificates signed by that CA.
+    - `auth_token`: when set, every RPC except grpc.health.v1 needs the metadata
+      `authorization: Bearer <token>`; others are answered UNAUTHENTICATED.
+    - `model_control_mode`: "none" serves what the repository holds at startup; "explicit"
+      (Triton's) lets clients load and unload models with RepositoryModelLoad/Unload and, at
+      startup, loads only `startup_models` ("*": all).
     """
 
     repository: Path | None = None
@@ -107,17 +244,45 @@ class ServerConfig:
     port: int = 8001
     max_message_bytes: int = INT32_MAX
     shutdown_grace_s: float = 30.0
+    metrics_port: int | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    auth_token: str | None = None
+    model_control_mode: str = "none"
+    startup_models: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
-        if self.repository is not None:
-            object.__setattr__(self, "repository", Path(self.repository))
+        for name in ("repository", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         _check_int("port", self.port, 0, 65535)
+        if self.metrics_port is not None:
+            _check_int("metrics_port", self.metrics_port, 0, 65535)
         _check_int("max_message_bytes", self.max_message_bytes, 1024, INT32_MAX)
         grace = self.shutdown_grace_s
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
             raise ConfigError(f"shutdown_grace_s must be a number >= 0, got {self.shutdown_grace_s!r}")
         if not self.host:
             raise ConfigError("host must not be empty")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name} {path} is not a readable file")
+        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
+            raise ConfigError("auth_token must be a non-empty string without whitespace")
+        if self.model_control_mode not in CONTROL_MODES:
+            raise ConfigError(f"model_control_mode must be one of {', '.join(CONTROL_MODES)}, "
+                              f"got {self.model_control_mode!r}")
+        object.__setattr__(self, "startup_models", tuple(self.startup_models))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def address(self) -> str:

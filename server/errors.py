@@ -27,7 +27,25 @@ class NotFound(ServerError):
 
 
 class Unavailable(ServerError):
-    """The server cannot take or finish the request now (shutting down, model not ready)."""
+    """The server cannot take or finish the request now (shutting down, model not ready, queue
+    full, queue timeout)."""
+
+
+class Rejected(Unavailable):
+    """The model's queue policy turned the request away: its queue is full, or the request
+    waited longer than its timeout (Triton answers both UNAVAILABLE)."""
+
+
+class DeadlineExceeded(ServerError):
+    """The request's deadline passed before it could run."""
+
+
+class FailedPrecondition(ServerError):
+    """The request is well-formed but not allowed in the server's current mode or state."""
+
+
+class Unauthenticated(ServerError):
+    """The RPC carries no valid credentials."""
 
 
 class Internal(ServerError):
@@ -44,6 +62,9 @@ _STATUS: dict[type[ServerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Internal: grpc.StatusCode.INTERNAL,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }

@@ -3,18 +3,21 @@ engines, laid out like Triton Inference Server's so its users already know it.
 
     engines/
       minilm/
-        config.toml      # optional: max_batch_size, max_queue_delay_us, instances
+        config.toml      # optional: max_batch_size, max_queue_delay_us, instances, ...
         1/               # an engine directory (manifest.json, payload)
         2/               # the latest version is the one served
 
 A model that cannot be served (no version directory, a bad config.toml, an engine that does
-not load) is logged and skipped; the others are served.
+not load) is logged and skipped; the others are served. Models are also loaded one at a time
+by name (explicit model control); a name is always one directory entry of the repository,
+never a path that could reach outside it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +25,18 @@ import numpy as np
 
 import optimize
 from optimize.errors import OptimizeError
-from optimize.specs import TensorSpec
+from optimize.specs import Dim, TensorSpec
+from server import layout as layouts
 from server.config import CONFIG_FILE, ModelConfig
 from server.errors import ConfigError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
 EngineLoader = Callable[[Path], optimize.Engine]
+TEXT_INPUT = "text"
+# A model name is one directory entry: letters, digits, '_', '-', '.', not starting with '.',
+# so neither '..' nor a path separator nor a hidden directory can be named.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 
 
 @dataclass
@@ -46,6 +54,40 @@ class Model:
         self.config = self.config.resolve(self.engine.max_batch_size, source=f"model '{self.name}'")
         self._inputs = {spec.name: spec for spec in self.engine.inputs}
         self._outputs = {spec.name: spec for spec in self.engine.outputs}
+        self.pipeline = self.engine.pipeline
+        if self.config.interface == "text" and self.pipeline is None:
+            raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine has no text pipeline "
+                              "(compile it from a directory with a tokenizer)")
+        self.layout = self._token_layout()
+        self.text_layout: layouts.Layout | None = None
+        if self.pipeline is not None and TEXT_INPUT not in self._inputs:
+            self.text_layout = layouts.Text(self.pipeline.tokenize, self.layout, self.engine.outputs)
+
+    def _token_layout(self) -> layouts.Layout:
+        if self.max_batch_size == 0:
+            return layouts.Unbatched()
+        if getattr(self.engine, "accepts_packed", False):  # the engine takes cu_seqlens: no padding at all
+            return layouts.Packed(self.engine.inputs, self.engine.outputs)
+        if self.config.sequence_buckets:
+            return layouts.BucketPadding(self.engine.inputs, self.engine.outputs, self.config.sequence_buckets)
+        return layouts.Concatenate()
+
+    @property
+    def text_input(self) -> str | None:
+        """Name of the BYTES input that takes texts ("text"), None when the engine has no
+        text pipeline."""
+        return TEXT_INPUT if self.text_layout is not None else None
+
+    @property
+    def advertises_text(self) -> bool:
+        """True when ModelMetadata/ModelConfig list the text interface instead of the engine's."""
+        return self.text_input is not None and self.config.interface == "text"
+
+    @property
+    def text_output(self) -> str | None:
+        """The output a text request gets back by default (the pipeline's, e.g. the sentence
+        embedding)."""
+        return self.pipeline.output if self.text_layout is not None else None
 
     @property
     def max_batch_size(self) -> int:
@@ -77,7 +119,33 @@ class Model:
         reason = self.engine.check_inputs(inputs)
         if reason:
             raise InvalidArgument(f"model '{self.name}': {reason}")
+        # Inputs that share a named dim (ids and mask share `seq`) must agree on its size; the
+        # engine would otherwise fail on the batch (or broadcast silently).
+        seen: dict[str, tuple[str, int]] = {}
+        for spec in self.engine.inputs:
+            for axis, dim in enumerate(spec.shape):
+                if not isinstance(dim, Dim):
+                    continue
+                size = int(inputs[spec.name].shape[axis])
+                first_name, first_size = seen.setdefault(dim.name, (spec.name, size))
+                if size != first_size:
+                    raise InvalidArgument(
+                        f"model '{self.name}': input '{spec.name}' dim {axis} ({dim.name}) is {size}, "
+                        f"but input '{first_name}' has {first_size}")
         return int(inputs[first.name].shape[0]) if self.max_batch_size > 0 else 1
+
+    def check_text(self, texts: np.ndarray) -> int:
+        """Validate a request's decoded texts (an object array of str, one text per sample);
+        return its size in samples. Raises `InvalidArgument`."""
+        limit = self.max_batch_size or self.engine.max_batch_size or 1
+        if texts.size == 0:
+            raise InvalidArgument(f"input '{TEXT_INPUT}' holds no text")
+        if texts.size > limit:
+            raise InvalidArgument(
+                f"input '{TEXT_INPUT}' has {texts.size} texts, more than model '{self.name}' accepts "
+                f"(max_batch_size {limit})"
+            )
+        return int(texts.size) if self.max_batch_size > 0 else 1
 
 
 @dataclass
@@ -89,8 +157,9 @@ class Repository:
     path: Path | None = None
 
     @classmethod
-    def load(cls, path: str | Path, loader: EngineLoader = optimize.load) -> Repository:
-        """Load the latest version of every model under `path`.
+    def load(cls, path: str | Path, loader: EngineLoader = optimize.load, only: Iterable[str] = ("*",)) -> Repository:
+        """Load the latest version of every model under `path` (of those named in `only`;
+        "*" is every model).
 
         Raises `ConfigError` when `path` is not a directory. A model that cannot be loaded is
         recorded in `failures` and logged; the server still starts with the rest. `loader`
@@ -100,7 +169,11 @@ class Repository:
         if not root.is_dir():
             raise ConfigError(f"model repository {root} is not a directory")
         repo = cls(path=root)
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        wanted = set(only)
+        for name in repo.names_on_disk():
+            if "*" not in wanted and name not in wanted:
+                continue
+            model_dir = root / name
             try:
                 model = _load_model(model_dir, loader)
             except Exception as exc:  # one broken model must not keep the others from being served
@@ -118,6 +191,34 @@ class Repository:
         if not repo.models:
             log.warning("model repository %s has no servable model", root)
         return repo
+
+    def model_dir(self, name: str) -> Path:
+        """The directory of model `name`: always a direct child of the repository. Raises
+        `InvalidArgument` for a name that is not one plain directory entry (a path, '..', a
+        hidden name), `NotFound` when the repository has no such model directory."""
+        if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+            raise InvalidArgument(
+                f"invalid model name {name!r}: a model name is one directory entry of the repository "
+                "(letters, digits, '_', '-', '.'; not starting with '.')"
+            )
+        if self.path is None:
+            raise NotFound(f"Request for unknown model: '{name}' is not found (the server has no repository directory)")
+        directory = self.path / name
+        if not directory.is_dir():
+            raise NotFound(f"Request for unknown model: '{name}' has no directory in the model repository")
+        return directory
+
+    def names_on_disk(self) -> list[str]:
+        """Model directories in the repository (empty without a repository directory)."""
+        if self.path is None or not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name))
+
+    def read_model(self, name: str, loader: EngineLoader = optimize.load) -> Model:
+        """Load model `name` from the repository directory (not yet served: the caller swaps it
+        in). Raises `InvalidArgument`/`NotFound` for a bad or unknown name, `ConfigError` or
+        `OptimizeError` when it cannot be loaded."""
+        return _load_model(self.model_dir(name), loader)
 
     def get(self, name: str, version: str = "") -> Model:
         """The model called `name`; `version` "" means the served one. Raises `NotFound` with

@@ -1,9 +1,12 @@
 """The asyncio driver around one model's `Batcher`: instance workers that take batches, run the
-engine in a thread, and answer each request with its slice of the outputs.
+engine in a thread, and answer each request with its part of the outputs.
 
-Guarantee: every accepted request is answered or failed explicitly — engine failure → the
-batch's requests fail with `Internal`; shutdown past its grace period → `Unavailable`. A
-request whose client has gone (its task cancelled) is taken out of the queue.
+Guarantees: every accepted request is answered or failed explicitly — engine failure → the
+batch's requests fail with `Internal`; queue timeout → `Rejected` ("Request timeout expired");
+deadline passed → `DeadlineExceeded`; shutdown past its grace period → `Unavailable`. A request
+whose client has gone (its task cancelled) is taken out of the queue and never runs; one whose
+timeout or deadline passed never runs either. With `preserve_ordering`, answers are released in
+arrival order.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from server.batcher import Batch, Batcher, BatchPolicy, Clock, batch_key, concatenate, split
-from server.errors import Internal, Unavailable
+from server.batcher import Batch, Batcher, Clock, Expired, InOrder, QueueFull
+from server.errors import DeadlineExceeded, Internal, Rejected, Unavailable
+from server.layout import Layout
 from server.repository import Model
+from server.stats import ModelStats, Timings
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +37,14 @@ Tensors = dict[str, np.ndarray]
 class Work:
     """What the batcher carries for one request."""
 
-    inputs: Tensors
+    inputs: Mapping[str, np.ndarray]
+    layout: Layout
     future: asyncio.Future[Tensors]
     request_id: str
+    timings: Timings
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    ticket: int = -1  # arrival order, for preserve_ordering
+    settled: bool = False
 
 
 class ModelScheduler:
@@ -45,13 +57,19 @@ class ModelScheduler:
 
     def __init__(self, model: Model, clock: Clock = time.monotonic) -> None:
         self.model = model
-        self.batcher: Batcher[Work] = Batcher(
-            BatchPolicy(model.max_batch_size, model.config.max_queue_delay_us), clock=clock
+        self.stats = ModelStats(model.name, model.version)
+        self.batcher: Batcher[Work] = Batcher(model.config.batch_policy(), clock=clock)
+        self._clock = clock
+        self._in_order: InOrder[tuple[Work, Tensors | None, BaseException | None]] | None = (
+            InOrder() if model.config.preserve_ordering else None
         )
         self._instances = model.config.instances
+        self._inline = InlinePolicy(model.config.inline_below_us)
         self._executor: ThreadPoolExecutor | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._timer_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
+        self._timer_wakeup = asyncio.Event()
         self._closing = False
         self._started = False
 
@@ -69,24 +87,46 @@ class ModelScheduler:
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"{self.model.name}-instance-{i}") for i in range(self._instances)
         ]
+        self._timer_task = asyncio.create_task(self._watch_timeouts(), name=f"{self.model.name}-timeouts")
 
-    async def infer(self, inputs: Tensors, size: int, request_id: str = "") -> Tensors:
+    async def infer(self, inputs: Mapping[str, np.ndarray], size: int, request_id: str = "", *, text: bool = False,
+                    priority: int = 0, timeout_us: int = 0, deadline_in_s: float | None = None,
+                    timings: Timings | None = None) -> Tensors:
         """Queue one validated request of `size` samples and return its outputs.
 
-        Raises `Unavailable` when the scheduler is not accepting requests, `Internal` when the
-        engine fails on the request's batch.
+        `text` marks a request of texts (`{"text": ...}`) for the engine's pipeline; `priority`
+        and `timeout_us` are the request's parameters (0: none); `deadline_in_s` is the time
+        its client still waits (None: forever). `timings`, when given, receives where the time
+        went.
+
+        Raises `Unavailable` when the scheduler is not accepting requests, `Rejected` when the
+        queue is full or the request timed out in it, `DeadlineExceeded` when its deadline
+        passed before it could run, `Internal` when the engine fails on its batch.
         """
         if not self.accepting:
             raise Unavailable(f"model '{self.model.name}' is not accepting requests: the server is shutting down")
+        layout = self.model.text_layout if text else self.model.layout
+        assert layout is not None, "text requests are only queued for models with a text input"
         loop = asyncio.get_running_loop()
-        work = Work(inputs, loop.create_future(), request_id)
-        pending = self.batcher.add(size, batch_key(inputs), work)
+        work = Work(inputs, layout, loop.create_future(), request_id, timings or Timings())
+        deadline_s = self._clock() + deadline_in_s if deadline_in_s is not None else None
+        try:
+            pending = self.batcher.add(size, layout.key(inputs), work, priority=priority, timeout_us=timeout_us,
+                                       deadline_s=deadline_s)
+        except QueueFull as exc:
+            raise Rejected(f"{exc} for model '{self.model.name}'") from None
+        if self._in_order is not None:
+            work.ticket = self._in_order.admit()
         self._wakeup.set()
+        if pending.timeout_s is not None or pending.deadline_s is not None:
+            self._timer_wakeup.set()
         try:
             return await work.future
         except asyncio.CancelledError:
-            # The client went away (or the RPC was cancelled): do not run it if it still waits.
+            # The client went away (or the RPC was cancelled): do not run it if it still waits,
+            # and do not let it hold back the answers of later requests.
             self.batcher.remove(pending)
+            self._settle(work, None, None)
             raise
 
     async def stop(self, grace_s: float) -> None:
@@ -102,14 +142,21 @@ class ModelScheduler:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)  # running batches fail as they unwind
-            leftovers = [p.payload for p in self.batcher.drain()]
-            _fail(leftovers, self._shutdown_error())
+        self._fail_expired()
+        leftovers = [p.payload for p in self.batcher.drain()]
+        for work in leftovers:
+            self._settle(work, None, self._shutdown_error())
+        if leftovers:
             log.warning("model '%s': %d request(s) failed at shutdown after the %.1f s grace period",
                         self.model.name, len(leftovers), grace_s, extra={"model": self.model.name})
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            await asyncio.gather(self._timer_task, return_exceptions=True)
         if self._executor is not None:
             # A run that outlived the grace period keeps its thread; nothing waits for it.
             self._executor.shutdown(wait=not late, cancel_futures=True)
 
+    # -- workers -----------------------------------------------------------------------------
     async def _worker(self, index: int) -> None:
         while True:
             batch = await self._next_batch()
@@ -118,17 +165,41 @@ class ModelScheduler:
             await self._execute(batch, index)
 
     async def _next_batch(self) -> Batch[Work] | None:
-        """The next batch to run, waiting for arrivals or for the oldest request's delay; None
-        once the scheduler is closing and the queue is empty."""
+        """The next batch to run, waiting for arrivals or for the deciding request's delay;
+        None once the scheduler is closing and the queue is empty."""
         while True:
             batch = self.batcher.next_batch(flush=self._closing)
+            self._fail_expired()
             if batch is not None:
                 return batch
-            if self._closing:
+            if self._closing and not len(self.batcher):
                 return None
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):  # the oldest request's delay is up
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.batcher.wait_s())
+            # asyncio.timeout, not wait_for: no task per wait (this loop runs once per batch).
+            with contextlib.suppress(TimeoutError):  # the deciding request's delay is up
+                async with asyncio.timeout(self.batcher.wait_s()):
+                    await self._wakeup.wait()
+
+    async def _watch_timeouts(self) -> None:
+        """Answer requests whose timeout or deadline passes while every instance is busy (idle
+        workers find them on their own)."""
+        while True:
+            self._timer_wakeup.clear()
+            when = self.batcher.next_timer_s()
+            timeout = None if when is None else max(0.0, when - self._clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._timer_wakeup.wait()
+            self._fail_expired()
+
+    def _fail_expired(self) -> None:
+        for expired in self.batcher.expire():
+            self._settle(expired.pending.payload, None, self._expired_error(expired))
+
+    def _expired_error(self, expired: Expired[Work]) -> Exception:
+        if expired.reason == "timeout":
+            return Rejected(f"Request timeout expired: model '{self.model.name}' did not start the request in time")
+        return DeadlineExceeded(f"deadline exceeded before model '{self.model.name}' could run the request")
 
     async def _execute(self, batch: Batch[Work], index: int) -> None:
         # Requests cancelled after dispatch are dropped here rather than computed.
@@ -136,34 +207,103 @@ class ModelScheduler:
         if not members:
             return
         works = [p.payload for p in members]
-        started = time.perf_counter()
+        dispatched = time.perf_counter_ns()
+        for work in works:
+            work.timings.queue_ns = dispatched - work.enqueued_ns
+        samples = sum(p.size for p in members)
         try:
-            inputs = concatenate([w.inputs for w in works])
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self.model.engine.run, inputs)
-            parts = split(outputs, [p.size for p in members]) if self.model.max_batch_size else [outputs]
+            if self._inline.inline:
+                parts, durations = self._run_batch(works)
+            else:
+                loop = asyncio.get_running_loop()
+                parts, durations = await loop.run_in_executor(self._executor, self._run_batch, works)
         except Exception as exc:  # the engine's failure is the batch's answer, never a lost request
             log.error("model '%s' instance %d failed on a batch of %d request(s)", self.model.name, index, len(works),
                       exc_info=exc, extra={"model": self.model.name, "request_ids": [w.request_id for w in works]})
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # status details are one line
-            _fail(works, Internal(f"model '{self.model.name}' failed: {reason}"))
+            for work in works:
+                self._settle(work, None, Internal(f"model '{self.model.name}' failed: {reason}"))
         except asyncio.CancelledError:  # shutdown's grace period ran out while the engine ran
-            _fail(works, self._shutdown_error())
+            for work in works:
+                self._settle(work, None, self._shutdown_error())
             raise
         else:
+            self._inline.observe(sum(durations))
+            self.stats.record_execution(samples, *durations)
             for work, part in zip(works, parts, strict=True):
-                if not work.future.done():
-                    work.future.set_result(part)
+                work.timings.compute_input_ns, work.timings.compute_infer_ns, work.timings.compute_output_ns = durations
+                self._settle(work, part, None)
             if log.isEnabledFor(logging.DEBUG):
+                shapes = [list(next(iter(w.inputs.values())).shape) for w in works]
                 log.debug("model '%s' instance %d ran a batch of %d sample(s) from %d request(s) (%s) in %.2f ms",
-                          self.model.name, index, sum(p.size for p in members), len(works), batch.reason,
-                          (time.perf_counter() - started) * 1e3, extra={"model": self.model.name})
+                          self.model.name, index, samples, len(works), batch.reason, sum(durations) / 1e6,
+                          extra={"model": self.model.name, "request_ids": [w.request_id for w in works],
+                                 "shapes": shapes})
+
+    def _run_batch(self, works: list[Work]) -> tuple[list[Tensors], tuple[int, int, int]]:
+        """In an instance thread: assemble, run, disassemble; with the time each took (ns)."""
+        layout = works[0].layout  # one key, so one layout, per batch
+        t0 = time.perf_counter_ns()
+        inputs, plan = layout.assemble([w.inputs for w in works])
+        t1 = time.perf_counter_ns()
+        outputs = layout.execute(self.model.engine, inputs)
+        t2 = time.perf_counter_ns()
+        parts = layout.disassemble(outputs, plan)
+        t3 = time.perf_counter_ns()
+        return parts, (t1 - t0, t2 - t1, t3 - t2)
+
+    def _settle(self, work: Work, result: Tensors | None, error: BaseException | None) -> None:
+        """Answer `work` (result or error; neither when its client went away), in arrival order
+        when the model preserves ordering."""
+        if work.settled:
+            return
+        work.settled = True
+        if self._in_order is None or work.ticket < 0:
+            _resolve(work, result, error)
+            return
+        answer = None if result is None and error is None else (work, result, error)
+        for ready, ready_result, ready_error in self._in_order.finish(work.ticket, answer):
+            _resolve(ready, ready_result, ready_error)
 
     def _shutdown_error(self) -> Unavailable:
         return Unavailable(f"model '{self.model.name}': the server shut down before the request finished")
 
 
-def _fail(works: list[Work], error: Exception) -> None:
-    for work in works:
-        if not work.future.done():
-            work.future.set_exception(error)
+class InlinePolicy:
+    """Whether to run the next batch on the event loop instead of an instance thread.
+
+    Handing a batch to a thread and its result back costs tens of microseconds of wake-ups and
+    GIL hand-offs — more than a tiny engine computes (measured here: the identity model served
+    at about 2x the throughput inline). So batches run inline while the moving average of recent
+    batches' time (assemble + run + disassemble) stays under `below_us`; the first `WARMUP`
+    batches always run in threads, to measure. 0 turns inline execution off. An inline batch
+    blocks the event loop for its duration, which the threshold bounds on average.
+    """
+
+    WARMUP = 8
+    _WEIGHT = 0.2  # of the newest batch in the moving average
+
+    def __init__(self, below_us: int) -> None:
+        self.below_ns = below_us * 1000
+        self.average_ns = 0.0
+        self._seen = 0
+
+    @property
+    def inline(self) -> bool:
+        return bool(self.below_ns) and self._seen >= self.WARMUP and self.average_ns < self.below_ns
+
+    def observe(self, batch_ns: int) -> None:
+        self._seen += 1
+        if self._seen == 1:
+            self.average_ns = batch_ns
+        else:
+            self.average_ns = (1 - self._WEIGHT) * self.average_ns + self._WEIGHT * batch_ns
+
+
+def _resolve(work: Work, result: Any, error: BaseException | None) -> None:
+    if work.future.done():
+        return
+    if error is not None:
+        work.future.set_exception(error)
+    elif result is not None:
+        work.future.set_result(result)

@@ -1,38 +1,61 @@
 """`inference.GRPCInferenceService`: translates protobuf to tensors and back, nothing more.
 
 Validation lives in `codec` (wire form) and `Model.check_inputs` (engine specs), batching in
-the model's `ModelScheduler`, status codes in `errors`. Every RPC goes through `_rpc`, which
-turns a `ServerError` into its status code and anything unexpected into INTERNAL, logged with
-the request's id.
+the model's `ModelScheduler`, status codes in `errors`, statistics in `stats`. Every unary RPC
+goes through `_rpc`, which turns a `ServerError` into its status code and anything unexpected
+into INTERNAL, logged with the request's id.
+
+Models may come and go while serving (explicit model control): `schedulers` maps each served
+model's name to its scheduler, which holds the model; loading swaps a new scheduler in before
+the old one drains, unloading takes it out and drains it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
+import itertools
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import metadata
 from typing import Any, TypeVar
 
 import grpc
 
+import optimize
+from optimize.errors import OptimizeError
 from optimize.specs import Dim, TensorSpec
 from server import codec
-from server.errors import ServerError, Unavailable, status_code
+from server.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    Rejected,
+    ServerError,
+    Unavailable,
+    status_code,
+)
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.proto import model_config_pb2 as mc
-from server.repository import Repository
+from server.repository import Model, Repository
 from server.scheduler import ModelScheduler
+from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln"
-# Protocol extensions this server implements (KServe v2 names, as Triton lists them).
-# perf_analyzer calls ModelStatistics only when "statistics" is listed, so it is added together
-# with that RPC.
-EXTENSIONS = ("model_configuration",)
+# Protocol extensions this server implements (KServe v2 / Triton names). perf_analyzer calls
+# ModelStatistics at every window edge when "statistics" is listed, and reports the server's
+# queue and compute times from it.
+EXTENSIONS = ("model_configuration", "model_repository", "schedule_policy", "statistics")
+# Triton's model states in RepositoryIndex.
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 
 try:
     VERSION = metadata.version("kiln")
@@ -43,6 +66,16 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext
 Handler = Callable[[Any, Request, Context], Awaitable[Response]]
+HealthSetter = Callable[[str, bool], Awaitable[None]]
+# The id of the request being served (the client's, or one made up when it sent none), so every
+# log line about it carries one.
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# Made-up ids: unique per process (pid) and request (counter), cheaper than uuid4's syscall.
+_request_counter = itertools.count(1)
+
+
+def _make_request_id() -> str:
+    return f"kiln-{os.getpid():x}-{next(_request_counter):x}"
 
 
 def _rpc(method: Handler) -> Handler:
@@ -69,8 +102,9 @@ def _context(rpc: str, request: Any, code: grpc.StatusCode) -> dict[str, str]:
     model = getattr(request, "model_name", "") or getattr(request, "name", "")
     if model:
         fields["model"] = model
-    if getattr(request, "id", ""):
-        fields["request_id"] = request.id
+    request_id = getattr(request, "id", "") or _request_id.get()
+    if request_id:
+        fields["request_id"] = request_id
     return fields
 
 
@@ -90,13 +124,43 @@ def _wire_shape(spec: TensorSpec) -> list[int]:
     return [-1 if isinstance(d, Dim) else d for d in spec.shape]
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The KServe v2 service over a repository's models, each with its scheduler."""
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, (Rejected, DeadlineExceeded)):
+        return REJECTED
+    if isinstance(exc, Internal):
+        return BACKEND
+    return OTHER
 
-    def __init__(self, repository: Repository, schedulers: Mapping[str, ModelScheduler]) -> None:
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 service over a repository's models, each with its scheduler.
+
+    `control_mode` "explicit" allows RepositoryModelLoad/Unload; `set_health(name, serving)`
+    reports each model's state to grpc.health.v1; unloading (and reloading) lets the old
+    scheduler's requests finish for up to `unload_grace_s`.
+    """
+
+    def __init__(self, repository: Repository, schedulers: Mapping[str, ModelScheduler], *,
+                 control_mode: str = "none", set_health: HealthSetter | None = None,
+                 unload_grace_s: float = 30.0, loader: Callable[[Any], optimize.Engine] = optimize.load) -> None:
         self.repository = repository
         self.schedulers = dict(schedulers)
+        self.control_mode = control_mode
         self.accepting = True  # False once shutdown begins: readiness goes false, infer → UNAVAILABLE
+        self._set_health = set_health
+        self._unload_grace_s = unload_grace_s
+        self._loader = loader
+        self._model_locks: dict[str, asyncio.Lock] = {}
+        self._retired: set[ModelScheduler] = set()  # unloaded or replaced, still draining
+
+    def _served(self, name: str, version: str = "") -> ModelScheduler:
+        """The scheduler of the served model `name` (and `version`, "" for the served one).
+        Raises `NotFound` (Triton's wording) or `Unavailable` while it is being unloaded."""
+        model = self.repository.get(name, version)
+        scheduler = self.schedulers.get(model.name)
+        if scheduler is None or scheduler.model is not model:
+            raise Unavailable(f"model '{name}' is being loaded or unloaded; try again")
+        return scheduler
 
     # -- health -----------------------------------------------------------------------------
     @_rpc
@@ -110,10 +174,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
-            model = self.repository.get(request.name, request.version)
+            scheduler = self._served(request.name, request.version)
         except ServerError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.accepting and self.schedulers[model.name].accepting)
+        return pb.ModelReadyResponse(ready=self.accepting and scheduler.accepting)
 
     # -- metadata ---------------------------------------------------------------------------
     @_rpc
@@ -122,84 +186,223 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        model = self.repository.get(request.name, request.version)
+        model = self._served(request.name, request.version).model
+        tensor = pb.ModelMetadataResponse.TensorMetadata
 
         def tensors(specs: Mapping[str, TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-            return [
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=codec.datatype(s.dtype), shape=_wire_shape(s)
-                )
-                for s in specs.values()
-            ]
+            return [tensor(name=s.name, datatype=codec.datatype(s.dtype), shape=_wire_shape(s)) for s in specs.values()]
 
+        if model.advertises_text:  # one text per sample: [batch, 1], as Triton's string inputs
+            inputs = [tensor(name=model.text_input, datatype="BYTES", shape=[-1, 1] if model.max_batch_size else [-1])]
+            outputs = tensors({model.text_output: model.outputs[model.text_output]})
+        else:
+            inputs, outputs = tensors(model.inputs), tensors(model.outputs)
         return pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(model.version)],
             platform=f"kiln_{model.engine.backend}",
-            inputs=tensors(model.inputs),
-            outputs=tensors(model.outputs),
+            inputs=inputs,
+            outputs=outputs,
         )
 
     @_rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        model = self.repository.get(request.name, request.version)
-        batching = model.max_batch_size > 0
-
-        def dims(spec: TensorSpec) -> list[int]:
-            shape = _wire_shape(spec)
-            return shape[1:] if batching and spec.batched else shape
-
-        config = mc.ModelConfig(
-            name=model.name,
-            platform=f"kiln_{model.engine.backend}",
-            backend=model.engine.backend,
-            version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-            max_batch_size=model.max_batch_size,
-            input=[
-                mc.ModelInput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
-                for s in model.inputs.values()
-            ],
-            output=[
-                mc.ModelOutput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
-                for s in model.outputs.values()
-            ],
-            # The Engine API does not say which device an engine runs on, hence KIND_AUTO.
-            instance_group=[
-                mc.ModelInstanceGroup(
-                    name=model.name, kind=mc.ModelInstanceGroup.KIND_AUTO, count=model.config.instances
-                )
-            ],
-        )
-        if batching:
-            config.dynamic_batching.max_queue_delay_microseconds = model.config.max_queue_delay_us
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=model_config(self._served(request.name, request.version).model))
 
     # -- inference --------------------------------------------------------------------------
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        started = time.perf_counter()
+        return await self._infer(request, context.time_remaining())
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline_in_s: float | None) -> pb.ModelInferResponse:
+        """One inference: decode, validate, queue, encode; counted in the model's statistics."""
+        started = time.perf_counter_ns()
         if not self.accepting:
             raise Unavailable("the server is shutting down")
-        model = self.repository.get(request.model_name, request.model_version)
-        # Request parameters (Triton's `triton_enable_empty_final_response`, `priority`,
-        # `timeout`, or any other) are accepted and, for now, not acted on.
-        inputs = codec.decode_inputs(request, model)
-        size = model.check_inputs(inputs)
-        names = codec.requested_outputs(request, model)
-        outputs = await self.schedulers[model.name].infer(inputs, size, request.id)
-        response = codec.encode_response(request, model, outputs, names)
+        scheduler = self._served(request.model_name, request.model_version)
+        model = scheduler.model
+        request_id = request.id or _make_request_id()  # logs always carry an id
+        _request_id.set(request_id)
+        timings = Timings()
+        try:
+            priority, timeout_us = codec.request_options(request)
+            inputs = codec.decode_inputs(request, model)
+            text = model.text_input is not None and model.text_input in inputs
+            size = model.check_text(inputs[model.text_input]) if text else model.check_inputs(inputs)
+            names = codec.requested_outputs(request, model, text=text)
+            outputs = await scheduler.infer(inputs, size, request_id, text=text, priority=priority,
+                                            timeout_us=timeout_us, deadline_in_s=deadline_in_s, timings=timings)
+            response = codec.encode_response(request, model, outputs, names)
+        except asyncio.CancelledError:
+            scheduler.stats.record_failure(time.perf_counter_ns() - started, CANCELED)
+            log.debug("ModelInfer cancelled by the client", extra={"rpc": "ModelInfer", "model": model.name,
+                                                                   "request_id": request_id})
+            raise
+        except ServerError as exc:
+            scheduler.stats.record_failure(time.perf_counter_ns() - started, _failure_reason(exc))
+            raise
+        scheduler.stats.record_success(time.perf_counter_ns() - started, timings)
         if log.isEnabledFor(logging.DEBUG):
-            duration_ms = round((time.perf_counter() - started) * 1e3, 3)
-            log.debug("ModelInfer ok", extra={"rpc": "ModelInfer", "model": model.name, "request_id": request.id,
-                                              "samples": size, "duration_ms": duration_ms})
+            log.debug("ModelInfer ok", extra={
+                "rpc": "ModelInfer", "model": model.name, "request_id": request_id, "samples": size,
+                "duration_ms": round((time.perf_counter_ns() - started) / 1e6, 3),
+                "queue_ms": round(timings.queue_ns / 1e6, 3), "infer_ms": round(timings.compute_infer_ns / 1e6, 3),
+            })
         return response
 
-    # -- not implemented (yet) --------------------------------------------------------------
-    ModelStreamInfer = _unimplemented("ModelStreamInfer")
-    ModelStatistics = _unimplemented("ModelStatistics")
-    RepositoryIndex = _unimplemented("RepositoryIndex")
-    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
-    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional stream: every request is queued as it arrives (so one stream's requests
+        batch with each other and with everyone else's) and answered as soon as it is done, in
+        completion order, matched by `id`. A failed request is answered with `error_message`;
+        the stream goes on."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, context.time_remaining())
+                if _wants_final_flag(request):
+                    response.parameters["triton_final_response"].bool_param = True
+                answer = pb.ModelStreamInferResponse(infer_response=response)
+            except ServerError as exc:
+                log.info("ModelStreamInfer request failed: %s", exc,
+                         extra=_context("ModelStreamInfer", request, status_code(exc)))
+                answer = _stream_error(request, str(exc))
+            except Exception as exc:
+                log.exception("ModelStreamInfer request failed unexpectedly",
+                              extra=_context("ModelStreamInfer", request, grpc.StatusCode.INTERNAL))
+                answer = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
+            await answers.put(answer)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:  # the client half-closed: finish what it sent
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # -- statistics -------------------------------------------------------------------------
+    @_rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: Context) -> pb.ModelStatisticsResponse:
+        if request.name:
+            schedulers = [self._served(request.name, request.version)]
+        else:
+            schedulers = [self.schedulers[name] for name in sorted(self.schedulers)]
+        return pb.ModelStatisticsResponse(model_stats=[s.stats.proto() for s in schedulers])
+
+    # -- repository -------------------------------------------------------------------------
+    @_rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: Context) -> pb.RepositoryIndexResponse:
+        names = set(self.repository.names_on_disk()) | set(self.schedulers) | set(self.repository.failures)
+        index = pb.RepositoryIndexResponse()
+        for name in sorted(names):
+            scheduler = self.schedulers.get(name)
+            if scheduler is not None:
+                index.models.add(name=name, version=str(scheduler.model.version), state=READY)
+            elif not request.ready:
+                index.models.add(name=name, state=UNAVAILABLE, reason=self.repository.failures.get(name, "not loaded"))
+        return index
+
+    @_rpc
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Context) -> pb.RepositoryModelLoadResponse:
+        self._check_control("load")
+        if request.parameters:
+            names = ", ".join(sorted(request.parameters))
+            raise InvalidArgument(f"RepositoryModelLoad parameters are not supported ({names}); edit the model's "
+                                  "config.toml in the repository instead")
+        await self.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Context) -> pb.RepositoryModelUnloadResponse:
+        self._check_control("unload")
+        await self.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_control(self, action: str) -> None:
+        if self.control_mode != "explicit":
+            raise FailedPrecondition(f"explicit model {action} is not allowed: the server runs with model control "
+                                     f"mode '{self.control_mode}' (start it with --model-control-mode explicit)")
+        if not self.accepting:
+            raise Unavailable("the server is shutting down")
+
+    async def load_model(self, name: str) -> Model:
+        """(Re)load model `name` from the repository directory and serve it; a model already
+        served keeps answering until the new version is ready, then drains. Raises
+        `InvalidArgument`/`NotFound` for a bad name, `Unavailable` when it cannot be loaded."""
+        self.repository.model_dir(name)  # a bad name never reaches the disk or the lock table
+        async with self._model_locks.setdefault(name, asyncio.Lock()):
+            try:
+                model = await asyncio.to_thread(self.repository.read_model, name, self._loader)
+            except (ConfigError, OptimizeError) as exc:
+                self.repository.failures.setdefault(name, str(exc))
+                raise Unavailable(f"failed to load model '{name}': {exc}") from None
+            scheduler = ModelScheduler(model)
+            await scheduler.start()
+            old = self.schedulers.get(name)
+            self.repository.models[name] = model
+            self.repository.failures.pop(name, None)
+            self.schedulers[name] = scheduler
+            await self._health(name, True)
+            log.info("model '%s' version %d loaded%s", name, model.version,
+                     " (replacing the served one)" if old else "", extra={"model": name})
+            if old is not None:
+                await self._retire(old)
+            return model
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving model `name`: new requests answer NOT_FOUND at once, queued and running
+        ones finish (for up to the unload grace period). Unloading a model that is not loaded
+        succeeds, as in Triton. Raises `InvalidArgument`/`NotFound` for a bad or unknown name."""
+        if name not in self.schedulers:
+            self.repository.model_dir(name)
+        async with self._model_locks.setdefault(name, asyncio.Lock()):
+            scheduler = self.schedulers.pop(name, None)
+            self.repository.models.pop(name, None)
+            self.repository.failures[name] = "unloaded"
+            await self._health(name, False)
+            if scheduler is not None:
+                log.info("model '%s' unloading: %d request(s) queued", name, len(scheduler.batcher),
+                         extra={"model": name})
+                await self._retire(scheduler)
+                log.info("model '%s' unloaded", name, extra={"model": name})
+
+    async def _retire(self, scheduler: ModelScheduler) -> None:
+        self._retired.add(scheduler)
+        try:
+            await scheduler.stop(self._unload_grace_s)
+        finally:
+            self._retired.discard(scheduler)
+
+    async def _health(self, name: str, serving: bool) -> None:
+        if self._set_health is not None:
+            await self._set_health(name, serving)
+
+    async def stop_models(self, grace_s: float) -> None:
+        """Drain every model's scheduler (shutdown)."""
+        schedulers = list(self.schedulers.values()) + list(self._retired)
+        await asyncio.gather(*(s.stop(grace_s) for s in schedulers))
+
+    # -- not implemented --------------------------------------------------------------------
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
     SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
@@ -208,3 +411,75 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
     TraceSetting = _unimplemented("TraceSetting")
     LogSettings = _unimplemented("LogSettings")
+
+
+def _wants_final_flag(request: pb.ModelInferRequest) -> bool:
+    parameter = request.parameters.get("triton_enable_empty_final_response")
+    return parameter is not None and parameter.WhichOneof("parameter_choice") == "bool_param" and parameter.bool_param
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    if _wants_final_flag(request):
+        response.parameters["triton_final_response"].bool_param = True
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+
+
+_TIMEOUT_ACTION = {"reject": mc.ModelQueuePolicy.REJECT, "delay": mc.ModelQueuePolicy.DELAY}
+
+
+def _queue_policy(policy: Any) -> mc.ModelQueuePolicy:
+    return mc.ModelQueuePolicy(
+        timeout_action=_TIMEOUT_ACTION[policy.timeout_action],
+        default_timeout_microseconds=policy.default_timeout_us,
+        allow_timeout_override=policy.allow_timeout_override,
+        max_queue_size=policy.max_queue_size,
+    )
+
+
+def model_config(model: Model) -> mc.ModelConfig:
+    """Triton's ModelConfig for a served model: batching, queue policy, instances, and the
+    inputs and outputs of the interface it advertises (the engine's, or its text pipeline's)."""
+    batching = model.max_batch_size > 0
+    config = model.config
+
+    def dims(spec: TensorSpec) -> list[int]:
+        shape = _wire_shape(spec)
+        return shape[1:] if batching and spec.batched else shape
+
+    if model.advertises_text:
+        inputs = [mc.ModelInput(name=model.text_input, data_type=mc.TYPE_STRING, dims=[1] if batching else [-1])]
+        outputs = [model.outputs[model.text_output]]
+    else:
+        inputs = [mc.ModelInput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
+                  for s in model.inputs.values()]
+        outputs = list(model.outputs.values())
+    result = mc.ModelConfig(
+        name=model.name,
+        platform=f"kiln_{model.engine.backend}",
+        backend=model.engine.backend,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        max_batch_size=model.max_batch_size,
+        input=inputs,
+        output=[mc.ModelOutput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s)) for s in outputs],
+        # The Engine API does not say which device an engine runs on, hence KIND_AUTO.
+        instance_group=[
+            mc.ModelInstanceGroup(name=model.name, kind=mc.ModelInstanceGroup.KIND_AUTO, count=config.instances)
+        ],
+    )
+    if batching:
+        batcher = result.dynamic_batching
+        batcher.max_queue_delay_microseconds = config.max_queue_delay_us
+        batcher.preferred_batch_size.extend(config.preferred_batch_sizes)
+        batcher.preserve_ordering = config.preserve_ordering
+        batcher.priority_levels = config.priority_levels
+        if config.priority_levels:
+            batcher.default_priority_level = config.default_priority_level or config.priority_levels
+        batcher.default_queue_policy.CopyFrom(_queue_policy(config.queue_policy))
+        for level, policy in sorted(config.priority_queue_policy.items()):
+            batcher.priority_queue_policy[level].CopyFrom(_queue_policy(policy))
+    if config.sequence_buckets and not getattr(model.engine, "accepts_packed", False):
+        result.parameters["sequence_buckets"].string_value = ",".join(map(str, config.sequence_buckets))
+    if getattr(model.engine, "accepts_packed", False):
+        result.parameters["packed_batches"].string_value = "true"
+    return result

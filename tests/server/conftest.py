@@ -57,9 +57,10 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(repository: Repository | Path, **options: Any) -> Iterator[RunningServer]:
-    """Start a server for `repository` (a Repository, or a directory to load) on a free port;
-    stop it (5 s grace) when the block exits, whatever happened inside."""
+def running_server(repository: Repository | Path, loader: Any = None, **options: Any) -> Iterator[RunningServer]:
+    """Start a server for `repository` (a Repository, or a directory to load with `loader`,
+    default optimize.load) on a free port with ServerConfig `options`; stop it (5 s grace)
+    when the block exits, whatever happened inside."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
     thread.start()
@@ -70,7 +71,8 @@ def running_server(repository: Repository | Path, **options: Any) -> Iterator[Ru
                 config = ServerConfig(host="127.0.0.1", port=0, **options)
                 server, port = create_server(config, repository=repository)
             else:
-                server, port = create_server(ServerConfig(repository=repository, host="127.0.0.1", port=0, **options))
+                config = ServerConfig(repository=repository, host="127.0.0.1", port=0, **options)
+                server, port = create_server(config, **({"loader": loader} if loader else {}))
             await server.start()
             return server, port
 
@@ -88,7 +90,7 @@ def running_server(repository: Repository | Path, **options: Any) -> Iterator[Ru
 
 def fake_repository(engine: FakeEngine, name: str = "fake", **config: Any) -> Repository:
     """A repository serving `engine` as model `name` (version 1) with serving `config`."""
-    return Repository(models={name: Model(name=name, version=1, engine=engine, config=ModelConfig(**config))})
+    return Repository(models={name: Model(name=name, version=1, engine=engine, config=ModelConfig.from_dict(config))})
 
 
 def make_repository(tmp_path: Path, engine_dir: Path, name: str = "minilm", version: int = 1, **config: Any) -> Path:
@@ -105,6 +107,8 @@ def make_repository(tmp_path: Path, engine_dir: Path, name: str = "minilm", vers
 
 
 def toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -100,3 +100,49 @@ class EchoEngine(Engine):
 
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"y": inputs["x"] * 2}
+
+
+class FakePipeline:
+    """The part of optimize's Pipeline the server uses: batched `tokenize` (one token per word:
+    its length, capped below VOCAB) and the output a text request gets. `calls` records the texts
+    of every tokenize call."""
+
+    def __init__(self, output: str = "features") -> None:
+        self.output = output
+        self.calls: list[list[str]] = []
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        self.calls.append(list(texts))
+        words = [[min(len(w), VOCAB - 1) for w in t.split()] or [1] for t in texts]
+        longest = max(len(w) for w in words)
+        ids = np.zeros((len(texts), longest), np.int64)
+        mask = np.zeros_like(ids)
+        for row, w in enumerate(words):
+            ids[row, :len(w)], mask[row, :len(w)] = w, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class FakeTextEngine(FakeEngine):
+    """A FakeEngine with a text pipeline, as engines compiled from a tokenizer directory have."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s=delay_s)
+        self.fake_pipeline = FakePipeline()
+
+    @property
+    def pipeline(self) -> FakePipeline:  # type: ignore[override]
+        return self.fake_pipeline
+
+
+class SlowOnZeroEngine(FakeEngine):
+    """Takes `slow_s` for a batch whose first token id is 0, no time otherwise: lets a later
+    batch finish before an earlier one on another instance."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if int(inputs["input_ids"][0, 0]) == 0:
+            time.sleep(self.slow_s)
+        return super()._run(inputs)

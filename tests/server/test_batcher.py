@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from server.batcher import Batcher, BatchPolicy, batch_key, concatenate, split
+from server.batcher import Batcher, BatchPolicy, InOrder, QueueFull, QueuePolicy
 
 A, B = "shape-a", "shape-b"
 
@@ -21,9 +20,9 @@ class FakeClock:
         self.now += us / 1e6
 
 
-def make(max_batch_size: int = 8, max_queue_delay_us: int = 1000) -> tuple[Batcher[str], FakeClock]:
+def make(max_batch_size: int = 8, max_queue_delay_us: int = 1000, **policy) -> tuple[Batcher[str], FakeClock]:  # type: ignore[no-untyped-def]
     clock = FakeClock()
-    return Batcher(BatchPolicy(max_batch_size, max_queue_delay_us), clock=clock), clock
+    return Batcher(BatchPolicy(max_batch_size, max_queue_delay_us, **policy), clock=clock), clock
 
 
 def payloads(batch) -> list[str]:  # type: ignore[no-untyped-def]
@@ -198,23 +197,195 @@ def test_drain_returns_every_queued_request_oldest_first():
     assert len(batcher) == 0 and batcher.next_batch(flush=True) is None
 
 
-def test_batch_key_separates_dtypes_and_non_batch_dims_only():
-    base = {"ids": np.zeros((2, 16), np.int64), "mask": np.zeros((2, 16), np.int64)}
-    assert batch_key(base) == batch_key({"ids": np.zeros((5, 16), np.int64), "mask": np.zeros((5, 16), np.int64)})
-    assert batch_key(base) != batch_key({"ids": np.zeros((2, 17), np.int64), "mask": np.zeros((2, 17), np.int64)})
-    assert batch_key(base) != batch_key({"ids": np.zeros((2, 16), np.int32), "mask": np.zeros((2, 16), np.int64)})
+# -- preferred batch sizes ------------------------------------------------------------------------
+
+def test_a_preferred_batch_size_goes_at_once_without_waiting_for_the_delay():
+    batcher, _ = make(max_batch_size=8, max_queue_delay_us=10_000_000, preferred_batch_sizes=(4,))
+    for i in range(3):
+        batcher.add(1, A, f"r{i}")
+    assert batcher.next_batch() is None and batcher.wait_s() > 1  # 3 is not preferred: wait
+    batcher.add(1, A, "r3")
+    assert batcher.wait_s() == 0.0
+    batch = batcher.next_batch()
+    assert batch is not None and batch.size == 4 and batch.reason == "preferred"
 
 
-def test_concatenate_and_split_round_trip_in_request_order():
-    rng = np.random.default_rng(0)
-    requests = [{"x": rng.standard_normal((n, 3)).astype(np.float32)} for n in (1, 3, 2)]
-    stacked = concatenate(requests)
-    assert stacked["x"].shape == (6, 3)
-    parts = split({"y": stacked["x"] * 2}, [1, 3, 2])
-    for request, part in zip(requests, parts, strict=True):
-        np.testing.assert_array_equal(part["y"], request["x"] * 2)
+def test_the_largest_reachable_preferred_size_is_dispatched_and_the_rest_waits():
+    batcher, _ = make(max_batch_size=16, max_queue_delay_us=10_000_000, preferred_batch_sizes=(2, 4, 8))
+    for i in range(6):
+        batcher.add(1, A, f"r{i}")  # 6 queued: 4 is the largest preferred size reachable
+    batch = batcher.next_batch()
+    assert batch is not None and payloads(batch) == ["r0", "r1", "r2", "r3"] and batch.reason == "preferred"
+    second = batcher.next_batch()
+    assert second is not None and payloads(second) == ["r4", "r5"]  # 2 is preferred too
 
 
-def test_split_refuses_outputs_whose_dim0_is_not_the_batch():
-    with pytest.raises(ValueError, match="expected dim 0 to be the batch size 3"):
-        split({"y": np.zeros((4, 2))}, [1, 2])
+def test_preferred_sizes_count_samples_and_never_split_a_request():
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=1000, preferred_batch_sizes=(4,))
+    batcher.add(3, A, "r0")
+    batcher.add(3, A, "r1")  # 3, then 6: 4 is never hit exactly
+    assert batcher.next_batch() is None
+    clock.advance_us(1000)
+    batch = batcher.next_batch()
+    assert batch is not None and batch.sizes == [3, 3] and batch.reason == "delay"
+
+
+def test_preferred_sizes_above_max_batch_size_are_refused():
+    with pytest.raises(ValueError, match="preferred batch size 16"):
+        BatchPolicy(8, preferred_batch_sizes=(4, 16))
+
+
+# -- priority levels ----------------------------------------------------------------------------
+
+def test_a_higher_priority_request_decides_the_next_batch_even_if_younger():
+    batcher, clock = make(max_batch_size=2, max_queue_delay_us=0, priority_levels=2)
+    batcher.add(1, A, "low", priority=2)
+    clock.advance_us(10)
+    batcher.add(1, B, "high", priority=1)
+    first = batcher.next_batch()
+    assert first is not None and payloads(first) == ["high"]
+    second = batcher.next_batch()
+    assert second is not None and payloads(second) == ["low"]
+
+
+def test_lower_priority_requests_of_the_same_key_fill_a_higher_priority_batch_after_it():
+    batcher, _ = make(max_batch_size=3, max_queue_delay_us=0, priority_levels=3)
+    batcher.add(1, A, "p3", priority=3)
+    batcher.add(1, A, "p2", priority=2)
+    batcher.add(1, A, "p1-a", priority=1)
+    batcher.add(1, A, "p1-b", priority=1)
+    batch = batcher.next_batch()
+    assert batch is not None and payloads(batch) == ["p1-a", "p1-b", "p2"] and batch.reason == "full"
+    assert payloads(batcher.next_batch()) == ["p3"]
+
+
+def test_requests_without_a_valid_priority_go_to_the_default_level():
+    policy = BatchPolicy(4, priority_levels=3, default_priority_level=2)
+    assert [policy.level(p) for p in (0, 1, 2, 3, 4, 99)] == [2, 1, 2, 3, 2, 2]
+    assert BatchPolicy(4, priority_levels=3).level(0) == 3  # no default given: the lowest level
+    assert BatchPolicy(4).level(5) == 1  # no priority levels: everything is one level
+
+
+# -- queue policy: bounded queue and timeouts -----------------------------------------------------
+
+def test_a_full_queue_refuses_with_tritons_words_and_accepts_again_once_drained():
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=1000, queue_policy=QueuePolicy(max_queue_size=2))
+    batcher.add(1, A, "r0")
+    batcher.add(1, A, "r1")
+    with pytest.raises(QueueFull, match="Exceeds maximum queue size"):
+        batcher.add(1, A, "r2")
+    assert len(batcher) == 2
+    clock.advance_us(1000)
+    assert batcher.next_batch() is not None
+    batcher.add(1, A, "r3")  # room again
+
+
+def test_each_priority_level_has_its_own_queue_bound():
+    batcher, _ = make(priority_levels=2, queue_policy=QueuePolicy(max_queue_size=1),
+                      priority_queue_policy={1: QueuePolicy(max_queue_size=3)})
+    for i in range(3):
+        batcher.add(1, A, f"high{i}", priority=1)
+    batcher.add(1, A, "low0", priority=2)
+    with pytest.raises(QueueFull, match="priority level 2"):
+        batcher.add(1, A, "low1", priority=2)
+    with pytest.raises(QueueFull, match="priority level 1"):
+        batcher.add(1, A, "high3", priority=1)
+    assert batcher.queued(1) == 3 and batcher.queued(2) == 1
+
+
+def test_a_timed_out_request_is_rejected_and_never_dispatched():
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=10_000_000)
+    batcher.add(1, A, "patient")
+    batcher.add(1, A, "hasty", timeout_us=500)
+    assert batcher.wait_s() == pytest.approx(500e-6)  # the driver wakes up for the timeout
+    clock.advance_us(500)
+    expired = batcher.expire()
+    assert [(e.pending.payload, e.reason) for e in expired] == [("hasty", "timeout")]
+    batch = batcher.next_batch(flush=True)
+    assert batch is not None and payloads(batch) == ["patient"]
+
+
+def test_next_batch_never_returns_an_expired_request_and_hands_it_to_expire():
+    batcher, clock = make(max_batch_size=2, max_queue_delay_us=0)
+    batcher.add(1, A, "late", timeout_us=100)
+    batcher.add(1, A, "ok")
+    clock.advance_us(100)
+    batch = batcher.next_batch()
+    assert batch is not None and payloads(batch) == ["ok"]
+    assert [e.pending.payload for e in batcher.expire()] == ["late"]
+    assert batcher.expire() == []
+
+
+def test_a_client_deadline_always_rejects_even_under_a_delay_policy():
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=10_000_000,
+                          queue_policy=QueuePolicy(timeout_action="delay"))
+    batcher.add(1, A, "r0", deadline_s=clock.now + 0.001)
+    clock.advance_us(1000)
+    assert [(e.pending.payload, e.reason) for e in batcher.expire()] == [("r0", "deadline")]
+    assert len(batcher) == 0
+
+
+def test_the_default_timeout_applies_and_a_request_may_only_shorten_it():
+    policy = QueuePolicy(default_timeout_us=1000)
+    assert policy.timeout_us(0) == 1000 and policy.timeout_us(300) == 300 and policy.timeout_us(5000) == 1000
+    assert QueuePolicy(default_timeout_us=1000, allow_timeout_override=False).timeout_us(300) == 1000
+    assert QueuePolicy().timeout_us(300) == 300  # no default: the request's own applies
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=10_000_000,
+                          queue_policy=QueuePolicy(default_timeout_us=1000))
+    batcher.add(1, A, "default")
+    batcher.add(1, A, "longer", timeout_us=5000)  # may not extend the default
+    clock.advance_us(1000)
+    assert sorted(e.pending.payload for e in batcher.expire()) == ["default", "longer"]
+
+
+def test_a_delayed_request_waits_behind_every_request_that_has_not_timed_out():
+    batcher, clock = make(max_batch_size=1, max_queue_delay_us=0,
+                          queue_policy=QueuePolicy(default_timeout_us=100, timeout_action="delay"))
+    batcher.add(1, A, "old")
+    clock.advance_us(100)  # "old" timed out: delayed, not rejected
+    batcher.add(1, A, "new")
+    assert batcher.expire() == []
+    assert [payloads(batcher.next_batch()) for _ in range(2)] == [["new"], ["old"]]
+
+
+# -- several instances sharing one queue ------------------------------------------------------------
+
+def test_instances_sharing_a_batcher_get_disjoint_batches_covering_every_request_once():
+    batcher, clock = make(max_batch_size=4, max_queue_delay_us=1000)
+    for i in range(10):
+        batcher.add(1, A if i % 3 else B, f"r{i}")
+    clock.advance_us(1000)
+    taken: list[str] = []
+    instances: list[list[list[str]]] = [[], [], []]
+    while True:  # three idle instances ask in turn, as the scheduler's workers do
+        got = [batcher.next_batch() for _ in instances]
+        if not any(got):
+            break
+        for runs, batch in zip(instances, got, strict=True):
+            if batch is not None:
+                runs.append(payloads(batch))
+                taken += payloads(batch)
+    assert sorted(taken) == sorted(f"r{i}" for i in range(10)) and len(taken) == 10
+    assert all(runs for runs in instances)  # every instance got work
+    assert all(len(b) <= 4 for runs in instances for b in runs)
+
+
+# -- preserved ordering -------------------------------------------------------------------------------
+
+def test_in_order_releases_answers_only_after_every_earlier_request():
+    order: InOrder[str] = InOrder()
+    tickets = [order.admit() for _ in range(4)]
+    assert order.finish(tickets[2], "c") == []  # finished early: held back
+    assert order.finish(tickets[1], "b") == []
+    assert order.finish(tickets[0], "a") == ["a", "b", "c"]
+    assert order.finish(tickets[3], "d") == ["d"]
+    assert len(order) == 0
+
+
+def test_in_order_skips_requests_that_ended_without_an_answer():
+    order: InOrder[str] = InOrder()
+    first, second = order.admit(), order.admit()
+    assert order.finish(second, "b") == []
+    assert order.finish(first, None) == ["b"]  # its client went away: it must not block "b"
+    with pytest.raises(ValueError, match="not outstanding"):
+        order.finish(first, "again")

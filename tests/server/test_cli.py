@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def broken_repository(tmp_path: Path) -> Path:
 def test_server_starts_despite_unreadable_models_reports_them_and_exits_0_on_sigterm(
         tmp_path: Path, broken_repository: Path):
     log = tmp_path / "server.log"
-    process = start(["--repository", str(broken_repository), "--port", "0"], log)
+    process = start(["--repository", str(broken_repository), "--port", "0", "--metrics-port", "0"], log)
     try:
         port = wait_for_port(process, log)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -70,7 +71,8 @@ def test_server_starts_despite_unreadable_models_reports_them_and_exits_0_on_sig
 
 def test_json_logs_carry_fields_as_keys(tmp_path: Path, broken_repository: Path):
     log = tmp_path / "server.log"
-    process = start(["--repository", str(broken_repository), "--port", "0", "--log-format", "json"], log)
+    process = start(["--repository", str(broken_repository), "--port", "0", "--no-metrics", "--log-format", "json"],
+                    log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while "serving" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
@@ -93,3 +95,63 @@ def test_a_missing_repository_exits_1_with_one_line(tmp_path: Path):
     assert process.wait(timeout=60) == 1
     lines = log.read_text().strip().splitlines()
     assert lines[-1].startswith("python -m server: error:") and "is not a directory" in lines[-1]
+
+
+def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, minilm_engine_dir: Path):
+    """No accepted request is lost: those queued and running when SIGTERM arrives are answered,
+    and the process exits 0 within the grace period."""
+    import numpy as np
+
+    from tests.server.conftest import make_repository
+
+    # A long queue delay keeps requests queued until the shutdown flushes them.
+    repository = make_repository(tmp_path, minilm_engine_dir, max_batch_size=8, max_queue_delay_us=3_000_000)
+    log = tmp_path / "server.log"
+    process = start(["--repository", str(repository), "--port", "0", "--metrics-port", "0", "--shutdown-grace-s", "20"],
+                    log)
+    try:
+        port = wait_for_port(process, log)
+        metrics = re.search(r"metrics on (http://\S+)", log.read_text()).group(1)  # type: ignore[union-attr]
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        answers: list[object] = []
+
+        def one(i: int) -> None:
+            ids = np.full((1, 8), 1000 + i, dtype=np.int64)
+            inputs = []
+            for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+                tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            try:
+                answers.append(client.infer("minilm", inputs, client_timeout=30).as_numpy("sentence_embedding").shape)
+            except Exception as exc:  # collected and reported by the assertion below
+                answers.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while pending(metrics) < 6:  # all six accepted and waiting for company
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert answers == [(1, 384)] * 6, answers
+    text = log.read_text()
+    assert "shutting down: 6 request(s) queued" in text and "server stopped" in text
+
+
+def pending(metrics_url: str) -> float:
+    """nv_inference_pending_request_count of the model, from the server's metrics endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(r'^nv_inference_pending_request_count\{[^}]*\} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

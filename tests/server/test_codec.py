@@ -107,7 +107,11 @@ def test_negative_and_huge_dims_never_allocate(model: Model):
     with pytest.raises(InvalidArgument, match="negative dimension"):
         codec.decode_tensor("x", "INT64", (2, -1), b"", None)
     with pytest.raises(InvalidArgument, match="bytes of raw data, expected"):
+        codec.decode_tensor("x", "INT64", (2**20, 2**10), b"\x00" * 8, None)
+    with pytest.raises(InvalidArgument, match=r"shape \[1099511627776, 1048576\], too large for any message"):
         codec.decode_tensor("x", "INT64", (2**40, 2**20), b"\x00" * 8, None)
+    with pytest.raises(InvalidArgument, match="too large for any message"):  # empty, yet beyond numpy's shapes
+        codec.decode_tensor("x", "INT64", (0, 2**31, 2**31), b"", None)
 
 
 def test_wrong_datatype_names_the_input_and_both_types(model: Model):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from server.batcher import QueuePolicy
 from server.config import INT32_MAX, ModelConfig, ServerConfig
 from server.errors import ConfigError
 
@@ -23,6 +24,33 @@ def test_model_config_reads_config_toml(tmp_path: Path):
     assert ModelConfig.read(tmp_path) == ModelConfig(max_batch_size=4, max_queue_delay_us=2000, instances=2)
 
 
+def test_batching_and_queue_policy_keys_are_read_with_per_level_overrides(tmp_path: Path):
+    (tmp_path / "config.toml").write_text(
+        "max_batch_size = 16\n"
+        "preferred_batch_sizes = [8, 4, 8]\n"
+        "sequence_buckets = [32, 16]\n"
+        "preserve_ordering = true\n"
+        "priority_levels = 2\n"
+        "default_priority_level = 2\n"
+        "max_queue_size = 64\n"
+        "default_timeout_us = 5000\n"
+        "interface = \"text\"\n"
+        "[priority_queue_policy.1]\n"
+        "max_queue_size = 8\n"
+        "timeout_action = \"delay\"\n"
+    )
+    config = ModelConfig.read(tmp_path)
+    assert config.preferred_batch_sizes == (4, 8) and config.sequence_buckets == (16, 32)
+    assert config.preserve_ordering and config.interface == "text"
+    assert config.queue_policy == QueuePolicy(max_queue_size=64, default_timeout_us=5000)
+    # A level's table inherits the top-level keys it does not set.
+    assert config.priority_queue_policy == {1: QueuePolicy(max_queue_size=8, default_timeout_us=5000,
+                                                           timeout_action="delay")}
+    policy = config.batch_policy()
+    assert policy.max_batch_size == 16 and policy.levels == 2 and policy.policy(1).max_queue_size == 8
+    assert policy.policy(2).max_queue_size == 64
+
+
 def test_a_model_without_config_toml_gets_the_defaults(tmp_path: Path):
     assert ModelConfig.read(tmp_path) == ModelConfig()
 
@@ -36,6 +64,18 @@ def test_a_model_without_config_toml_gets_the_defaults(tmp_path: Path):
         ("instances = 0", "instances must be an integer between 1 and 64"),
         ("max_batch = 8", "unknown key 'max_batch'"),
         ("max_batch_size = ", "not readable TOML"),
+        ("preferred_batch_sizes = 4", "preferred_batch_sizes must be a list of integers"),
+        ("preferred_batch_sizes = [0, 4]", "preferred_batch_sizes entries must be an integer"),
+        ("max_batch_size = 4\npreferred_batch_sizes = [8]", "preferred_batch_sizes entry 8 exceeds max_batch_size 4"),
+        ("sequence_buckets = [16, -1]", "sequence_buckets entries must be an integer"),
+        ("preserve_ordering = 1", "preserve_ordering must be true or false"),
+        ("interface = \"words\"", "interface must be one of 'tokens', 'text'"),
+        ("max_queue_size = -1", "max_queue_size must be an integer"),
+        ("timeout_action = \"drop\"", "timeout_action must be one of 'reject', 'delay'"),
+        ("priority_levels = 2\ndefault_priority_level = 3",
+         "default_priority_level must be an integer between 0 and 2"),
+        ("priority_levels = 2\n[priority_queue_policy.3]\nmax_queue_size = 1", "priority_queue_policy level must be"),
+        ("[priority_queue_policy.1]\nmax_size = 1", "priority_queue_policy.1: unknown key 'max_size'"),
     ],
 )
 def test_a_bad_config_toml_names_the_file_and_the_field(tmp_path: Path, text: str, message: str):
@@ -63,8 +103,20 @@ def test_server_config_defaults_raise_grpc_message_limits_to_int32_max():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("port", 70000), ("port", -1), ("max_message_bytes", 2**31), ("shutdown_grace_s", -1.0), ("host", "")],
+    [("port", 70000), ("port", -1), ("max_message_bytes", 2**31), ("shutdown_grace_s", -1.0), ("host", ""),
+     ("metrics_port", 70000), ("model_control_mode", "poll"), ("auth_token", ""), ("auth_token", "a b"),
+     ("tls_cert_file", "/nonexistent.pem")],
 )
 def test_server_config_names_the_bad_field(field: str, value: object):
     with pytest.raises(ConfigError, match=field if field != "host" else "host must not be empty"):
         ServerConfig(**{field: value})
+
+
+def test_tls_needs_both_certificate_and_key(tmp_path: Path):
+    pem = tmp_path / "x.pem"
+    pem.write_text("")
+    with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file must be given together"):
+        ServerConfig(tls_cert_file=pem)
+    with pytest.raises(ConfigError, match="tls_client_ca_file needs"):
+        ServerConfig(tls_client_ca_file=pem)
+    assert ServerConfig(tls_cert_file=pem, tls_key_file=pem).tls

@@ -1,6 +1,8 @@
 """End to end with the real all-MiniLM-L6-v2 engine (compiled once per session by the
-`minilm_engine_dir` fixture): tritonclient gets what the engine computes in-process,
-perf_analyzer drives the server, out-of-vocabulary ids are refused."""
+`minilm_engine_dir` fixture): tritonclient gets what the engine computes in-process — for token
+requests of mixed lengths padded to shared buckets, and for raw sentences tokenized by the
+server — perf_analyzer drives the server and reads its statistics, out-of-vocabulary ids are
+refused."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ RPC_TIMEOUT_S = 60.0
 def minilm_server(minilm_engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The MiniLM engine behind a server loaded from a repository on disk, as in production."""
     repository = make_repository(tmp_path_factory.mktemp("minilm"), minilm_engine_dir, name="minilm",
-                                 max_batch_size=8, max_queue_delay_us=2000)
+                                 max_batch_size=8, max_queue_delay_us=2000, sequence_buckets=[16, 32])
     with running_server(repository) as running:
         yield running
 
@@ -69,11 +71,15 @@ def test_server_describes_the_engine(minilm_server: RunningServer):
 def test_tritonclient_gets_the_same_embeddings_as_the_engine_in_process(minilm_server: RunningServer,
                                                                      minilm_engine: optimize.Engine):
     rng = np.random.default_rng(2)
-    requests = [token_batch(rng, batch, seq) for batch, seq in ((1, 7), (3, 16), (2, 16), (1, 16), (4, 64), (2, 33))]
+    requests = [token_batch(rng, batch, seq) for batch, seq in ((1, 7), (3, 16), (2, 16), (1, 12), (4, 64), (2, 33),
+                                                                (1, 30), (1, 20))]
     client = minilm_server.client()
-    # Concurrent, so requests of equal sequence length are batched together by the server.
-    with ThreadPoolExecutor(4) as pool:
+    stats = minilm_server.server.service.schedulers["minilm"].stats
+    executions = stats.execution_count
+    # Concurrent, so requests of one bucket (7..16, 17..32, 33..64) are padded and batched together.
+    with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda feeds: infer(client, feeds), requests))
+    assert stats.execution_count - executions < len(requests), "no two lengths shared a batch"
     for feeds, result in zip(requests, results, strict=True):
         expected = minilm_engine.run(feeds)
         for name in ("sentence_embedding", "last_hidden_state"):
@@ -81,6 +87,28 @@ def test_tritonclient_gets_the_same_embeddings_as_the_engine_in_process(minilm_s
             assert got.shape == expected[name].shape and got.dtype == np.float32
             # Same engine and inputs; a different batch composition may change summation order.
             np.testing.assert_allclose(got, expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_sentences_sent_as_text_get_the_embeddings_of_the_engines_own_pipeline(minilm_server: RunningServer,
+                                                                              minilm_engine: optimize.Engine):
+    sentences = ["A man is playing a guitar.", "Someone is strumming a guitar.", "How do I reset my password?",
+                 "Ünïcödé and emoji 🎸 survive the trip.", "short"]
+    client = minilm_server.client()
+    tensors = []
+    for group in (sentences[:2], sentences[2:]):  # two requests, batched and tokenized together
+        tensor = grpcclient.InferInput("text", [len(group), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([s.encode() for s in group], dtype=object).reshape(-1, 1))
+        tensors.append([tensor])
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda t: client.infer("minilm", t, client_timeout=RPC_TIMEOUT_S), tensors))
+    got = np.concatenate([r.as_numpy("sentence_embedding") for r in results])
+    assert [o.name for o in results[0].get_response().outputs] == ["sentence_embedding"]
+    pipeline = minilm_engine.pipeline
+    assert pipeline is not None and pipeline.output == "sentence_embedding"
+    expected = np.concatenate([minilm_engine.run(pipeline.tokenize([s]))["sentence_embedding"] for s in sentences])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-4)  # normalized, as sentence-transformers
+    assert float(got[0] @ got[1]) > float(got[0] @ got[2]) + 0.3  # paraphrases closer than unrelated
 
 
 def test_out_of_vocabulary_token_ids_are_invalid_argument(minilm_server: RunningServer):
@@ -131,3 +159,22 @@ def test_perf_analyzer_measures_the_served_minilm_at_concurrency_1_to_4(minilm_s
     measured = re.findall(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec", output)
     assert [int(c) for c, _ in measured] == [1, 2, 3, 4], output[-3000:]
     assert all(float(t) > 0 for _, t in measured)
+    # The statistics extension: perf_analyzer reports the server's side of every window.
+    server_side = re.findall(r"Avg request latency: \d+ usec \(overhead \d+ usec \+ queue (\d+) usec \+ compute input "
+                             r"\d+ usec \+ compute infer (\d+) usec", output)
+    assert len(server_side) == 4 and all(int(infer) > 0 for _, infer in server_side), output[-3000:]
+
+
+def test_perf_analyzer_streams_sentences_to_the_text_interface(minilm_engine_dir: Path, tmp_path: Path):
+    command, env = perf_analyzer_command()
+    repository = make_repository(tmp_path, minilm_engine_dir, name="minilm", max_batch_size=8, interface="text")
+    with running_server(repository) as running:
+        done = subprocess.run(command + [
+            "-m", "minilm", "-i", "grpc", "-u", running.url, "--streaming", "--concurrency-range", "2",
+            "--string-length", "40", "--measurement-interval", "300", "--stability-percentage", "1000",
+        ], env=env, capture_output=True, text=True, timeout=120)
+        stats = running.server.service.schedulers["minilm"].stats
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert re.search(r"Concurrency: 2, throughput: [\d.]+ infer/sec", output), output[-3000:]
+    assert stats.success.count > 0 and stats.fail.count == 0

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from server.config import ModelConfig
-from server.errors import Internal, Unavailable
+from server.errors import DeadlineExceeded, Internal, Rejected, Unavailable
 from server.repository import Model
 from server.scheduler import ModelScheduler
-from tests.server.fakes import FakeEngine, expected_features
+from server.stats import Timings
+from tests.server.fakes import FakeEngine, FakeTextEngine, SlowOnZeroEngine, expected_features
 
 
 def request(first_id: int, batch: int = 1, seq: int = 4) -> dict[str, np.ndarray]:
@@ -20,8 +21,8 @@ def request(first_id: int, batch: int = 1, seq: int = 4) -> dict[str, np.ndarray
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def scheduler_for(engine: FakeEngine, **config: int) -> ModelScheduler:
-    return ModelScheduler(Model(name="fake", version=1, engine=engine, config=ModelConfig(**config)))
+def scheduler_for(engine: FakeEngine, **config) -> ModelScheduler:  # type: ignore[no-untyped-def]
+    return ModelScheduler(Model(name="fake", version=1, engine=engine, config=ModelConfig.from_dict(config)))
 
 
 def run(coro, timeout_s: float = 20.0):  # type: ignore[no-untyped-def]
@@ -173,3 +174,162 @@ def test_a_model_without_batching_runs_each_request_alone():
     results = run(main())
     assert engine.calls == [2, 2, 2, 2]
     assert all(r["features"].shape == (2, 4) for r in results)
+
+
+def test_a_full_queue_answers_unavailable_exceeds_maximum_queue_size():
+    engine = FakeEngine(delay_s=0.3)
+    scheduler = scheduler_for(engine, max_batch_size=1, max_queue_size=2)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        running = asyncio.create_task(scheduler.infer(request(0), 1))
+        await asyncio.sleep(0.05)  # the first one runs; two more fill the queue
+        queued = [asyncio.create_task(scheduler.infer(request(i), 1)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Rejected, match="Exceeds maximum queue size"):
+            await scheduler.infer(request(3), 1)
+        results = await asyncio.gather(running, *queued)
+        await scheduler.stop(grace_s=5)
+        return results
+
+    assert len(run(main())) == 3
+    assert engine.calls == [1, 1, 1]
+
+
+def test_a_request_that_times_out_in_the_queue_is_rejected_at_its_timeout_and_never_runs():
+    engine = FakeEngine(delay_s=0.5)
+    scheduler = scheduler_for(engine, max_batch_size=1)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        busy = asyncio.create_task(scheduler.infer(request(0), 1))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Rejected, match="Request timeout expired"):
+            await scheduler.infer(request(1), 1, timeout_us=100_000)
+        waited = loop.time() - started
+        await busy
+        await scheduler.stop(grace_s=5)
+        return waited
+
+    waited = run(main())
+    assert 0.09 < waited < 0.4  # answered at its timeout, while the instance was still busy
+    assert engine.calls == [1]  # the timed-out request never ran
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_runs():
+    engine = FakeEngine(delay_s=0.3)
+    scheduler = scheduler_for(engine, max_batch_size=1)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        busy = asyncio.create_task(scheduler.infer(request(0), 1))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await scheduler.infer(request(1), 1, deadline_in_s=0.05)
+        await busy
+        await scheduler.stop(grace_s=5)
+
+    run(main())
+    assert engine.calls == [1]
+
+
+def test_preserve_ordering_answers_in_arrival_order_even_when_a_later_batch_finishes_first():
+    async def finish_order(preserve: bool) -> list[int]:
+        scheduler = scheduler_for(SlowOnZeroEngine(slow_s=0.3), max_batch_size=1, instances=2,
+                                  preserve_ordering=preserve)
+        await scheduler.start()
+        done: list[int] = []
+
+        async def one(i: int) -> None:
+            await scheduler.infer(request(i), 1)  # request 0 is slow, 1 is fast, on two instances
+            done.append(i)
+
+        await asyncio.gather(one(0), one(1))
+        await scheduler.stop(grace_s=5)
+        return done
+
+    assert run(finish_order(False)) == [1, 0]  # the fast one overtakes without ordering ...
+    assert run(finish_order(True)) == [0, 1]  # ... and waits for the slow one with it
+
+
+def test_a_higher_priority_request_runs_before_older_lower_priority_ones():
+    engine = FakeEngine(delay_s=0.1)
+    scheduler = scheduler_for(engine, max_batch_size=1, priority_levels=2)
+    order: list[int] = []
+
+    async def one(i: int, priority: int) -> None:
+        await scheduler.infer(request(i), 1, priority=priority)
+        order.append(i)
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        tasks = [asyncio.create_task(one(0, 2))]
+        await asyncio.sleep(0.03)  # 0 runs; 1 and 2 (low) queue, then 3 (high)
+        tasks += [asyncio.create_task(one(i, 2)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(one(3, 1)))
+        await asyncio.gather(*tasks)
+        await scheduler.stop(grace_s=5)
+
+    run(main())
+    assert order == [0, 3, 1, 2]
+
+
+def test_sequence_buckets_batch_different_lengths_together_and_answer_each_at_its_own_length():
+    engine = FakeEngine(manifest=None)
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=50_000, sequence_buckets=[8])
+    lengths = [3, 5, 8, 2]
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        results = await asyncio.gather(*(scheduler.infer(request(i, seq=n), 1) for i, n in enumerate(lengths)))
+        await scheduler.stop(grace_s=5)
+        return results
+
+    results = run(main())
+    assert engine.calls == [4]  # four lengths, one bucket, one batch
+    for i, (n, out) in enumerate(zip(lengths, results, strict=True)):
+        r = request(i, seq=n)
+        assert out["lengths"].tolist() == [n]  # the mask's padding is zeros
+        masked_sum = expected_features(r["input_ids"], r["attention_mask"])[:, 3]
+        np.testing.assert_array_equal(out["features"][:, 3], masked_sum)
+
+
+def test_text_requests_are_tokenized_once_per_batch_and_get_the_pipeline_output():
+    engine = FakeTextEngine(delay_s=0.05)
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=20_000)
+    texts = [["a bb ccc"], ["dddd", "ee"], ["f"]]
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        results = await asyncio.gather(*(
+            scheduler.infer({"text": np.array(t, dtype=object)}, len(t), text=True) for t in texts))
+        await scheduler.stop(grace_s=5)
+        return results
+
+    results = run(main())
+    assert engine.fake_pipeline.calls == [["a bb ccc", "dddd", "ee", "f"]]  # one batched call
+    assert engine.calls == [4]
+    assert [r["lengths"].tolist() for r in results] == [[3], [1, 1], [1]]
+    np.testing.assert_array_equal(results[0]["features"][0], [6, 1, 3, 6])  # word lengths 1, 2, 3
+
+
+def test_timings_and_statistics_account_for_queue_and_compute_time():
+    engine = FakeEngine(delay_s=0.05)
+    scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=20_000)
+    timings = [Timings() for _ in range(3)]
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        await asyncio.gather(*(scheduler.infer(request(i, batch=2), 2, timings=t) for i, t in enumerate(timings)))
+        await scheduler.stop(grace_s=5)
+
+    run(main())
+    stats = scheduler.stats
+    assert (stats.inference_count, stats.execution_count) == (6, 1)
+    assert set(stats.batches) == {6} and stats.batches[6].compute_infer.count == 1
+    for t in timings:
+        assert t.queue_ns >= 15e6  # waited for the 20 ms delay (minus clock granularity)
+        assert t.compute_infer_ns >= 45e6  # the engine's 50 ms

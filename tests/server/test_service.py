@@ -66,7 +66,7 @@ def test_server_and_model_report_live_and_ready(fake_server: RunningServer):
 def test_server_metadata_names_kiln(fake_server: RunningServer):
     meta = fake_server.client().get_server_metadata(as_json=True)
     assert meta["name"] == "kiln" and meta["version"]
-    assert "model_configuration" in meta["extensions"]
+    assert {"model_configuration", "model_repository", "statistics"} <= set(meta["extensions"])
 
 
 def test_model_metadata_reports_dynamic_dims_as_minus_one(fake_server: RunningServer):
@@ -232,6 +232,9 @@ BAD_REQUESTS = [  # (request factory, expected code, regex the details must matc
                  INVALID, "input 'input_ids' has rank 1, expected rank 2", id="wrong rank"),
     pytest.param(lambda: _bad(input_ids=ids(seq=17), attention_mask=np.ones((2, 17), np.int64)),
                  INVALID, r"input 'input_ids' dim 1 \(seq\) is 17, allowed range is \[1, 16\]", id="sequence too long"),
+    pytest.param(lambda: _bad(attention_mask=np.ones((2, 5), np.int64)),
+                 INVALID, r"input 'attention_mask' dim 1 \(seq\) is 5, but input 'input_ids' has 6",
+                 id="sequence lengths differ"),
     pytest.param(lambda: _bad(attention_mask=np.ones((3, 6), np.int64)),
                  INVALID, "input 'attention_mask' has batch size 3, other inputs have 2", id="batch sizes differ"),
     pytest.param(_short_raw, INVALID,
@@ -273,10 +276,8 @@ def test_engine_failures_are_answered_internal_with_the_reason(fake_server: Runn
 
 @pytest.mark.parametrize(
     "call, name",
-    [(lambda c: c.get_inference_statistics("fake"), "ModelStatistics"),
-     (lambda c: c.get_model_repository_index(), "RepositoryIndex"),
-     (lambda c: c.load_model("fake"), "RepositoryModelLoad"),
-     (lambda c: c.get_system_shared_memory_status(), "SystemSharedMemoryStatus"),
+    [(lambda c: c.get_system_shared_memory_status(), "SystemSharedMemoryStatus"),
+     (lambda c: c.get_cuda_shared_memory_status(), "CudaSharedMemoryStatus"),
      (lambda c: c.get_trace_settings(), "TraceSetting"),
      (lambda c: c.get_log_settings(), "LogSettings")],
 )
@@ -285,12 +286,6 @@ def test_rpcs_not_implemented_answer_unimplemented_cleanly(fake_server: RunningS
         call(fake_server.client())
     assert info.value.status() == "StatusCode.UNIMPLEMENTED"
     assert fake_server.client().is_server_live()
-
-
-def test_stream_infer_answers_unimplemented(stub: service_pb2_grpc.GRPCInferenceServiceStub):
-    with pytest.raises(grpc.RpcError) as info:
-        list(stub.ModelStreamInfer(iter([_bad()]), timeout=RPC_TIMEOUT_S))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 # -- shutdown -----------------------------------------------------------------------------------
