@@ -132,8 +132,10 @@ def output_specs(program: ExportedProgram, inputs: list[TensorSpec]) -> list[Ten
     becomes an unbounded dynamic dim)."""
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     by_symbol: dict[Any, Dim] = {}
-    for spec in inputs:
-        value = placeholders[spec.name].meta["val"]
+    # torch.export may rename placeholders (e.g. lower-cases "INPUT0"); user inputs keep the
+    # order of the keyword signature, which is the order of `inputs`.
+    for spec, placeholder in zip(inputs, program.graph_signature.user_inputs, strict=True):
+        value = placeholders[placeholder].meta["val"]
         for size, dim in zip(value.shape, spec.shape):
             if isinstance(dim, Dim) and not isinstance(size, int):
                 by_symbol[size.node.expr] = dim

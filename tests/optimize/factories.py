@@ -54,3 +54,13 @@ def not_a_model():
 
 def bad_dims():
     return TinyMLP(), {"x": torch.randn(2, 16)}, {"x": {0: "time"}}
+
+
+class Doubler(torch.nn.Module):
+    def forward(self, INPUT0: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: N803 - Triton-style names
+        return {"OUTPUT0": INPUT0 * 2}
+
+
+def upper_case_names():
+    """Triton-style upper-case tensor names (torch.export lower-cases its placeholders)."""
+    return Doubler(), {"INPUT0": torch.randn(2, 4)}

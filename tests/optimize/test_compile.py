@@ -153,3 +153,11 @@ def test_load_explains_what_is_wrong_with_a_directory(tmp_path: Path, minilm_eng
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="payload file model.onnx is missing"):
         optimize.load(broken)
+
+
+def test_input_and_output_names_keep_their_case(tmp_path: Path):
+    engine = optimize.compile("tests.optimize.factories:upper_case_names", tmp_path / "e",
+                              optimize.CompileConfig(backend="eager", max_batch=4))
+    assert [s.name for s in engine.inputs] == ["INPUT0"] and [s.name for s in engine.outputs] == ["OUTPUT0"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(engine.run({"INPUT0": x})["OUTPUT0"], x * 2)
