@@ -4,13 +4,12 @@ Run on a GPU machine (TRITON_INTERPRET unset) and keep the JSON::
 
     pytest bench/kernels --benchmark-json bench/results/kernels-$(date +%F).json
 
-Benchmark files are named ``bench_<op>.py`` so the test run never collects them.
+Benchmark files are named ``bench_<op>.py``; bench/conftest.py collects them (the test run
+never does) and skips them without a GPU.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -18,28 +17,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # harness.py, ceilings.py
-
-_CAN_RUN = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-
-
-def pytest_collect_file(file_path: Path, parent: pytest.Collector):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _CAN_RUN:
-        return
-    skip = pytest.mark.skip(reason="kernel benchmarks need a CUDA GPU (and TRITON_INTERPRET unset)")
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -51,18 +28,8 @@ def ceilings():
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """Record what the numbers were measured on: device, versions, measured ceilings."""
-    import triton
-
-    machine_info["python"] = platform.python_version()
-    machine_info["torch"] = torch.__version__
-    machine_info["triton"] = triton.__version__
-    if _CAN_RUN:
+    """Add the measured ceilings to the machine description (bench/conftest.py has the rest)."""
+    if torch.cuda.is_available():
         from ceilings import measure_ceilings
 
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        machine_info["gpu"] = props.name
-        machine_info["gpu_capability"] = f"{props.major}.{props.minor}"
-        machine_info["gpu_sms"] = props.multi_processor_count
-        machine_info["cuda"] = torch.version.cuda
         machine_info["ceilings"] = measure_ceilings(torch.cuda.current_device()).as_dict()

@@ -1,53 +1,6 @@
-"""End-to-end model benchmarks: GPU only, skipped cleanly elsewhere.
+"""End-to-end model benchmarks: GPU only, skipped cleanly elsewhere (bench/conftest.py).
 
 Run on a GPU machine (TRITON_INTERPRET unset) and keep the JSON::
 
     pytest bench/models --benchmark-json bench/results/models-$(date +%F).json
-
-Files are named ``bench_<model>.py`` so the test run never collects them.
 """
-
-from __future__ import annotations
-
-import os
-import platform
-from pathlib import Path
-
-import pytest
-import torch
-
-_CAN_RUN = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-
-
-def pytest_collect_file(file_path: Path, parent: pytest.Collector):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _CAN_RUN:
-        return
-    skip = pytest.mark.skip(reason="model benchmarks need a CUDA GPU (and TRITON_INTERPRET unset)")
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(skip)
-
-
-def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """Record what the numbers were measured on."""
-    import triton
-
-    machine_info["python"] = platform.python_version()
-    machine_info["torch"] = torch.__version__
-    machine_info["triton"] = triton.__version__
-    if _CAN_RUN:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        machine_info["gpu"] = props.name
-        machine_info["gpu_capability"] = f"{props.major}.{props.minor}"
-        machine_info["cuda"] = torch.version.cuda
