@@ -96,3 +96,29 @@ def fixed_row_config(block_n: int, single_tile: bool, on_gpu: bool) -> tuple[int
     if on_gpu:
         return 1, min(max(block_n // 256, 1), 16)
     return (2 if single_tile else 1), 4
+
+
+def _prune_row_configs(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    """Keep configs whose tile gives every thread 1..64 elements: fewer idles threads, more
+    spills registers (64 fp32 per thread is where the Triton layer-norm tutorial's 64 KB row
+    limit sits at 16 warps). Several rows per program only on the single-tile path."""
+    args = {**named_args, **kwargs}
+    kept = [
+        c for c in configs
+        if 1 <= c.kwargs["BLOCK_M"] * args["BLOCK_N"] // (32 * c.num_warps) <= 64
+        and (args["SINGLE_TILE"] or c.kwargs["BLOCK_M"] == 1)
+    ]
+    return kept or [triton.Config({"BLOCK_M": 1}, num_warps=4)]
+
+
+# Row kernels (layer_norm, rms_norm, softmax) are bandwidth-bound and use no shared memory, so
+# one search space serves Ampere and Hopper: several rows per program pay off at BERT widths
+# (384, 768) and attention-score rows, one row with many warps for rows of 8k and more.
+ROW_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=nw) for bm in (1, 2, 4, 8, 16) for nw in (1, 2, 4, 8, 16)]
+
+
+def row_autotune(kernel, key: list[str]):  # type: ignore[no-untyped-def]
+    """`triton.autotune` of a row kernel (BLOCK_M rows x BLOCK_N columns per program) over
+    ROW_CONFIGS, pruned to tiles that neither idle nor spill threads."""
+    return triton.autotune(configs=ROW_CONFIGS, key=key,
+                           prune_configs_by={"early_config_prune": _prune_row_configs})(kernel)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels._util import (
+    row_autotune,
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
@@ -124,34 +125,8 @@ def _layer_norm_fwd_kernel(
             tl.store(y_row + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs whose tile gives every thread 1..64 elements: fewer idles threads, more
-    spills registers (64 fp32 per thread is where the Triton layer-norm tutorial's 64 KB row
-    limit sits at 16 warps)."""
-    args = {**named_args, **kwargs}
-    block_n = args["BLOCK_N"]
-    kept = []
-    for c in configs:
-        per_thread = c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
-        single_row_only = not args["SINGLE_TILE"] and c.kwargs["BLOCK_M"] > 1
-        if 1 <= per_thread <= 64 and not single_row_only:
-            kept.append(c)
-    return kept or [triton.Config({"BLOCK_M": 1}, num_warps=4)]
-
-
-# Several rows per program pays off at BERT widths (384, 768), where one row is too little
-# work for a CTA; wide rows want one row and many warps. Same list on Ampere and Hopper: the
-# kernel is bandwidth-bound and uses no shared memory, so only occupancy differs.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=nw)
-    for bm in (1, 2, 4, 8, 16)
-    for nw in (1, 2, 4, 8, 16)
-]
-_layer_norm_fwd_tuned = triton.autotune(
-    configs=_CONFIGS,
-    key=["BLOCK_N", "HAS_RESIDUAL", "SINGLE_TILE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_layer_norm_fwd_kernel)
+# Tile search space and pruning shared by the row kernels: kernels/_util.py.
+_layer_norm_fwd_tuned = row_autotune(_layer_norm_fwd_kernel, key=["BLOCK_N", "HAS_RESIDUAL", "SINGLE_TILE"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels._util import (
+    row_autotune,
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
@@ -93,29 +94,8 @@ def _rms_norm_fwd_kernel(
             tl.store(y_row + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs giving each thread 1..64 row elements (see kernels/layer_norm.py)."""
-    args = {**named_args, **kwargs}
-    kept = [
-        c for c in configs
-        if 1 <= c.kwargs["BLOCK_M"] * args["BLOCK_N"] // (32 * c.num_warps) <= 64
-        and (args["SINGLE_TILE"] or c.kwargs["BLOCK_M"] == 1)
-    ]
-    return kept or [triton.Config({"BLOCK_M": 1}, num_warps=4)]
-
-
-# Same search space as layer_norm: bandwidth-bound, no shared memory, so Ampere and Hopper
-# differ only in how many rows per CTA hide latency best.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=nw)
-    for bm in (1, 2, 4, 8, 16)
-    for nw in (1, 2, 4, 8, 16)
-]
-_rms_norm_fwd_tuned = triton.autotune(
-    configs=_CONFIGS,
-    key=["BLOCK_N", "HAS_RESIDUAL", "SINGLE_TILE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_rms_norm_fwd_kernel)
+# Tile search space and pruning shared by the row kernels: kernels/_util.py.
+_rms_norm_fwd_tuned = row_autotune(_rms_norm_fwd_kernel, key=["BLOCK_N", "HAS_RESIDUAL", "SINGLE_TILE"])
 
 
 # --------------------------------------------------------------------------------------------

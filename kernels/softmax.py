@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels._util import (
+    row_autotune,
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
@@ -98,29 +99,8 @@ def _softmax_fwd_kernel(
             tl.store(y_row + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs giving each thread 1..64 row elements (see kernels/layer_norm.py)."""
-    args = {**named_args, **kwargs}
-    kept = [
-        c for c in configs
-        if 1 <= c.kwargs["BLOCK_M"] * args["BLOCK_N"] // (32 * c.num_warps) <= 64
-        and (args["SINGLE_TILE"] or c.kwargs["BLOCK_M"] == 1)
-    ]
-    return kept or [triton.Config({"BLOCK_M": 1}, num_warps=4)]
-
-
-# Bandwidth-bound and free of shared memory: the same space serves Ampere and Hopper. Many
-# rows per CTA matter for attention-score rows (128..512 wide), one row and 16 warps for 8k+.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=nw)
-    for bm in (1, 2, 4, 8, 16)
-    for nw in (1, 2, 4, 8, 16)
-]
-_softmax_fwd_tuned = triton.autotune(
-    configs=_CONFIGS,
-    key=["BLOCK_N", "HAS_MASK", "SINGLE_TILE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_softmax_fwd_kernel)
+# Tile search space and pruning shared by the row kernels: kernels/_util.py.
+_softmax_fwd_tuned = row_autotune(_softmax_fwd_kernel, key=["BLOCK_N", "HAS_MASK", "SINGLE_TILE"])
 
 
 # --------------------------------------------------------------------------------------------
