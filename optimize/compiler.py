@@ -16,7 +16,7 @@ from torch.export import ExportedProgram
 
 from optimize.backends import BuildContext, get_backend
 from optimize.capture import capture, export_module, output_specs
-from optimize.config import CompileConfig
+from optimize.config import PRECISION_NEEDS, CompileConfig
 from optimize.engine import AheadOfTimeEngine, Engine, load
 from optimize.errors import AccuracyError, ConfigError, OptimizeError
 from optimize.manifest import MANIFEST_FILE, Manifest, build_environment
@@ -78,8 +78,10 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
         raise ConfigError(f"{out_dir} exists and is not an engine directory; refusing to overwrite it")
     backend = get_backend(config.backend)
     if config.precision not in backend.precisions:
+        needs = PRECISION_NEEDS.get(config.precision)
         raise ConfigError(
             f"backend {backend.name!r} supports precision {', '.join(sorted(backend.precisions))}; got {config.precision!r}"
+            + (f": {needs}" if needs else "")
         )
     backend.resolve_options(config)
     timings: dict[str, float] = {}

@@ -14,6 +14,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weight", "fp8")
 # Precisions whose error random inputs exaggerate: they are judged on real samples when the
 # source has them (see optimize.samples).
 QUANTIZED_PRECISIONS = frozenset({"int8", "int8-weight", "fp8"})
+# What a precision needs beyond a backend that lists it, said when another backend is asked for it.
+PRECISION_NEEDS = {"fp8": "fp8 (E4M3) needs backend tensorrt and an SM89+ GPU (Ada, Hopper, Blackwell)"}
 CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
 CONFIG_VERSION = 1
 
@@ -25,6 +27,12 @@ class Tolerance:
 
     max_abs_error: float
     min_cosine: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ConfigError(f"min_cosine must lie in (0, 1]; got {self.min_cosine}")
+        if not self.max_abs_error >= 0.0:  # 0 asks for bit-exact outputs
+            raise ConfigError(f"max_abs_error must not be negative; got {self.max_abs_error}")
 
     def to_json(self) -> dict[str, float]:
         return dataclasses.asdict(self)

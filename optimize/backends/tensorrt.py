@@ -4,8 +4,9 @@ Uses `tensorrt` when it is installed, else `tensorrt_rtx` (PyPI `tensorrt-rtx-cu
 builds engines ahead of time on a machine without a GPU for SM75–SM121 (no SM90). Networks are
 strongly typed (TensorRT 10+ dropped the precision flags; TensorRT-RTX never had them), so the
 precision comes from the graph: the ONNX passes insert casts (fp16/bf16 with fp32 islands for
-norms, softmax, reductions and overflowing tensors) and Q/DQ nodes (int8). One optimization
-profile spans the TensorSpec ranges: min/opt/max of every `Dim`.
+norms, softmax, reductions and overflowing tensors) and Q/DQ nodes (int8, or fp8 E4M3 for
+SM89+: Ada, Hopper, Blackwell). One optimization profile spans the TensorSpec ranges: min/opt/max
+of every `Dim`.
 
 Caches, persisted in the engine directory:
 - `timing.cache` (full TensorRT): kernel timings, seeded from the engine this build replaces,
@@ -17,11 +18,12 @@ Caches, persisted in the engine directory:
 Options (`CompileConfig.backend_options`):
 - `optimization_level` (0–5, default 3): builder optimization level;
 - `compute_capabilities` ("auto" or a list such as ["sm89", "sm120"]; TensorRT-RTX only):
-  "auto" is the GPU here, or every target the library supports when there is no GPU;
-- `quantized_fallback` ("fp16" default | "bf16" | "fp32"): type of the ops int8 leaves;
+  "auto" is the GPU here, or every target the library supports when there is no GPU (for
+  precision fp8, every one from SM89 on);
+- `quantized_fallback` ("fp16" default | "bf16" | "fp32"): type of the ops int8 / fp8 leave;
 - `workspace_mib` (0 = TensorRT's default): builder workspace limit;
 - `int8_keep_sensitive` (default True): keep the worst-quantizing MatMuls in float until the
-  calibration samples are within tolerance.
+  calibration samples are within tolerance (int8 and fp8).
 
 Running needs a CUDA GPU and torch with CUDA: inputs are torch tensors moved to the GPU, input
 shapes are set per call, tensor addresses bound, and the engine is enqueued on the current
@@ -56,10 +58,13 @@ RUNTIME_CACHE_FILE = "runtime.cache"
 LIBRARIES = ("tensorrt", "tensorrt_rtx")
 PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention", "onnx_quantize",
           "onnx_mixed_precision")
-# Oldest target per compute type in TensorRT-RTX: bf16 needs Ampere (SM80)+, fp8 Ada (SM89)+,
-# and fp32 GEMMs are not compiled for Turing ("Cannot compile operation ... for Turing (SM75):
-# FP32 GEMM is not supported", tensorrt_rtx 1.7 building all-MiniLM-L6-v2 at fp32).
+# Oldest target per compute type in TensorRT-RTX: bf16 needs Ampere (SM80)+, fp8 Ada (SM89)+
+# ("Cannot compile for target(s) sm80, because the model contains HW-specific datatypes:
+# fp8_e4m3", tensorrt_rtx 1.7), and fp32 GEMMs are not compiled for Turing ("Cannot compile
+# operation ... for Turing (SM75): FP32 GEMM is not supported", building all-MiniLM-L6-v2 at fp32).
 MIN_SM = {"fp32": 80, "bf16": 80, "fp8": 89}
+# Precisions whose graph has Q/DQ nodes; their other ops compute in `quantized_fallback`.
+QUANTIZED = ("int8", "int8-weight", "fp8")
 
 
 class TensorRTBuildError(OptimizeError):
@@ -117,15 +122,23 @@ def cuda_device() -> tuple[str, int] | None:
     return torch.cuda.get_device_name(), major * 10 + minor
 
 
-def resolve_targets(trt: ModuleType, flavour: str, option: Any, precision: str) -> list[str]:
+def resolve_targets(trt: ModuleType, flavour: str, option: Any, precision: str,
+                    fallback: str | None = None) -> list[str]:
     """The compute capabilities to build for, as "SM89"-style names ([] for full TensorRT,
-    which builds for the GPU it runs on)."""
+    which builds for the GPU it runs on). Every target must support both `precision` and
+    `fallback` (the type a quantized precision leaves its other ops in). Raises `ConfigError`
+    naming the oldest SM allowed when a target, or full TensorRT's GPU, is older."""
+    needs = {p: MIN_SM.get(p, 0) for p in (precision, fallback) if p}
+    limiting = max(needs, key=lambda p: needs[p])
+    floor = needs[limiting]
     if flavour != "tensorrt_rtx" or not hasattr(trt, "ComputeCapability"):
         if option not in ("auto", None):
             raise ConfigError("backend option compute_capabilities needs tensorrt_rtx; full TensorRT builds for its own GPU")
+        device = cuda_device()
+        if device is not None and device[1] < floor:
+            raise ConfigError(f"precision {limiting} needs SM{floor} or newer; this GPU ({device[0]}) is SM{device[1]}")
         return []
     supported = sorted((_sm(n) for n in trt.ComputeCapability.__members__ if n.startswith("SM")))
-    floor = MIN_SM.get(precision, 0)
     if option in ("auto", None):
         device = cuda_device()
         wanted = [device[1]] if device else [sm for sm in supported if sm >= floor]
@@ -137,7 +150,7 @@ def resolve_targets(trt: ModuleType, flavour: str, option: Any, precision: str) 
                           f"{', '.join(f'SM{sm}' for sm in supported)}")
     too_old = [sm for sm in wanted if sm < floor]
     if too_old:
-        raise ConfigError(f"precision {precision} needs SM{floor} or newer; SM{too_old[0]} was asked for")
+        raise ConfigError(f"precision {limiting} needs SM{floor} or newer; SM{too_old[0]} was asked for")
     return [f"SM{sm}" for sm in wanted]
 
 
@@ -190,9 +203,8 @@ def build_plan(model_bytes: bytes, ctx: BuildContext, options: dict[str, Any], p
     config.builder_optimization_level = level
     if int(options["workspace_mib"]) > 0:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options["workspace_mib"]) << 20)
-    precision = ctx.config.precision
-    compute = options["quantized_fallback"] if precision in ("int8", "int8-weight", "fp8") else precision
-    targets = resolve_targets(trt, flavour, options["compute_capabilities"], compute)
+    targets = resolve_targets(trt, flavour, options["compute_capabilities"], ctx.config.precision,
+                              options["quantized_fallback"] if ctx.config.precision in QUANTIZED else None)
     if targets:
         config.num_compute_capabilities = len(targets)
         for i, target in enumerate(targets):
@@ -338,7 +350,7 @@ class TensorRTEngine(Engine):
 @register_backend
 class TensorRTBackend(Backend):
     name: ClassVar[str] = "tensorrt"
-    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "bf16", "int8", "int8-weight"})
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "bf16", "int8", "int8-weight", "fp8"})
     options: ClassVar[dict[str, Any]] = {
         "optimization_level": 3,
         "compute_capabilities": "auto",
@@ -359,9 +371,15 @@ class TensorRTBackend(Backend):
         return True, ""
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
+        """The options over their defaults; raises `ConfigError` for a bad value, and for
+        targets too old for the precision (fp8 needs SM89+) before anything is built."""
         options = super().resolve_options(config)
         if options["quantized_fallback"] not in ("fp16", "bf16", "fp32"):
             raise ConfigError(f"backend option quantized_fallback must be fp16, bf16 or fp32; got {options['quantized_fallback']!r}")
+        found = library()
+        if found is not None:
+            resolve_targets(*found, options["compute_capabilities"], config.precision,
+                            options["quantized_fallback"] if config.precision in QUANTIZED else None)
         return options
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:

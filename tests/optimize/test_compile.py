@@ -134,6 +134,14 @@ def test_unsupported_precision_for_backend_is_a_config_error(tmp_path: Path):
                          optimize.CompileConfig(backend="onnxruntime", precision="bf16"))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "triton"])
+def test_fp8_on_a_backend_without_it_says_it_needs_tensorrt_on_sm89(tmp_path: Path, backend: str):
+    with pytest.raises(ConfigError, match=r"got 'fp8': fp8 \(E4M3\) needs backend tensorrt and an SM89\+ GPU") as info:
+        optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
+                         optimize.CompileConfig(backend=backend, precision="fp8"))
+    assert "\n" not in str(info.value) and not (tmp_path / "e").exists()
+
+
 def test_compile_refuses_to_overwrite_a_non_engine_directory(tmp_path: Path):
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(ConfigError, match="not an engine directory"):

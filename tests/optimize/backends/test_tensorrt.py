@@ -3,7 +3,6 @@ machine (ahead of time: no GPU needed to build); running them is tested where a 
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,15 @@ SENTENCES = ["A man is playing a guitar.", "Someone is strumming a guitar.", "Th
 
 
 @pytest.fixture(scope="module")
-def fp16_engine(tmp_path_factory, minilm_model_dir: Path) -> tuple[Path, float]:
-    """A MiniLM fp16 engine (fp32 islands) with dynamic batch 1..4 × seq 1..32; build seconds."""
+def fp16_engine(tmp_path_factory, minilm_model_dir: Path) -> Path:
+    """A MiniLM fp16 engine (fp32 islands) with dynamic batch 1..4 × seq 1..32."""
     out = tmp_path_factory.mktemp("trt") / "minilm" / "1"
-    t0 = time.perf_counter()
     optimize.compile(minilm_model_dir, out, optimize.CompileConfig(precision="fp16", **CONFIG), name="minilm")
-    return out, time.perf_counter() - t0
+    return out
 
 
 def test_minilm_fp16_engine_builds_with_dynamic_profiles_and_fp32_islands(fp16_engine):
-    path, seconds = fp16_engine
+    path = fp16_engine
     manifest = json.loads((path / "manifest.json").read_text())
     record = manifest["build"]["tensorrt"]
     assert record["library"] in ("tensorrt", "tensorrt_rtx") and record["plan_bytes"] > 10 << 20
@@ -48,12 +46,11 @@ def test_minilm_fp16_engine_builds_with_dynamic_profiles_and_fp32_islands(fp16_e
     assert passes["onnx_attention"]["matches"]["scales_folded"] == 12
     assert passes["onnx_mixed_precision"]["matches"]["low_precision_nodes"] > 100
     assert "onnx_ort_fusions" not in passes, "contrib ops are for ONNX Runtime only"
-    assert seconds < 120, f"the CI build took {seconds:.0f}s"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the ahead-of-time path of a machine without a GPU")
 def test_without_a_gpu_verification_is_skipped_with_the_reason_recorded(fp16_engine):
-    path, _ = fp16_engine
+    path = fp16_engine
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["accuracy"]["skipped"].startswith("not verified: no CUDA GPU on this machine")
     check = manifest["build"]["tensorrt"]["prepared_onnx_check"]
@@ -72,7 +69,7 @@ def test_compile_returns_an_engine_that_explains_it_cannot_run_here(tmp_path, mi
 
 
 def test_loading_an_engine_built_by_another_tensorrt_version_names_both(fp16_engine, tmp_path):
-    path, _ = fp16_engine
+    path = fp16_engine
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -96,12 +93,54 @@ def test_int8_engine_builds_from_explicit_qdq_with_fp16_elsewhere(tmp_path, mini
     assert engine.manifest.build["tensorrt"]["plan_bytes"] < 60 << 20
 
 
+def test_fp8_engine_builds_from_e4m3_qdq_for_sm89_and_newer(tmp_path, minilm_model_dir):
+    config = optimize.CompileConfig(backend="tensorrt", precision="fp8", max_batch=4, max_seq=64)
+    engine = optimize.compile(minilm_model_dir, tmp_path / "fp8", config)
+    manifest = json.loads((tmp_path / "fp8" / "manifest.json").read_text())
+    record = manifest["build"]["tensorrt"]
+    assert manifest["config"]["precision"] == "fp8"
+    assert (tmp_path / "fp8" / "engine.plan").stat().st_size == record["plan_bytes"] > 10 << 20
+    targets = record["compute_capabilities"]
+    if record["library"] == "tensorrt_rtx" and not torch.cuda.is_available():
+        assert targets and all(int(t[2:]) >= 89 for t in targets) and "SM89" in targets, targets
+    passes = {p["pass"]: p for p in engine.manifest.passes}
+    assert passes["onnx_quantize"]["matches"]["matmuls_quantized"] == 36
+    assert passes["onnx_quantize"]["matches"]["quantize_nodes"] == 24
+    assert passes["onnx_mixed_precision"]["matches"]["low_precision_nodes"] > 100, "unquantized ops run in fp16"
+    quantization = manifest["build"]["quantization"]
+    assert quantization["mode"] == "fp8" and quantization["format"] == "FLOAT8E4M3FN"
+    if "prepared_onnx_check" in record:  # no GPU: ONNX Runtime ran the fp8 Q/DQ graph TensorRT built from
+        assert record["prepared_onnx_check"]["min_cosine"] >= config.tolerance.min_cosine  # 0.997 measured
+
+
+def test_fp8_for_sm80_is_refused_before_anything_is_built(tmp_path, minilm_model_dir, monkeypatch):
+    if trt_backend.library()[1] != "tensorrt_rtx":
+        pytest.skip("compute capabilities are a TensorRT-RTX build option")
+    import optimize.compiler
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the model was captured before the targets were checked")
+
+    monkeypatch.setattr(optimize.compiler, "capture", no_capture)
+    config = optimize.CompileConfig(backend="tensorrt", precision="fp8", max_batch=4, max_seq=64,
+                                    backend_options={"compute_capabilities": ["sm80"]})
+    with pytest.raises(ConfigError, match="^precision fp8 needs SM89 or newer; SM80 was asked for$"):
+        optimize.compile(minilm_model_dir, tmp_path / "fp8", config)
+    assert not (tmp_path / "fp8").exists()
+
+
 def test_targets_follow_precision_and_library_support():
     trt, flavour = trt_backend.library()
     if flavour != "tensorrt_rtx":
         pytest.skip("compute capabilities are a TensorRT-RTX build option")
     if not torch.cuda.is_available():
         assert "SM75" not in trt_backend.resolve_targets(trt, flavour, "auto", "bf16"), "bf16 needs SM80+"
+        fp8 = trt_backend.resolve_targets(trt, flavour, "auto", "fp8", "fp16")
+        assert fp8 and all(int(t[2:]) >= 89 for t in fp8), "fp8 needs SM89+ whatever the fallback type"
+    with pytest.raises(ConfigError, match="precision fp8 needs SM89 or newer; SM86"):
+        trt_backend.resolve_targets(trt, flavour, ["sm89", "sm86"], "fp8", "fp32")
+    with pytest.raises(ConfigError, match="precision bf16 needs SM80 or newer; SM75"):
+        trt_backend.resolve_targets(trt, flavour, ["sm75"], "int8", "bf16")
     assert trt_backend.resolve_targets(trt, flavour, ["sm89", "SM120"], "fp16") == ["SM89", "SM120"]
     with pytest.raises(ConfigError, match="cannot target SM90"):
         trt_backend.resolve_targets(trt, flavour, ["sm90"], "fp16")
@@ -119,7 +158,7 @@ def test_unknown_backend_option_is_a_config_error_naming_the_known_ones(tmp_path
 
 @pytest.mark.gpu
 def test_fp16_engine_matches_eager_on_real_sentences_on_cuda(fp16_engine, minilm_model_dir):
-    path, _ = fp16_engine
+    path = fp16_engine
     engine = optimize.load(path)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["accuracy"]["min_cosine"] >= manifest["accuracy"]["tolerance"]["min_cosine"]
@@ -136,7 +175,7 @@ def test_fp16_engine_matches_eager_on_real_sentences_on_cuda(fp16_engine, minilm
 
 @pytest.mark.gpu
 def test_every_shape_in_the_profile_runs_and_others_are_rejected(fp16_engine):
-    engine = optimize.load(fp16_engine[0])
+    engine = optimize.load(fp16_engine)
     for batch, seq in ((1, 1), (3, 17), (4, 32)):
         ids = torch.randint(1000, 2000, (batch, seq), device="cuda")
         out = engine.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -151,7 +190,7 @@ def test_runtime_cache_is_saved_next_to_the_plan(fp16_engine, tmp_path):
     if trt_backend.library()[1] != "tensorrt_rtx":
         pytest.skip("the runtime (JIT) cache is TensorRT-RTX's")
     copy = tmp_path / "engine"
-    shutil.copytree(fp16_engine[0], copy)
+    shutil.copytree(fp16_engine, copy)
     engine = optimize.load(copy)
     engine.run({"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)})
     assert (copy / "runtime.cache").stat().st_size > 0
@@ -160,7 +199,7 @@ def test_runtime_cache_is_saved_next_to_the_plan(fp16_engine, tmp_path):
 @pytest.mark.gpu
 def test_engine_for_another_gpu_is_refused_with_both_named(fp16_engine, tmp_path):
     copy = tmp_path / "engine"
-    shutil.copytree(fp16_engine[0], copy)
+    shutil.copytree(fp16_engine, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     major, minor = torch.cuda.get_device_capability()
     other = "SM75" if major * 10 + minor != 75 else "SM120"
