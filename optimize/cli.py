@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import TaskID, BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimize.config import CALIBRATION_METHODS, PRECISIONS, CompileConfig
+from optimize.config import CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
 from optimize.errors import OptimizeError
 
 console = Console(stderr=True)
@@ -116,10 +116,10 @@ def _auto_table(engine_dir: Path) -> Table | None:
     auto = Manifest.read(engine_dir).build.get("auto")
     if not auto:
         return None
-    shape = auto["shape"]
-    table = Table(title=f"backend auto: candidates at batch {shape['batch']} × seq {shape['seq']} ({auto['timing']})",
+    shapes = auto.get("shapes") or [f"{auto['shape']['batch']}x{auto['shape']['seq']}"]  # older manifests: one shape
+    table = Table(title=f"backend auto: candidates at batch × seq {', '.join(shapes)} ({auto['timing']})",
                   title_justify="left")
-    for column in ("candidate", "median", "max abs err", "min cosine", "result"):
+    for column in ("candidate", "median" if len(shapes) == 1 else "geomean", "max abs err", "min cosine", "result"):
         table.add_column(column)
     rows = sorted(auto["candidates"], key=lambda c: (c["median_ms"] is None, c["median_ms"] or 0.0))
     for c in rows:
@@ -137,7 +137,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import optimize
 
     passes = {name: False for name in args.disable_pass} | {name: True for name in args.enable_pass}
+    tolerance = None
+    if args.min_cosine is not None or args.max_abs_error is not None:
+        default = DEFAULT_TOLERANCES[args.precision]
+        tolerance = Tolerance(
+            max_abs_error=args.max_abs_error if args.max_abs_error is not None else default.max_abs_error,
+            min_cosine=args.min_cosine if args.min_cosine is not None else default.min_cosine,
+        )
     config = CompileConfig(
+        tolerance=tolerance,
+        opt_batch=args.opt_batch,
+        opt_seq=args.opt_seq,
         calibration=args.calibration,
         calibration_method=args.calibration_method,
         backend_options=dict(args.backend_option),
@@ -203,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts (default 32)")
     c.add_argument("--max-seq", type=int, default=256, help="longest sequence the engine accepts (default 256)")
     c.add_argument("--min-seq", type=int, default=1, help="shortest sequence the engine accepts (default 1)")
+    c.add_argument("--opt-batch", type=int, help="the batch size to optimize and time for (default min(8, max-batch))")
+    c.add_argument("--opt-seq", type=int, help="the sequence length to optimize and time for (default min(128, max-seq))")
+    c.add_argument("--min-cosine", type=float, metavar="C",
+                   help="accuracy guard: least cosine similarity to fp32 eager (default: the precision's)")
+    c.add_argument("--max-abs-error", type=float, metavar="E",
+                   help="accuracy guard: largest absolute difference from fp32 eager (default: the precision's)")
     c.add_argument("--name", help="model name recorded in the manifest (default: the source's name)")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="turn a graph pass off (repeatable)")
@@ -213,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: .txt (one text per line), .jsonl ({'text': ...}) or .safetensors "
                         "(default: built-in sentences for text models)")
     c.add_argument("--calibration-method", default="percentile", choices=CALIBRATION_METHODS,
-                   help="int8 activation calibration (default percentile)")
+                   help="int8 and fp8 activation calibration (default percentile; fp8 takes minmax or percentile)")
     c.add_argument("--backend-option", action="append", default=[], type=_backend_option, metavar="KEY=VALUE",
                    help="a backend-specific setting, VALUE parsed as JSON when it is JSON (repeatable), "
                         "e.g. optimization_level=5, compute_capabilities='[\"sm89\"]'")

@@ -48,6 +48,20 @@ class BuildContext:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16), read from
+    /proc/cpuinfo; False where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 class Backend(ABC):
     """Builds an engine payload from a captured program and loads engines of its kind."""
 
@@ -68,6 +82,15 @@ class Backend(ABC):
         """(True, "") when engines of this backend can run on this machine, else (False, the
         reason). A backend that cannot still builds (ahead of time), unverified, and says why."""
         return True, ""
+
+    def native_precisions(self) -> frozenset[str]:
+        """The precisions this backend computes natively on this machine; `--backend auto`
+        tries only these, since an emulated fp16 or bf16 is slower than fp32, not faster. Every
+        precision with a CUDA GPU; without one, bf16 only on CPUs with bf16 dot products."""
+        if torch.cuda.is_available():
+            return self.precisions
+        reduced = {"fp16", "bf16"} - ({"bf16"} if cpu_has_native_bf16() else set())
+        return self.precisions - reduced
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         """`config.backend_options` over this backend's defaults; raises `ConfigError` naming

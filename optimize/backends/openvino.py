@@ -3,9 +3,11 @@
 The shape ranges of the TensorSpecs become the model's bounded dynamic dims. Quantization goes
 through NNCF: `int8-weight` compresses the weights to int8 (activations stay float), `int8` is
 NNCF's post-training quantization with the transformer preset, calibrated on the same real
-samples as every other backend (`optimize.samples`). Inference precision is pinned to f32
-(OpenVINO would otherwise choose bf16 by itself on some CPUs), so only fp32 and the int8 modes
-are offered. Payload: `model.xml` + `model.bin`.
+samples as every other backend (`optimize.samples`). Inference precision is pinned to what the
+manifest says: f32 for fp32 and the int8 modes (OpenVINO would otherwise choose bf16 by itself
+on CPUs that have it), bf16 for `bf16` — offered only on CPUs with native bf16 dot products
+(AVX512_BF16 or AMX), where it halves the cost of every MatMul; elsewhere OpenVINO would
+emulate it. Payload: `model.xml` + `model.bin`.
 
 Options (`CompileConfig.backend_options`):
 - `hint` ("latency" default | "throughput"): OpenVINO's performance hint;
@@ -24,7 +26,7 @@ import torch
 from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
-from optimize.backends.base import Backend, BuildContext
+from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
 from optimize.config import CompileConfig
 from optimize.engine import Engine
 from optimize.errors import ConfigError, EngineError
@@ -45,11 +47,12 @@ def _openvino() -> Any:
     return openvino
 
 
-def _config(options: dict[str, Any]) -> dict[str, Any]:
-    # OpenVINO 2026.4 picks bf16 inference precision on its own on this CI CPU (Zen 3):
-    # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs); f32 is pinned, so an engine
-    # computes in the precision its manifest says.
-    config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]], "INFERENCE_PRECISION_HINT": "f32"}
+def _config(options: dict[str, Any], precision: str) -> dict[str, Any]:
+    # OpenVINO 2026.4 picks bf16 inference precision on its own on CPUs with AVX512_BF16:
+    # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs). The precision is pinned, so an
+    # engine computes in the precision its manifest says.
+    config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]],
+                              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if int(options["threads"]) > 0:
         config["INFERENCE_NUM_THREADS"] = int(options["threads"])
     if options["device"] == "CPU":
@@ -59,6 +62,19 @@ def _config(options: dict[str, Any]) -> dict[str, Any]:
         # or without bounded dims; with the cache off every shape is exact.
         config["CPU_RUNTIME_CACHE_CAPACITY"] = 0
     return config
+
+
+def native_bf16(device: str = "CPU") -> bool:
+    """Whether OpenVINO runs bf16 natively on `device`: it must list BF16 among the device's
+    optimization capabilities, and a CPU must have bf16 dot products (AVX512_BF16 or AMX)."""
+    if device == "CPU" and not cpu_has_native_bf16():
+        return False
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # not installed, or an unknown device or property: assume not
+        return False
 
 
 class OpenVINOEngine(Engine):
@@ -74,7 +90,8 @@ class OpenVINOEngine(Engine):
             raise EngineError(f"OpenVINO device {options['device']} is not available here; "
                               f"available: {', '.join(core.available_devices)}")
         try:
-            self._compiled = core.compile_model(str(path / MODEL_FILE), options["device"], _config(options))
+            self._compiled = core.compile_model(str(path / MODEL_FILE), options["device"],
+                                                _config(options, manifest.config.precision))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
             raise EngineError(f"OpenVINO cannot open {path / MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
         self._request = self._compiled.create_infer_request()
@@ -92,7 +109,7 @@ class OpenVINOEngine(Engine):
 @register_backend
 class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
-    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "int8", "int8-weight"})
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "int8", "int8-weight"})
     options: ClassVar[dict[str, Any]] = {"hint": "latency", "threads": 0, "device": "CPU"}
 
     def capture_precision(self, precision: str) -> str:
@@ -107,8 +124,14 @@ class OpenVINOBackend(Backend):
             return False, "OpenVINO has no CPU device here"
         return True, ""
 
+    def native_precisions(self) -> frozenset[str]:
+        return self.precisions if native_bf16() else self.precisions - {"bf16"}
+
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         options = super().resolve_options(config)
+        if config.precision == "bf16" and options["device"] == "CPU" and not native_bf16():
+            raise ConfigError("backend 'openvino' offers bf16 only on CPUs with native bf16 (AVX512_BF16 or AMX); "
+                              "this one would emulate it, slower than fp32")
         if options["hint"] not in HINTS:
             raise ConfigError(f"backend option hint must be one of {', '.join(HINTS)}; got {options['hint']!r}")
         return options

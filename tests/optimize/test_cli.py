@@ -41,7 +41,7 @@ def test_compile_bad_source_exits_nonzero_with_one_line(tmp_path: Path, make_sou
 def test_compile_then_info_on_a_factory(tmp_path: Path):
     out = tmp_path / "engine"
     result = run_cli("compile", "tests.optimize.factories:tiny_mlp", "-o", str(out), "--backend", "eager",
-                     "--max-batch", "4")
+                     "--max-batch", "4", "--opt-batch", "2", "--min-cosine", "0.99999")
     assert result.returncode == 0, result.stderr
     assert "✓ verify" in result.stderr
     assert "accuracy vs fp32 eager" in result.stdout and "[batch, 16]" in result.stdout
@@ -49,6 +49,20 @@ def test_compile_then_info_on_a_factory(tmp_path: Path):
     assert info.returncode == 0
     manifest = json.loads(info.stdout)
     assert manifest["backend"] == "eager" and manifest["config"]["max_batch"] == 4
+    assert manifest["config"]["opt_batch"] == 2
+    # --min-cosine replaces the precision's cosine guard and keeps its error bound
+    assert manifest["config"]["tolerance"] == {"max_abs_error": 1e-3, "min_cosine": 0.99999}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--min-cosine", "1.5"], "min_cosine must lie in (0, 1]; got 1.5"),
+    (["--max-abs-error", "-1"], "max_abs_error must not be negative; got -1.0"),
+    (["--opt-batch", "64"], "opt_batch must lie in [1, 32]; got 64"),
+], ids=["cosine", "error", "opt-batch"])
+def test_compile_rejects_a_bad_guard_or_shape_in_one_line(tmp_path: Path, args: list[str], fragment: str):
+    result = run_cli("compile", "tests.optimize.factories:tiny_mlp", "-o", str(tmp_path / "e"), *args)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"error: {fragment}"], result.stderr
 
 
 def test_info_on_a_non_engine_directory_is_one_line(tmp_path: Path):

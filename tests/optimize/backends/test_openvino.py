@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import optimize
+from optimize.backends.openvino import native_bf16
 from optimize.errors import ConfigError
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'kiln[cpu-engines]')")
@@ -42,3 +43,24 @@ def test_unknown_hint_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="hint must be one of latency, throughput"):
         optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
                          optimize.CompileConfig(backend="openvino", backend_options={"hint": "fastest"}))
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (AVX512_BF16 or AMX)")
+def test_bf16_engine_really_computes_in_bf16_and_keeps_minilm_close(tmp_path: Path, minilm_model_dir: Path):
+    config = optimize.CompileConfig(backend="openvino", precision="bf16", max_batch=4, max_seq=32)
+    engine = optimize.compile(minilm_model_dir, tmp_path / "ovbf16", config)
+    assert engine._compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+    accuracy = engine.manifest.accuracy
+    # bf16 rounding is visible (an fp32 engine is within 1e-5) yet the embeddings stay fp32-close
+    assert 1e-3 < accuracy["samples"]["max_abs_error"] < 0.2
+    assert accuracy["samples"]["min_cosine"] > 0.9995
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import optimize.backends.openvino as backend
+
+    monkeypatch.setattr(backend, "native_bf16", lambda device="CPU": False)
+    assert "bf16" not in backend.OpenVINOBackend().native_precisions()
+    with pytest.raises(ConfigError, match="bf16 only on CPUs with native bf16"):
+        optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
+                         optimize.CompileConfig(backend="openvino", precision="bf16"))
