@@ -1,6 +1,6 @@
-"""Shared by the GPU benchmark suites (bench/kernels, bench/models): collection of
-`bench_*.py` files (so the test run never collects them), a clean skip without a GPU, and the
-machine description every result JSON carries."""
+"""Shared by the benchmark suites: collection of `bench_*.py` files (so the test run never
+collects them), a clean skip of the GPU suites (bench/kernels, bench/models: marked `gpu`)
+without a GPU, and the machine description every result JSON carries."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="GPU benchmarks need a CUDA GPU (and TRITON_INTERPRET unset)")
     for item in items:
-        if Path(item.fspath).name.startswith("bench_"):
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
@@ -40,6 +40,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["python"] = platform.python_version()
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton.__version__
+    machine_info["cpu_count"] = os.cpu_count()
     if CAN_RUN:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         machine_info["gpu"] = props.name

