@@ -172,6 +172,12 @@ def latency_report(client, requests: int, concurrency: int) -> Table:  # type: i
     return table
 
 
+def _dims(shape: list[str]) -> str:
+    """A metadata shape as [-1, 1]: the protobuf-to-JSON conversion tritonclient uses writes
+    int64 dims as strings (['-1', '1'])."""
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./kiln demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, default=Path("engines"), help="model repository (default: engines/)")
@@ -195,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(client, server, log)
         meta = client.get_model_metadata(MODEL, as_json=True)
         console.print(f"server ready on 127.0.0.1:{port}; model [bold]{meta['name']}[/] inputs "
-                      + ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in meta["inputs"]), highlight=False)
+                      + ", ".join(f"{t['name']} {t['datatype']} {_dims(t['shape'])}" for t in meta["inputs"]),
+                      highlight=False)
 
         console.rule("[bold]3. query")
         for i, s in enumerate(SENTENCES):
