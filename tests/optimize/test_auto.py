@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import optimize
 from optimize.auto import candidates, judged_accuracy, timing_shapes
@@ -15,6 +16,8 @@ def test_candidates_follow_the_precision_asked_for():
     fp32 = {(c.backend, c.precision) for c in candidates(optimize.CompileConfig(backend="auto"))}
     assert ("eager", "fp32") in fp32 and ("onnxruntime", "fp32") in fp32
     assert all(p == "fp32" for _, p in fp32), "an fp32 request admits fp32 engines only"
+    if not torch.cuda.is_available():
+        assert not any(b == "triton" for b, _ in fp32), "Triton kernels run as references on a CPU: never tried"
     int8 = {(c.backend, c.precision) for c in candidates(optimize.CompileConfig(backend="auto", precision="int8"))}
     assert {("onnxruntime", "int8"), ("onnxruntime", "int8-weight"), ("onnxruntime", "fp32")} <= int8
     assert not any(p == "fp16" for _, p in int8), "a CPU only emulates fp16: slower, never a candidate"
