@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -116,22 +117,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def summarize(collected: Collected, baseline: str) -> dict[str, Any]:
     """Medians, ratios against the baseline and the issue's targets, from the gathered times."""
     from bench.engines.targets import evaluate
 
     rows = {}
-    base = _median(collected.times[baseline])
+    base = statistics.median(collected.times[baseline])
     for label, times in collected.times.items():
-        median = _median(times)
+        median = statistics.median(times)
         rows[label] = {**collected.info.get(label, {}), "median_ms": round(median, 2),
-                       "p90_ms": round(sorted(times)[int(0.9 * (len(times) - 1))], 2), "runs": len(times),
+                       "p90_ms": round(statistics.quantiles(times, n=10, method="inclusive")[-1], 2), "runs": len(times),
                        "speedup_vs_baseline": round(base / median, 3)}
     import onnxruntime
     import torch
