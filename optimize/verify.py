@@ -27,6 +27,18 @@ class AccuracyReport:
     per_output: dict[str, dict[str, float]] = field(default_factory=dict)
     worst: str = ""
 
+    def add(self, stats: dict[str, dict[str, float]], where: str) -> None:
+        """Fold one comparison (per output, as `compare` returns) into the report; `where`
+        names the inputs it was made on, for `worst`."""
+        for name, entry in stats.items():
+            seen = self.per_output.setdefault(name, {"max_abs_error": 0.0, "min_cosine": 1.0})
+            seen["max_abs_error"] = max(seen["max_abs_error"], entry["max_abs_error"])
+            seen["min_cosine"] = min(seen["min_cosine"], entry["min_cosine"])
+            if entry["max_abs_error"] > self.max_abs_error or entry["min_cosine"] < self.min_cosine:
+                self.worst = f"output '{name}' {where}"
+            self.max_abs_error = max(self.max_abs_error, entry["max_abs_error"])
+            self.min_cosine = min(self.min_cosine, entry["min_cosine"])
+
     def within(self, max_abs_error: float, min_cosine: float) -> bool:
         return self.max_abs_error <= max_abs_error and self.min_cosine >= min_cosine
 
@@ -99,14 +111,7 @@ def verify(
             expected = reference(**feeds)
         got = run(feeds)
         report.shapes.append(sizes)
-        for name, stats in compare_real_tokens(feeds, expected, got).items():
-            seen = report.per_output.setdefault(name, {"max_abs_error": 0.0, "min_cosine": 1.0})
-            seen["max_abs_error"] = max(seen["max_abs_error"], stats["max_abs_error"])
-            seen["min_cosine"] = min(seen["min_cosine"], stats["min_cosine"])
-            if stats["max_abs_error"] > report.max_abs_error or stats["min_cosine"] < report.min_cosine:
-                report.worst = f"output '{name}' at {sizes}"
-            report.max_abs_error = max(report.max_abs_error, stats["max_abs_error"])
-            report.min_cosine = min(report.min_cosine, stats["min_cosine"])
+        report.add(compare_real_tokens(feeds, expected, got), f"at {sizes}")
     return report
 
 
@@ -164,14 +169,7 @@ def verify_batches(
             expected = reference(**feeds)
         got = run(feeds)
         report.shapes.append(sizes)
-        for name, stats in compare_real_tokens(feeds, expected, got).items():
-            seen = report.per_output.setdefault(name, {"max_abs_error": 0.0, "min_cosine": 1.0})
-            seen["max_abs_error"] = max(seen["max_abs_error"], stats["max_abs_error"])
-            seen["min_cosine"] = min(seen["min_cosine"], stats["min_cosine"])
-            if stats["max_abs_error"] > report.max_abs_error or stats["min_cosine"] < report.min_cosine:
-                report.worst = f"output '{name}' on sample batch {sizes}"
-            report.max_abs_error = max(report.max_abs_error, stats["max_abs_error"])
-            report.min_cosine = min(report.min_cosine, stats["min_cosine"])
+        report.add(compare_real_tokens(feeds, expected, got), f"on sample batch {sizes}")
     return report
 
 

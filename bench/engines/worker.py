@@ -39,14 +39,14 @@ def dense_inputs(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]
 def transformers_runner(model_dir: Path) -> Callable[[dict[str, torch.Tensor]], object]:
     import transformers
 
+    from optimize.sources.hf import pool
+
     model = transformers.AutoModel.from_pretrained(model_dir).eval()
 
     def run(feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
             hidden = model(**feeds).last_hidden_state
-            weights = feeds["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=1)
+            return pool(hidden, feeds["attention_mask"], "mean", normalize=True)
 
     return run
 

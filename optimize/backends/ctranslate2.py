@@ -26,6 +26,7 @@ from optimize.backends.base import Backend, BuildContext
 from optimize.engine import Engine
 from optimize.errors import ConfigError, EngineError
 from optimize.manifest import Manifest
+from optimize.sources.hf import pool
 
 MODEL_DIR = "ctranslate2"
 COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32"}
@@ -64,16 +65,7 @@ class CTranslate2Engine(Engine):
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
         results = {"last_hidden_state": hidden}
         if "sentence_embedding" in self._outputs:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            if self._pooling == "mean":
-                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-            elif self._pooling == "max":
-                pooled = hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
-            else:
-                pooled = hidden[:, 0]
-            if self._normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-            results["sentence_embedding"] = pooled
+            results["sentence_embedding"] = pool(hidden, mask, self._pooling or "cls", self._normalize)
         return {name: results[name] for name in self._outputs}
 
 

@@ -62,19 +62,24 @@ class SentenceEncoder(torch.nn.Module):
         out = {"last_hidden_state": hidden.float()}
         if self.pooling is None:
             return out
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "mean":
-            # clamp: an all-padding row pools to zeros instead of NaN
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        elif self.pooling == "max":
-            pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
-        else:
-            pooled = hidden[:, 0]
-        pooled = pooled.float()
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-        out["sentence_embedding"] = pooled
+        out["sentence_embedding"] = pool(hidden, attention_mask, self.pooling, self.normalize)
         return out
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """sentence-transformers pooling of [batch, seq, hidden] token states over the real tokens
+    (`attention_mask` 1): "mean", "max" or "cls" (the first token); fp32, L2-normalized when
+    `normalize`. Engines that cannot compile the pooling into their graph apply it with this."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "mean":
+        # clamp: an all-padding row pools to zeros instead of NaN
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    elif pooling == "max":
+        pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+    else:
+        pooled = hidden[:, 0]
+    pooled = pooled.float()
+    return torch.nn.functional.normalize(pooled, p=2.0, dim=1) if normalize else pooled
 
 
 def load_hf_directory(path: Path, config: CompileConfig) -> Source:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from server import Model, ModelConfig, Repository, ServerConfig, create_server
@@ -86,6 +87,18 @@ def running_server(repository: Repository | Path, loader: Any = None, **options:
         thread.join(timeout=STOP_TIMEOUT_S)
         if not thread.is_alive():
             loop.close()
+
+
+def int64_inputs(feeds: dict[str, Any]) -> list[Any]:
+    """tritonclient INT64 inputs carrying `feeds` (name → int array), in order."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, array in feeds.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(np.asarray(array, dtype=np.int64))
+        inputs.append(tensor)
+    return inputs
 
 
 def fake_repository(engine: FakeEngine, name: str = "fake", **config: Any) -> Repository:

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 import optimize
-from tests.server.conftest import RunningServer, make_repository, running_server
+from tests.server.conftest import RunningServer, int64_inputs, make_repository, running_server
 
 VOCAB = 30522
 RPC_TIMEOUT_S = 60.0
@@ -51,12 +51,7 @@ def token_batch(rng: np.random.Generator, batch: int, seq: int) -> dict[str, np.
 
 
 def infer(client: grpcclient.InferenceServerClient, feeds: dict[str, np.ndarray]) -> grpcclient.InferResult:
-    inputs = []
-    for name, array in feeds.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return client.infer("minilm", inputs, client_timeout=RPC_TIMEOUT_S)
+    return client.infer("minilm", int64_inputs(feeds), client_timeout=RPC_TIMEOUT_S)
 
 
 def test_server_describes_the_engine(minilm_server: RunningServer):

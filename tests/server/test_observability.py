@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from server.logs import JsonFormatter
-from tests.server.conftest import fake_repository, running_server
+from tests.server.conftest import fake_repository, int64_inputs, running_server
 from tests.server.fakes import FakeEngine
 
 RPC_TIMEOUT_S = 20.0
@@ -24,12 +24,7 @@ RPC_TIMEOUT_S = 20.0
 
 def tokens(batch: int = 1, seq: int = 6) -> list[grpcclient.InferInput]:
     ids = np.arange(batch * seq, dtype=np.int64).reshape(batch, seq) % 100
-    inputs = []
-    for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return int64_inputs({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import optimize
 from server.layout import Packed
 from tests.optimize.hf_random import TINY_BERT, hf_dir
-from tests.server.conftest import RunningServer, make_repository, running_server
+from tests.server.conftest import RunningServer, int64_inputs, make_repository, running_server
 
 pytest.importorskip("kernels")
 
@@ -48,12 +48,7 @@ def request(rng: np.random.Generator, rows: int, seq: int) -> dict[str, np.ndarr
 
 
 def infer(client: grpcclient.InferenceServerClient, feeds: dict[str, np.ndarray]) -> grpcclient.InferResult:
-    inputs = []
-    for name, array in feeds.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return client.infer("bert", inputs, client_timeout=60.0)
+    return client.infer("bert", int64_inputs(feeds), client_timeout=60.0)
 
 
 def test_server_batches_mixed_lengths_packed_and_answers_each_as_the_engine_alone(packed_server: RunningServer,

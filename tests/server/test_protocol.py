@@ -19,19 +19,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from optimize.errors import EngineError
-from tests.server.conftest import RunningServer, fake_repository, running_server
+from tests.server.conftest import RunningServer, fake_repository, int64_inputs, running_server
 from tests.server.fakes import EchoEngine, FakeEngine, FakeTextEngine, expected_features, token_manifest
 
 RPC_TIMEOUT_S = 20.0
 
 
 def token_inputs(ids: np.ndarray) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return int64_inputs({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 
 def ids(batch: int = 1, seq: int = 6, start: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server.conftest import RunningServer, fake_repository, running_server
+from tests.server.conftest import RunningServer, fake_repository, int64_inputs, running_server
 from tests.server.fakes import FakeEngine
 
 TOKEN = "s3cret-token"
@@ -40,12 +40,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def tokens() -> list[grpcclient.InferInput]:
     ids = np.arange(6, dtype=np.int64).reshape(1, 6)
-    inputs = []
-    for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return int64_inputs({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 
 @pytest.fixture
