@@ -2,7 +2,7 @@
 
 1. gRPC stubs: `build_py` generates the KServe v2 Python stubs from `protos/*.proto` into
    `server/proto/` (git-ignored) with grpcio-tools, before the package files are collected.
-2. CUDA extension: `kernels._C` from csrc/, when nvcc is present (see the section below).
+2. CUDA extension: `kiln_kernels._C` from csrc/, when nvcc is present (see the section below).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class BuildPyWithStubs(build_py):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA extension `kernels._C` from csrc/ (see csrc/build.py): built when nvcc is present,
+# CUDA extension `kiln_kernels._C` from csrc/ (see csrc/build.py): built when nvcc is present,
 # skipped with one message otherwise, so CPU-only installs are unaffected.
 def _load_cuda_build():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("_kiln_cuda_build", ROOT / "csrc" / "build.py")

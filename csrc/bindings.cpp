@@ -1,4 +1,4 @@
-// pybind11 bindings of kiln's CUDA kernels (module `kernels._C`).
+// pybind11 bindings of kiln's CUDA kernels (module `kiln_kernels._C`).
 //
 // The functions take raw device pointers (ints) and a stream handle rather than torch tensors:
 // the module then links against nothing but the statically linked CUDA runtime, builds without

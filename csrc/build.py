@@ -1,4 +1,4 @@
-"""Build support for the optional CUDA extension `kernels._C` (used by setup.py).
+"""Build support for the optional CUDA extension `kiln_kernels._C` (used by setup.py).
 
 The .cu files are compiled by nvcc into objects and linked with the pybind11 bindings and the
 *static* CUDA runtime, so the module has no libcudart dependency: it imports on machines with
@@ -66,10 +66,10 @@ def gencode_flags(archs: str) -> list[str]:
 
 
 def cuda_extension() -> Extension | None:
-    """The `kernels._C` extension when nvcc is available, else None (after saying so once)."""
+    """The `kiln_kernels._C` extension when nvcc is available, else None (after saying so once)."""
     nvcc = find_nvcc()
     if nvcc is None:
-        print("kiln: nvcc not found (or KILN_SKIP_CUDA=1): skipping the CUDA extension kernels._C; "
+        print("kiln: nvcc not found (or KILN_SKIP_CUDA=1): skipping the CUDA extension kiln_kernels._C; "
               "the Triton kernels and CPU references still work", file=sys.stderr)
         return None
     import pybind11
@@ -79,7 +79,7 @@ def cuda_extension() -> Extension | None:
                 if (p / "libcudart_static.a").exists()), home / "lib64")
     archs = os.environ.get("KILN_CUDA_ARCHS", DEFAULT_ARCHS)
     return Extension(
-        "kernels._C",
+        "kiln_kernels._C",
         sources=[str((CSRC / "bindings.cpp").relative_to(CSRC.parent))],
         include_dirs=[pybind11.get_include(), str(home / "include"), str(CSRC)],
         library_dirs=[str(lib)],
@@ -93,7 +93,7 @@ class BuildExtWithCuda(build_ext):
     """build_ext that first compiles the .cu kernels with nvcc and links their objects in."""
 
     def build_extension(self, ext: Extension) -> None:
-        if ext.name == "kernels._C":
+        if ext.name == "kiln_kernels._C":
             nvcc = find_nvcc()
             assert nvcc is not None
             archs = os.environ.get("KILN_CUDA_ARCHS", DEFAULT_ARCHS)

@@ -1,8 +1,8 @@
 """`--backend auto`: build every candidate engine this machine can run, keep the fastest one
 that passes the accuracy guard.
 
-On CPUs the best engine differs by model, shape and precision (FIELD_NOTES: ONNX Runtime,
-OpenVINO and CTranslate2 each win somewhere), so kiln measures instead of guessing:
+On CPUs the best engine differs by model, shape and precision (ONNX Runtime, OpenVINO and
+CTranslate2 each win somewhere: bench/results/), so kiln measures instead of guessing:
 
 1. candidates are the (backend, precision, options) combinations installed and runnable here
    whose precision is at least as accurate as the one asked for (asking for int8 admits fp32,
@@ -139,12 +139,10 @@ def timing_shapes(config: CompileConfig) -> list[tuple[int, int]]:
 def time_engine(path: Path, shapes: list[tuple[int, int]]) -> dict[str, float]:
     """Median milliseconds of one `run` at each (batch, seq) shape, keyed "BxS", measured in a
     fresh process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-m", "optimize.auto", "time", str(path)]
     for batch, seq in shapes:
         args += ["--shape", f"{batch}x{seq}"]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, check=False)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
         raise OptimizeError(f"timing failed: {lines[-1] if lines else 'exit ' + str(result.returncode)}")

@@ -17,7 +17,11 @@ from optimize.config import CompileConfig
 from optimize.errors import EngineError
 from optimize.specs import TensorSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Why each older format cannot be read, for the refusal message.
+_FORMAT_CHANGES = {
+    1: "its programs call kernel ops by their old names (torch.ops.kernels.*, now torch.ops.kiln.*)",
+}
 MANIFEST_FILE = "manifest.json"
 
 
@@ -75,9 +79,11 @@ class Manifest:
             raise EngineError(f"{path} is not valid JSON: {exc}") from None
         version = data.get("format_version")
         if version != FORMAT_VERSION:
+            why = _FORMAT_CHANGES.get(version, "")
             raise EngineError(
-                f"{path} has format_version {version!r}; this kiln reads format_version {FORMAT_VERSION} "
-                "(recompile the engine)"
+                f"{path} has format_version {version!r}; this kiln reads format_version {FORMAT_VERSION}"
+                + (f" ({why})" if why else "")
+                + "; recompile the engine with `python -m optimize compile`"
             )
         try:
             return cls(

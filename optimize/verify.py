@@ -177,7 +177,7 @@ def judge(random: AccuracyReport, samples: AccuracyReport | None, config: Compil
     """The manifest's accuracy entry and a failure message ("" when within tolerance).
 
     Quantized precisions are judged on real samples when there are any: random token ids make
-    activations no real input produces and exaggerate quantization error (FIELD_NOTES); their
+    activations no real input produces and exaggerate quantization error (optimize/samples.py); their
     random-input numbers are still recorded. Every other precision must pass on both.
     """
     from optimize.config import QUANTIZED_PRECISIONS

@@ -1,7 +1,7 @@
 """The dynamic batcher: requests in, batches out. A pure object — no asyncio, no sockets, no
 threads; time comes from an injected clock — so every rule is unit-tested with a fake clock.
 
-Rules (Triton's dynamic batcher, FIELD_NOTES "Triton's dynamic batcher"):
+Rules (those of Triton Inference Server's dynamic batcher):
 - A batch holds at most `max_batch_size` samples and never splits a request.
 - Only requests with equal batching keys join one batch. The key is the caller's business
   (`server.layout` makes it: exact shapes, a sequence-length bucket, or nothing but dtypes for

@@ -56,7 +56,7 @@ class Unimplemented(ServerError):
     """The RPC exists in the protocol but this server does not implement it."""
 
 
-# Triton answers these conditions with the same codes (FIELD_NOTES: server src/grpc/infer_handler.cc).
+# Triton answers these conditions with the same codes (its server's src/grpc/infer_handler.cc).
 _STATUS: dict[type[ServerError], grpc.StatusCode] = {
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

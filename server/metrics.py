@@ -1,5 +1,5 @@
 """Prometheus metrics over HTTP (`GET /metrics`), with Triton's `nv_inference_*` names and
-meanings (FIELD_NOTES "Metrics"; Triton's `docs/user_guide/metrics.md`), labels `model` and
+meanings (Triton's `docs/user_guide/metrics.md`), labels `model` and
 `version`, plus kiln's batch-size histogram.
 
 Triton's counters are exposed untyped, so their names are exactly Triton's (prometheus-client

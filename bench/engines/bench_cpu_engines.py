@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bench.engines.conftest import ROOT, Collected, Worker
+from bench.engines.harness import ROOT, Collected, Worker
 from bench.engines.targets import ENTRIES, Entry
 
 # Building the engines (the three `auto` ones above all) takes 10-20 minutes on 2 cores the

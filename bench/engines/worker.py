@@ -1,7 +1,7 @@
 """One engine in its own process, run on request: the timing side of the CPU engine comparison.
 
 Engines' thread pools slow one another down when two runtimes share a process on a small
-machine (FIELD_NOTES: eager measured up to 30% slower with another engine loaded), so the
+machine (eager was measured up to 30% slower with another engine loaded), so the
 benchmark starts one worker per engine and times a round trip: it writes `run` on the worker's
 stdin and waits for `ok`. The pipe adds tens of microseconds to runs of tens of milliseconds.
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import compiled, run_case
+from bench.kernels.harness import compiled, run_case
 
-from kernels.attention import attention_cost, attention_triton, attention_varlen_cost, attention_varlen_triton
+from kiln_kernels.attention import attention_cost, attention_triton, attention_varlen_cost, attention_varlen_triton
 
 TOKENS = 16384  # batch * seq fixed, as FlashAttention's benchmarks do
 HIDDEN = 2048  # heads * head_dim

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import compiled, run_case
+from bench.kernels.harness import compiled, run_case
 
-from kernels.bias_gelu import bias_gelu_cost, bias_gelu_triton
+from kiln_kernels.bias_gelu import bias_gelu_cost, bias_gelu_triton
 
 # (tokens, intermediate width): BERT-base and -large FFNs, a Llama-sized one
 SHAPES = [(8192, 3072), (8192, 4096), (4096, 11008)]

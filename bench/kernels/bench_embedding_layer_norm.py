@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import compiled, run_case
+from bench.kernels.harness import compiled, run_case
 
-from kernels.embedding_layer_norm import embedding_layer_norm_cost, embedding_layer_norm_triton
+from kiln_kernels.embedding_layer_norm import embedding_layer_norm_cost, embedding_layer_norm_triton
 
 # (batch, seq, hidden): MiniLM, BERT-base, BERT-large
 SHAPES = [(64, 128, 384), (32, 384, 768), (32, 512, 1024)]

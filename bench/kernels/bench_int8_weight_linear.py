@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import compiled, run_case
+from bench.kernels.harness import compiled, run_case
 
-from kernels.int8_weight_linear import int8_weight_linear_cost, int8_weight_linear_triton, quantize_int8_per_channel
+from kiln_kernels.int8_weight_linear import int8_weight_linear_cost, int8_weight_linear_triton, quantize_int8_per_channel
 
 # (N, K): Llama-7B attention projection, MLP up, MLP down; BERT-base FFN up
 LAYERS = [(4096, 4096), (11008, 4096), (4096, 11008), (3072, 768)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import compiled, row_op_target, run_case
+from bench.kernels.harness import compiled, row_op_target, run_case
 
-from kernels.layer_norm import layer_norm_cost, layer_norm_triton
+from kiln_kernels.layer_norm import layer_norm_cost, layer_norm_triton
 
 ROWS = 8192  # e.g. 64 sequences of 128 tokens
 WIDTHS = [384, 768, 1024, 4096, 8192, 16384, 32768]  # 32768: the looped wide-row path

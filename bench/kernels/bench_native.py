@@ -1,4 +1,4 @@
-"""CUDA C++ kernels (csrc/, `kernels_cuda::*`) against the Triton kernels, torch eager and
+"""CUDA C++ kernels (csrc/, `kiln_cuda::*`) against the Triton kernels, torch eager and
 torch.compile, side by side in the same run (issue 8)."""
 
 from __future__ import annotations
@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import compiled, row_op_target, run_case
+from bench.kernels.harness import compiled, row_op_target, run_case
 
-from kernels import Cost, native
-from kernels.layer_norm import layer_norm_cost, layer_norm_triton
-from kernels.softmax import softmax_cost, softmax_triton
+from kiln_kernels import Cost, native
+from kiln_kernels.layer_norm import layer_norm_cost, layer_norm_triton
+from kiln_kernels.softmax import softmax_cost, softmax_triton
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not native.available(), reason="kernels._C not built or no CUDA device visible to it"),
+    pytest.mark.skipif(not native.available(), reason="kiln_kernels._C not built or no CUDA device visible to it"),
 ]
 ROWS = 8192  # 64 sequences x 128 tokens
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import compiled, row_op_target, run_case
+from bench.kernels.harness import compiled, row_op_target, run_case
 
-from kernels.rms_norm import rms_norm_cost, rms_norm_triton
+from kiln_kernels.rms_norm import rms_norm_cost, rms_norm_triton
 
 ROWS = 8192
 WIDTHS = [768, 2048, 4096, 8192, 16384, 32768]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import compiled, run_case
+from bench.kernels.harness import compiled, run_case
 
-from kernels.rotary_embedding import rotary_cos_sin, rotary_embedding_cost, rotary_embedding_triton
+from kiln_kernels.rotary_embedding import rotary_cos_sin, rotary_embedding_cost, rotary_embedding_triton
 
 # (tokens, q heads, kv heads, head dim): Llama-2-7B (MHA), Llama-3-8B (GQA)
 SHAPES = [(8192, 32, 32, 128), (8192, 32, 8, 128), (1024, 32, 8, 128)]

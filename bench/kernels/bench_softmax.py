@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import compiled, row_op_target, run_case
+from bench.kernels.harness import compiled, row_op_target, run_case
 
-from kernels.softmax import softmax_cost, softmax_triton
+from kiln_kernels.softmax import softmax_cost, softmax_triton
 
 # (batch, heads, rows per head, row width): attention scores at BERT lengths, then wide rows
 SHAPES = [(32, 12, 384, 384), (16, 16, 512, 512), (4, 16, 64, 4096), (2, 16, 32, 8192),

@@ -10,19 +10,16 @@ never does) and skips them without a GPU.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # harness.py, ceilings.py
 
 
 @pytest.fixture(scope="session")
 def ceilings():
     """The device's measured copy bandwidth and bf16 matmul rate, once per session."""
-    from ceilings import measure_ceilings
+    from bench.kernels.ceilings import measure_ceilings
 
     return measure_ceilings(torch.cuda.current_device())
 
@@ -30,6 +27,6 @@ def ceilings():
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add the measured ceilings to the machine description (bench/conftest.py has the rest)."""
     if torch.cuda.is_available():
-        from ceilings import measure_ceilings
+        from bench.kernels.ceilings import measure_ceilings
 
         machine_info["ceilings"] = measure_ceilings(torch.cuda.current_device()).as_dict()

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ceilings import Ceilings, device_time_ms
-from kernels import Cost
+from bench.kernels.ceilings import Ceilings, device_time_ms
+from kiln_kernels import Cost
 
 __all__ = ["run_case", "compiled"]
 

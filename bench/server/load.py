@@ -241,7 +241,6 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "server", "--repository", str(repository), "--port", "0", "--no-metrics"],
                 cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

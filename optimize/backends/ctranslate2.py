@@ -1,8 +1,8 @@
 """Backend `ctranslate2`: CTranslate2's encoder, converted from the Hugging Face weights.
 
 CTranslate2 runs BERT-family encoders with its own kernels and skips padding (each sequence is
-computed at its own length), which makes it the fastest fp32 CPU engine at small batches in
-FIELD_NOTES. It converts from the model directory, not from the captured program, so it takes
+computed at its own length), which made it the fastest fp32 CPU engine at small batches in
+kiln's measurements (bench/results/). It converts from the model directory, not from the captured program, so it takes
 Hugging Face sources of the architectures its `TransformersConverter` knows. The sentence
 pooling and normalization kiln folds into the graph for other backends are applied here after
 the encoder, as the manifest's source records them.

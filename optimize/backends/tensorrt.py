@@ -11,7 +11,7 @@ of every `Dim`.
 Caches, persisted in the engine directory:
 - `timing.cache` (full TensorRT): kernel timings, seeded from the engine this build replaces,
   so a rebuild skips most autotuning. TensorRT-RTX's timing cache queries the GPU, so it is
-  left off where there is none (FIELD_NOTES).
+  left off where there is none (building with it fails there).
 - `runtime.cache` (TensorRT-RTX): kernels it compiles just in time on the first runs, loaded
   when the engine is opened and saved back when the directory is writable.
 

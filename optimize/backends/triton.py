@@ -1,8 +1,8 @@
 """Backend `triton`: the captured program rewritten by kiln's fusion passes to call kiln's kernels,
 stored as `program.pt2` (graph) + `weights.safetensors`, and run by PyTorch.
 
-Where it runs: on a GPU, the `torch.ops.kernels.*` ops launch the Triton kernels and
-`torch.ops.kernels_cuda.*` the CUDA C++ ones, and each distinct input shape is captured once as
+Where it runs: on a GPU, the `torch.ops.kiln.*` ops launch the Triton kernels and
+`torch.ops.kiln_cuda.*` the CUDA C++ ones, and each distinct input shape is captured once as
 a CUDA graph and replayed (one launch per batch instead of one per op); on CPU every op runs
 its plain-torch reference, so an engine built and verified on a machine without a GPU is the
 same program that runs on one.
@@ -48,8 +48,8 @@ _DEVICES = ("auto", "cuda", "cpu")
 def import_kernels() -> None:
     """Register kiln's custom ops; `torch.export.load` of a program that calls them fails
     without (the ops must exist before the graph is deserialized)."""
-    import kernels  # noqa: F401
-    import kernels.native  # noqa: F401
+    import kiln_kernels  # noqa: F401
+    import kiln_kernels.native  # noqa: F401
 
 
 def packed_mask_input(program: ExportedProgram) -> str | None:
@@ -57,7 +57,7 @@ def packed_mask_input(program: ExportedProgram) -> str | None:
     pass's `pack_indices` argument), or None when the program computes padding."""
     import_kernels()
     for node in program.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.kernels_cuda.pack_indices.default:
+        if node.op == "call_function" and node.target is torch.ops.kiln_cuda.pack_indices.default:
             source = node.args[0]
             while isinstance(source, torch.fx.Node) and source.op == "call_function":
                 source = source.args[0]  # through the contiguous() the pass inserts
@@ -121,11 +121,11 @@ class TritonEngine(Engine):
         options = {**TritonBackend.options, **manifest.config.backend_options}
         self.device = _device(options["device"])
         if self.device.type == "cuda" and self.accepts_packed:
-            from kernels.native import is_built
+            from kiln_kernels.native import is_built
 
             if not is_built():
                 raise EngineError(
-                    f"engine {path} packs tokens with kiln's CUDA extension (kernels._C), which is not built here: "
+                    f"engine {path} packs tokens with kiln's CUDA extension (kiln_kernels._C), which is not built here: "
                     "reinstall kiln with nvcc on PATH, or recompile with --disable-pass remove_padding")
         program = load_program(path)
         if self.device.type != "cpu":
@@ -191,7 +191,7 @@ class TritonBackend(Backend):
         import_kernels()
         ctx.record["kernels"] = dict(sorted(Counter(
             str(n.target).removesuffix(".default") for n in program.graph.nodes
-            if n.op == "call_function" and str(n.target).startswith(("kernels.", "kernels_cuda."))).items()))
+            if n.op == "call_function" and str(n.target).startswith(("kiln.", "kiln_cuda."))).items()))
         mask = packed_mask_input(program)
         packed = mask is not None and mask in {s.name for s in ctx.inputs}
         ctx.record[PACKED_BATCHES] = {"mask_input": mask} if packed else None

@@ -424,7 +424,7 @@ class Quantize(OnnxPass):
         source, target = ctx.workdir / "float.onnx", ctx.workdir / "quantized.onnx"
         onnx.save_model(model, str(source))
         # ORT ≥1.20 fails on graphs its optimizer touched unless told the default float type
-        # ("Unable to find data type for weight_name", FIELD_NOTES).
+        # ("Unable to find data type for weight_name").
         # Only MatMul inputs are quantized: an int8 output would add a second rounding per MatMul
         # (and on the FFN pre-GELU activations, a wide range) for no speed on these backends.
         extra: dict[str, object] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True,

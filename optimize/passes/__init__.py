@@ -39,7 +39,7 @@ PIPELINE: list[type[GraphPass]] = [
 PASSES: dict[str, type[GraphPass]] = {p.name: p for p in PIPELINE}
 # Passes every backend can take: they only remove or precompute aten nodes.
 GENERIC_PASSES = frozenset({"remove_dropout", "constant_folding", "dead_code"})
-# Passes whose result calls kiln kernels (torch.ops.kernels / kernels_cuda) or relies on their
+# Passes whose result calls kiln kernels (torch.ops.kiln / kernels_cuda) or relies on their
 # fp32 accumulation: only backends that execute those ops (`triton`) take them.
 KERNEL_PASSES = frozenset({"fuse_attention", "fuse_qkv", "fuse_embedding_layer_norm", "fuse_residual_layer_norm",
                            "fuse_bias_gelu", "quantize_int8", "precision", "remove_padding"})

@@ -1,5 +1,5 @@
 """Attention fusion: `scaled_dot_product_attention`, and the explicit
-matmul → scale → mask → softmax → matmul chain, become one `kernels.attention` call (the
+matmul → scale → mask → softmax → matmul chain, become one `kiln.attention` call (the
 FlashAttention-style kernel: the S x S score matrix never reaches memory).
 
 The kernel takes a [batch, key] padding mask and a causal flag instead of an arbitrary
@@ -38,7 +38,7 @@ from optimize.passes.matching import (
 )
 
 _SOFTMAXES = (aten.softmax.int, aten._softmax.default)
-_MAX_HEAD_DIM = 256  # kernels.attention's limit
+_MAX_HEAD_DIM = 256  # kiln_kernels.attention's limit
 # An additive mask hides a key when it adds at most this much (HF: finfo.min; old BERT: -10000).
 _HIDDEN_BELOW = -1e4
 
@@ -133,7 +133,7 @@ def _same_padding(candidate: torch.Tensor | None, row: torch.Tensor) -> bool:
 
 class FuseAttention(GraphPass):
     name: ClassVar[str] = "fuse_attention"
-    description: ClassVar[str] = "SDPA and matmul→scale→mask→softmax→matmul → kernels.attention"
+    description: ClassVar[str] = "SDPA and matmul→scale→mask→softmax→matmul → kiln.attention"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         ensure_meta(gm)

@@ -1,4 +1,4 @@
-"""Bias + GELU fusion: `gelu(x @ W + b)` becomes a bias-free GEMM and one `kernels.bias_gelu`
+"""Bias + GELU fusion: `gelu(x @ W + b)` becomes a bias-free GEMM and one `kiln.bias_gelu`
 that adds the bias and applies GELU in a single pass over the activations.
 
 GELU is recognized as `aten.gelu` (erf or tanh) and as the formulas models spell out
@@ -32,7 +32,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 class FuseBiasGelu(GraphPass):
     name: ClassVar[str] = "fuse_bias_gelu"
-    description: ClassVar[str] = "linear bias + GELU (aten.gelu or its formula) → kernels.bias_gelu"
+    description: ClassVar[str] = "linear bias + GELU (aten.gelu or its formula) → kiln.bias_gelu"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         ops = kernel_ops()

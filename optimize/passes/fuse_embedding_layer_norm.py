@@ -1,5 +1,5 @@
 """Embedding + LayerNorm fusion: `layer_norm(word[ids] + position[pos] + type[types])` becomes one
-`kernels.embedding_layer_norm` that gathers the rows, sums them in fp32 and normalizes, without
+`kiln.embedding_layer_norm` that gathers the rows, sums them in fp32 and normalizes, without
 writing the three lookups and their sums to memory (BERT's embedding block: six ops, one kernel).
 
 Matched when the sum feeds nothing but the norm (in GPT-2 it is also the first residual and
@@ -31,7 +31,7 @@ _CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default)
 
 class FuseEmbeddingLayerNorm(GraphPass):
     name: ClassVar[str] = "fuse_embedding_layer_norm"
-    description: ClassVar[str] = "sum of embedding lookups + LayerNorm → kernels.embedding_layer_norm"
+    description: ClassVar[str] = "sum of embedding lookups + LayerNorm → kiln.embedding_layer_norm"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         ensure_meta(gm)

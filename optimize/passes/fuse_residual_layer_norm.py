@@ -1,4 +1,4 @@
-"""Residual + LayerNorm fusion: `layer_norm(a + b)` becomes one `kernels.add_layer_norm`, which
+"""Residual + LayerNorm fusion: `layer_norm(a + b)` becomes one `kiln.add_layer_norm`, which
 returns the normalized rows and the sum (the sum is the next residual in pre-LN models such as
 GPT-2, so it is written once instead of written, read back and written again).
 
@@ -48,7 +48,7 @@ def layer_norm_args(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node
 
 class FuseResidualLayerNorm(GraphPass):
     name: ClassVar[str] = "fuse_residual_layer_norm"
-    description: ClassVar[str] = "residual add + LayerNorm → kernels.add_layer_norm"
+    description: ClassVar[str] = "residual add + LayerNorm → kiln.add_layer_norm"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         ensure_meta(gm)

@@ -23,18 +23,18 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def kernel_ops() -> Any:
-    """`torch.ops.kernels` with every kiln op registered (imported on first use: triton's
+    """`torch.ops.kiln` with every kiln op registered (imported on first use: triton's
     import costs a few hundred ms that compiles without fusions should not pay)."""
-    import kernels  # noqa: F401  (registers torch.ops.kernels.*)
+    import kiln_kernels  # noqa: F401  (registers torch.ops.kiln.*)
 
-    return torch.ops.kernels
+    return torch.ops.kiln
 
 
 def native_ops() -> Any:
-    """`torch.ops.kernels_cuda` (packing ops; CPU references where the extension is absent)."""
-    import kernels.native  # noqa: F401  (registers torch.ops.kernels_cuda.*)
+    """`torch.ops.kiln_cuda` (packing ops; CPU references where the extension is absent)."""
+    import kiln_kernels.native  # noqa: F401  (registers torch.ops.kiln_cuda.*)
 
-    return torch.ops.kernels_cuda
+    return torch.ops.kiln_cuda
 
 
 def is_call(node: Any, *targets: Any) -> bool:

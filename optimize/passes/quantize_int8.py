@@ -1,9 +1,9 @@
 """Weight-only int8 quantization (precision "int8-weight"): every matrix multiply by a constant
-weight becomes `kernels.int8_weight_linear` over symmetric per-output-channel int8 weights.
+weight becomes `kiln.int8_weight_linear` over symmetric per-output-channel int8 weights.
 
 No calibration: the scales come from the weights alone (max |w| per output row / 127), so the
 weights take a quarter of their fp32 memory (half of fp16) and small-batch GEMMs, which only
-stream weights, get faster; activations keep the engine's precision. A `kernels.bias_gelu`
+stream weights, get faster; activations keep the engine's precision. A `kiln.bias_gelu`
 that follows a bias-free linear (see fuse_bias_gelu) moves into the GEMM's epilogue.
 """
 
@@ -21,7 +21,7 @@ _EPILOGUES = {"none": "gelu", "tanh": "gelu_tanh"}  # bias_gelu approximate -> i
 
 class QuantizeInt8(GraphPass):
     name: ClassVar[str] = "quantize_int8"
-    description: ClassVar[str] = "weight-only int8 (per-channel) linears → kernels.int8_weight_linear"
+    description: ClassVar[str] = "weight-only int8 (per-channel) linears → kiln.int8_weight_linear"
 
     def applies(self, ctx: PassContext) -> str:
         if ctx.config.precision != "int8-weight":
@@ -29,7 +29,7 @@ class QuantizeInt8(GraphPass):
         return ""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-        from kernels import quantize_int8_per_channel
+        from kiln_kernels import quantize_int8_per_channel
 
         ops = kernel_ops()
         counts = {"linear": 0, "gelu_epilogue": 0}

@@ -2,18 +2,18 @@
 work in proportion to the real tokens of a batch, not to batch x longest sequence.
 
 At the first layer the real tokens of the [batch, seq, ...] activations are gathered into one
-row each (`kernels_cuda.pack_indices` on the attention mask: token indices and FlashAttention's
+row each (`kiln_cuda.pack_indices` on the attention mask: token indices and FlashAttention's
 `cu_seqlens`), every per-token op (linears, norms, GELU, residual adds, head reshapes) runs on
-[1, tokens, ...] instead of [batch, seq, ...], attention runs as `kernels.attention_varlen`
+[1, tokens, ...] instead of [batch, seq, ...], attention runs as `kiln.attention_varlen`
 over the sequences that `cu_seqlens` delimits, and the padded layout is restored
-(`kernels_cuda.scatter_rows`, zeros at padding) only where a value leaves the packed region:
+(`kiln_cuda.scatter_rows`, zeros at padding) only where a value leaves the packed region:
 at the outputs, or at an op that is not per-token, such as a pooling sum over the sequence.
 
 Packing keeps every tensor's rank (padded [B, S, F] becomes [1, T, F], a flattened [B*S, F]
 becomes [T, F]), so ops keep their dims and only shape arguments are rewritten. An op joins
 the packed region when its data inputs have the token layout, its other tensor inputs are
 weights that broadcast over features only, and its dims are feature dims; regions that contain
-no attention are left alone. Requires attention fused into `kernels.attention` with one key
+no attention are left alone. Requires attention fused into `kiln.attention` with one key
 mask for all layers (see fuse_attention); a padding position of a token output is zero in the
 result, which is not part of the model's contract (see `optimize.verify`).
 """

@@ -1,6 +1,6 @@
 """Minimum bytes an op moves to and from memory, for arithmetic intensity and the roofline.
 
-The rule (kernels/cost.py uses the same): every input read once at its stored size (a
+The rule (kiln_kernels/cost.py uses the same): every input read once at its stored size (a
 broadcast input, stride 0 along a dim, is read once, not once per use), every output written
 once. Views move nothing. Lookups (embedding, index_select, gather) read the rows they return,
 not the whole table. Creation ops only write. Real kernels may move more (re-reads, spills);

@@ -1,9 +1,9 @@
-"""FLOP formulas for ops at dispatch level (`aten::*` and kiln's `kernels::*` custom ops).
+"""FLOP formulas for ops at dispatch level (`aten::*` and kiln's `kiln::*` custom ops).
 
 Like `torch.utils.flop_counter`, counts follow 2·M·N·K per matrix product (see
 `records.FLOP_CONVENTION`); unlike it, scaled-dot-product attention is counted on every
 device and backend (FlopCounterMode counts 0 on CPU, pytorch#195460), causal attention counts
-only the visible pairs, `kernels::*` ops use the kernels' own cost models, elementwise work is
+only the visible pairs, `kiln::*` ops use the kernels' own cost models, elementwise work is
 reported separately as vector FLOPs, and an op without a formula is reported as uncounted
 rather than as zero (fvcore#143).
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -176,7 +175,7 @@ def _native_mha(a: dict[str, Any], out: Any) -> Count:
 @_register("layer_norm", "native_layer_norm", "group_norm", "native_group_norm")
 def _layer_norm(a: dict[str, Any], out: Any) -> Count:
     # per element: sum, center, square + accumulate, scale by rstd (5) + weight + bias
-    # (kernels.layer_norm_cost's convention).
+    # (kiln_kernels.layer_norm_cost's convention).
     per = 5 + int(isinstance(a.get("weight"), torch.Tensor)) + int(isinstance(a.get("bias"), torch.Tensor))
     return Count(vector_flops=per * numel(a["input"]), kind="normalization")
 
@@ -195,7 +194,7 @@ def _batch_norm(a: dict[str, Any], out: Any) -> Count:
 
 @_register("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
 def _softmax(a: dict[str, Any], out: Any) -> Count:
-    # max, subtract, exp, sum, normalize (kernels.softmax_cost's convention)
+    # max, subtract, exp, sum, normalize (kiln_kernels.softmax_cost's convention)
     return Count(vector_flops=5 * numel(a["self"]), kind="softmax")
 
 
@@ -237,7 +236,7 @@ _NO_FLOPS = set(
 
 
 def _gelu(a: dict[str, Any], out: Any) -> Count:
-    # erf form 5 per element, tanh form 9 (kernels.bias_gelu_cost's convention)
+    # erf form 5 per element, tanh form 9 (kiln_kernels.bias_gelu_cost's convention)
     return Count(vector_flops=(5 if a.get("approximate", "none") == "none" else 9) * numel(out), kind="elementwise")
 
 
@@ -262,7 +261,7 @@ _FORMULAS["aten::min"] = _binary_max_min
 
 
 # ------------------------------------------------------------------------------------------
-# kiln kernels: their own cost models (kernels.ARGS_COST_MODELS, computed from call args).
+# kiln kernels: their own cost models (kiln_kernels.ARGS_COST_MODELS, computed from call args).
 # ------------------------------------------------------------------------------------------
 # Kernel ops whose FLOPs are matrix products; every other kernel op's FLOPs are vector work.
 _MATRIX_KERNELS = {"attention": "attention", "attention_varlen": "attention", "int8_weight_linear": "matmul"}
@@ -275,25 +274,30 @@ def _kernel_kind(op: str) -> str:
     return "matmul" if any(w in op for w in _MATRIX_WORDS) else "kernel"
 
 
+KILN_NAMESPACE = "kiln"  # torch.ops.kiln.*: the only custom ops whose cost models are known
+
+
 def _kernel_registries() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(args-based, shape-based) cost registries of the `kernels` package, empty if absent."""
-    kernels = sys.modules.get("kernels")
-    if kernels is None:
-        try:
-            kernels = importlib.import_module("kernels")
-        except Exception:  # kernels is optional; a broken or absent one just has no models
-            return {}, {}
-    return dict(getattr(kernels, "ARGS_COST_MODELS", {}) or {}), dict(getattr(kernels, "COST_MODELS", {}) or {})
+    """(args-based, shape-based) cost registries of `kiln_kernels`, empty if it cannot import
+    (it needs triton, which a serving-only install may lack)."""
+    try:
+        kernels = importlib.import_module("kiln_kernels")
+    except ImportError:
+        return {}, {}
+    return dict(kernels.ARGS_COST_MODELS), dict(kernels.COST_MODELS)
 
 
 def _kernel_cost(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Count:
     namespace, _, op = func._schema.name.partition("::")
+    if namespace != KILN_NAMESPACE:
+        # Another library's op may share a name with one of ours; its cost is not ours to guess.
+        return Count(kind="kernel", counted=False, reason=f"{namespace}::{op} is not a kiln kernel; no cost model")
     by_args, by_shapes = _kernel_registries()
     fn = by_args.get(op)
     if fn is None and op in by_shapes:
         fn = by_shapes[op]  # an older registry whose formulas happen to take the call args
     if fn is None:
-        return Count(kind="kernel", counted=False, reason=f"{namespace}::{op} has no cost model in kernels.COST_MODELS")
+        return Count(kind="kernel", counted=False, reason=f"{namespace}::{op} has no cost model in kiln_kernels.COST_MODELS")
     try:
         cost = fn(*args, **kwargs)
     except Exception as exc:  # a cost model that cannot read these args is reported, not guessed

@@ -5,14 +5,14 @@ import shutil
 import pytest
 import torch
 
-from kernels import native
+from kiln_kernels import native
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the extension is not built")
 
 
 @needs_nvcc
 def test_extension_was_built_and_imports_without_a_gpu():
-    assert native.is_built(), "nvcc is present, so the install must have built kernels._C"
+    assert native.is_built(), "nvcc is present, so the install must have built kiln_kernels._C"
     ext = native.extension()
     assert ext.runtime_version() >= 11000
     assert ext.compiled_archs  # e.g. "80;90"

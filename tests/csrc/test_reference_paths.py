@@ -1,10 +1,9 @@
-"""CPU dispatch of the `kernels_cuda::*` ops (the reference paths) against float64 math, and
+"""CPU dispatch of the `kiln_cuda::*` ops (the reference paths) against float64 math, and
 their fake implementations under torch.export. The same checks on CUDA are marked gpu."""
 
 import pytest
 import torch
 
-from kernels import native
 
 
 def random_mask(batch: int, seq: int, generator: torch.Generator, prefix: bool) -> torch.Tensor:
@@ -26,15 +25,15 @@ def expected_packing(mask: torch.Tensor) -> tuple[list[int], list[int]]:
 
 
 def check_packing(mask: torch.Tensor, hidden: int, dtype: torch.dtype) -> None:
-    token_index, cu_seqlens, max_len = torch.ops.kernels_cuda.pack_indices(mask)
+    token_index, cu_seqlens, max_len = torch.ops.kiln_cuda.pack_indices(mask)
     want_index, want_cu = expected_packing(mask.cpu())
     assert token_index.cpu().tolist() == want_index
     assert cu_seqlens.cpu().tolist() == want_cu
     assert int(max_len.item()) == int((mask != 0).sum(1).max().item() if mask.numel() else 0)
     x = torch.randn(*mask.shape, hidden, device=mask.device).to(dtype)
-    packed = torch.ops.kernels_cuda.gather_rows(x, token_index)
+    packed = torch.ops.kiln_cuda.gather_rows(x, token_index)
     assert packed.shape == (len(want_index), hidden)
-    restored = torch.ops.kernels_cuda.scatter_rows(packed, token_index, *mask.shape)
+    restored = torch.ops.kiln_cuda.scatter_rows(packed, token_index, *mask.shape)
     expected = torch.where(mask[..., None] != 0, x, torch.zeros_like(x))
     assert torch.equal(restored, expected)
 
@@ -60,7 +59,7 @@ def test_scale_mask_softmax_reference_matches_float64_with_fully_masked_rows(row
     x = torch.randn(3 * rows_per_mask, cols, generator=g) * 4
     mask = torch.where(torch.rand(3, cols, generator=g) < 0.3, float("-inf"), 0.0)
     mask[1] = float("-inf")
-    out = torch.ops.kernels_cuda.scale_mask_softmax(x, mask, 0.125)
+    out = torch.ops.kiln_cuda.scale_mask_softmax(x, mask, 0.125)
     torch.testing.assert_close(out.double(), softmax_float64(x, mask, 0.125), atol=1e-6, rtol=1e-5)
     assert (out[rows_per_mask:2 * rows_per_mask] == 0).all()
 
@@ -77,7 +76,7 @@ def test_bias_residual_layer_norm_reference_matches_float64(rows, hidden):
     g = torch.Generator().manual_seed(rows + hidden)
     x, residual = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
     bias, weight, ln_bias = (torch.randn(hidden, generator=g) for _ in range(3))
-    y, s = torch.ops.kernels_cuda.bias_residual_layer_norm(x, bias, residual, weight, ln_bias, 1e-12)
+    y, s = torch.ops.kiln_cuda.bias_residual_layer_norm(x, bias, residual, weight, ln_bias, 1e-12)
     want_y, want_s = layer_norm_float64(x, bias, residual, weight, ln_bias, 1e-12)
     torch.testing.assert_close(y.double(), want_y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s.double(), want_s, atol=1e-6, rtol=1e-6)
@@ -86,16 +85,16 @@ def test_bias_residual_layer_norm_reference_matches_float64(rows, hidden):
 def test_ops_trace_through_torch_export():
     class Encoder(torch.nn.Module):
         def forward(self, x, mask):
-            index, _, _ = torch.ops.kernels_cuda.pack_indices(mask)
-            packed = torch.ops.kernels_cuda.gather_rows(x, index)
+            index, _, _ = torch.ops.kiln_cuda.pack_indices(mask)
+            packed = torch.ops.kiln_cuda.gather_rows(x, index)
             w = torch.ones(x.shape[-1])
-            y, _ = torch.ops.kernels_cuda.bias_residual_layer_norm(packed, None, None, w, None, 1e-5)
-            return torch.ops.kernels_cuda.scatter_rows(y, index, x.shape[0], x.shape[1])
+            y, _ = torch.ops.kiln_cuda.bias_residual_layer_norm(packed, None, None, w, None, 1e-5)
+            return torch.ops.kiln_cuda.scatter_rows(y, index, x.shape[0], x.shape[1])
 
     x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     program = torch.export.export(Encoder(), (x, mask))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"kernels_cuda.pack_indices.default", "kernels_cuda.scatter_rows.default"} <= targets
+    assert {"kiln_cuda.pack_indices.default", "kiln_cuda.scatter_rows.default"} <= targets
     torch.testing.assert_close(program.module()(x, mask), Encoder()(x, mask))
 
 
@@ -118,7 +117,7 @@ def test_scale_mask_softmax_on_gpu_matches_float64(dtype, atol, rows_per_mask, c
     x = (torch.randn(5 * rows_per_mask, cols, generator=g) * 4).to(dtype)
     mask = torch.where(torch.rand(5, cols, generator=g) < 0.3, float("-inf"), 0.0)
     mask[2] = float("-inf")
-    out = torch.ops.kernels_cuda.scale_mask_softmax(x.cuda(), mask.cuda(), 0.125)
+    out = torch.ops.kiln_cuda.scale_mask_softmax(x.cuda(), mask.cuda(), 0.125)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out.cpu().double(), softmax_float64(x, mask, 0.125), atol=atol, rtol=0)
 
@@ -131,7 +130,7 @@ def test_bias_residual_layer_norm_on_gpu_matches_float64(dtype, atol, rows, hidd
     x, residual = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(rows, hidden, generator=g).to(dtype)
     bias, weight, ln_bias = (torch.randn(hidden, generator=g).to(dtype) for _ in range(3))
     args = [t.cuda() for t in (x, bias, residual, weight, ln_bias)]
-    y, s = torch.ops.kernels_cuda.bias_residual_layer_norm(*args, 1e-12)
+    y, s = torch.ops.kiln_cuda.bias_residual_layer_norm(*args, 1e-12)
     want_y, want_s = layer_norm_float64(x, bias, residual, weight, ln_bias, 1e-12)
     torch.testing.assert_close(y.cpu().double(), want_y, atol=atol, rtol=atol)
     torch.testing.assert_close(s.cpu().double(), want_s.to(dtype).double(), atol=atol, rtol=0)

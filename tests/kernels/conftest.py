@@ -12,14 +12,14 @@ import zlib
 
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before `kernels`
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before `kiln_kernels`
 # is imported; the root conftest does the same, this keeps `pytest tests/kernels` standalone.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from kernels._util import INTERPRET  # noqa: E402
+from kiln_kernels._util import INTERPRET  # noqa: E402
 
 # Tolerances against a float64 reference: about two output ulps at |y| ~ 1 for the half types
 # (fp16 ulp 2**-10, bf16 ulp 2**-7), fp32 allows for reduction-order differences.
@@ -96,7 +96,7 @@ def poisoned():
     ]
 )
 def op_device(request: pytest.FixtureRequest) -> str:
-    """Where a ``torch.ops.kernels.*`` call runs: CPU dispatches to the reference, CUDA to
+    """Where a ``torch.ops.kiln.*`` call runs: CPU dispatches to the reference, CUDA to
     Triton. Needs no interpreter."""
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.attention import (
+import kiln_kernels
+from kiln_kernels.attention import (
     attention_cost,
     attention_reference,
     attention_triton,
@@ -206,12 +206,12 @@ def test_reference_equals_torch_sdpa(assert_close):
 def test_custom_ops_match_reference(op_device, assert_close):
     q, k, v = _qkv(2, 5, 5, 2, 1, 32, torch.float32, op_device)
     key_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool, device=op_device)
-    got = torch.ops.kernels.attention(q, k, v, key_mask, True, None)
+    got = torch.ops.kiln.attention(q, k, v, key_mask, True, None)
     assert got.device.type == op_device
     _close(assert_close, got, attention_reference(_d(q), _d(k), _d(v), key_mask.cpu(), True), torch.float32)
     cu = torch.tensor([0, 5, 7], dtype=torch.int32, device=op_device)
     qp, kp, vp = _pack(q, [5, 2]), _pack(k, [5, 2]), _pack(v, [5, 2])
-    got = torch.ops.kernels.attention_varlen(qp, kp, vp, cu, cu, 5, 5, False, None)
+    got = torch.ops.kiln.attention_varlen(qp, kp, vp, cu, cu, 5, 5, False, None)
     ref = _pack(attention_reference(_d(q), _d(k), _d(v), key_mask.cpu()), [5, 2])
     _close(assert_close, got, ref, torch.float32)
 
@@ -220,35 +220,35 @@ def test_opcheck_schema_fake_and_dispatch(op_device):
     q, k, v = _qkv(2, 5, 7, 4, 2, 32, torch.float32, op_device)
     key_mask = torch.ones(2, 7, dtype=torch.bool, device=op_device)
     key_mask[1, 3:] = False
-    torch.library.opcheck(torch.ops.kernels.attention.default, (q, k, v, key_mask, False, None))
-    torch.library.opcheck(torch.ops.kernels.attention.default, (q, k, v, None, True, 0.5))
+    torch.library.opcheck(torch.ops.kiln.attention.default, (q, k, v, key_mask, False, None))
+    torch.library.opcheck(torch.ops.kiln.attention.default, (q, k, v, None, True, 0.5))
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=op_device)
     qp = torch.randn(8, 4, 32, device=op_device)
     kp = torch.randn(8, 2, 32, device=op_device)
-    torch.library.opcheck(torch.ops.kernels.attention_varlen.default, (qp, kp, kp.clone(), cu, cu, 5, 5, True, None))
+    torch.library.opcheck(torch.ops.kiln.attention_varlen.default, (qp, kp, kp.clone(), cu, cu, 5, 5, True, None))
 
 
 class _SelfAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = x.view(b, s, 2, 16)
-        return torch.ops.kernels.attention(q, q, q, key_mask, False, None).reshape(b, s, 32)
+        return torch.ops.kiln.attention(q, q, q, key_mask, False, None).reshape(b, s, 32)
 
 
 class _PackedAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
         q = x.view(x.shape[0], 2, 16)
-        return torch.ops.kernels.attention_varlen(q, q, q, cu, cu, 8, 8, True, 0.25).flatten(1)
+        return torch.ops.kiln.attention_varlen(q, q, q, cu, cu, 8, 8, True, 0.25).flatten(1)
 
 
 def test_export_traces_through_the_ops(assert_close):
     x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.bool)
     ep = torch.export.export(_SelfAttention(), (x, mask))
-    assert "kernels.attention.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.attention.default" in {str(n.target) for n in ep.graph.nodes}
     assert_close(ep.module()(x, mask), _SelfAttention()(x, mask))
     xp, cu = torch.randn(11, 32), torch.tensor([0, 8, 11], dtype=torch.int32)
     ep = torch.export.export(_PackedAttention(), (xp, cu))
-    assert "kernels.attention_varlen.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.attention_varlen.default" in {str(n.target) for n in ep.graph.nodes}
     assert_close(ep.module()(xp, cu), _PackedAttention()(xp, cu))
 
 
@@ -267,5 +267,5 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     assert c.bytes == 4 * 8 * 2 * 32 * 2 + 2 * 3 * 4
     q = torch.randn(8, 2, 32).half()
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    assert kernels.op_cost("attention_varlen", q, q, q, cu, cu, 5, 5) == c
+    assert kiln_kernels.op_cost("attention_varlen", q, q, q, cu, cu, 5, 5) == c
     assert math.isclose(c.intensity, c.flops / c.bytes)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.bias_gelu import bias_gelu_cost, bias_gelu_reference, bias_gelu_triton
+import kiln_kernels
+from kiln_kernels.bias_gelu import bias_gelu_cost, bias_gelu_reference, bias_gelu_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = {
@@ -52,15 +52,15 @@ def test_custom_op_matches_torch_gelu(op_device, assert_close):
     x, b = torch.randn(4, 17, device=op_device), torch.randn(17, device=op_device)
     for approximate in ("none", "tanh"):
         expected = torch.nn.functional.gelu(x + b, approximate=approximate)
-        y = torch.ops.kernels.bias_gelu(x, b, approximate)
+        y = torch.ops.kiln.bias_gelu(x, b, approximate)
         assert y.device.type == op_device
         assert_close(y, expected)
 
 
 def test_opcheck_schema_fake_and_dispatch(op_device):
     x, b = torch.randn(3, 4, 17, device=op_device), torch.randn(17, device=op_device)
-    torch.library.opcheck(torch.ops.kernels.bias_gelu.default, (x, b, "tanh"))
-    torch.library.opcheck(torch.ops.kernels.bias_gelu.default, (x, None, "none"))
+    torch.library.opcheck(torch.ops.kiln.bias_gelu.default, (x, b, "tanh"))
+    torch.library.opcheck(torch.ops.kiln.bias_gelu.default, (x, None, "none"))
 
 
 class _FFN(torch.nn.Module):
@@ -70,14 +70,14 @@ class _FFN(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.randn(16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kernels.bias_gelu(self.up(x), self.b, "tanh")
+        return torch.ops.kiln.bias_gelu(self.up(x), self.b, "tanh")
 
 
 def test_export_traces_through_the_op(assert_close):
     x = torch.randn(2, 5, 8)
     m = _FFN()
     ep = torch.export.export(m, (x,))
-    assert "kernels.bias_gelu.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.bias_gelu.default" in {str(n.target) for n in ep.graph.nodes}
     assert_close(ep.module()(x), m(x))
 
 
@@ -86,7 +86,7 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     assert c.flops == 128 * 3072 * 6
     assert c.bytes == 128 * 3072 * 2 * 2 + 3072 * 2
     x = torch.empty(128, 3072, dtype=torch.bfloat16, device="meta")
-    c = kernels.op_cost("bias_gelu", x, None, "tanh")
+    c = kiln_kernels.op_cost("bias_gelu", x, None, "tanh")
     assert (c.flops, c.bytes) == (128 * 3072 * 9, 128 * 3072 * 2 * 2)
 
 

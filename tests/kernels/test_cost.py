@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import kernels
-from kernels.cost import Cost, register_cost
+import kiln_kernels
+from kiln_kernels.cost import Cost, register_cost
 
 
 def test_every_registered_op_has_both_cost_models():
-    ops = {name for name in dir(torch.ops.kernels) if not name.startswith("_") and name != "name"}
-    assert ops == set(kernels.COST_MODELS) == set(kernels.ARGS_COST_MODELS)
+    ops = {name for name in dir(torch.ops.kiln) if not name.startswith("_") and name != "name"}
+    assert ops == set(kiln_kernels.COST_MODELS) == set(kiln_kernels.ARGS_COST_MODELS)
 
 
 def test_cost_adds_and_bounds_time_by_the_slower_resource():
@@ -25,12 +25,12 @@ def test_cost_adds_and_bounds_time_by_the_slower_resource():
 
 def test_registering_a_name_twice_raises():
     with pytest.raises(ValueError, match="twice"):
-        register_cost("layer_norm", kernels.layer_norm_cost, kernels.layer_norm_cost)
+        register_cost("layer_norm", kiln_kernels.layer_norm_cost, kiln_kernels.layer_norm_cost)
 
 
 def test_unknown_op_raises_key_error_listing_known_ops():
     with pytest.raises(KeyError, match="layer_norm"):
-        kernels.op_cost("no_such_op")
+        kiln_kernels.op_cost("no_such_op")
 
 
 def test_varlen_attention_cost_is_bounded_on_fake_tensors():
@@ -38,5 +38,5 @@ def test_varlen_attention_cost_is_bounded_on_fake_tensors():
     with FakeTensorMode():
         q = torch.empty(10, 2, 32, dtype=torch.float16)
         cu = torch.empty(3, dtype=torch.int32)
-        c = kernels.op_cost("attention_varlen", q, q, q, cu, cu, 6, 6)
+        c = kiln_kernels.op_cost("attention_varlen", q, q, q, cu, cu, 6, 6)
     assert c.flops == 4 * 2 * 32 * 10 * 6

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.embedding_layer_norm import (
+import kiln_kernels
+from kiln_kernels.embedding_layer_norm import (
     embedding_layer_norm_cost,
     embedding_layer_norm_reference,
     embedding_layer_norm_triton,
@@ -87,7 +87,7 @@ def test_custom_op_matches_hugging_face_bert_embeddings(op_device, assert_close)
     expected = torch.nn.functional.layer_norm(
         word[ids] + pos[torch.arange(9, device=op_device)][None] + typ[tt], (32,), w, b, 1e-12
     )
-    got = torch.ops.kernels.embedding_layer_norm(ids, None, tt, word, pos, typ, w, b, 1e-12)
+    got = torch.ops.kiln.embedding_layer_norm(ids, None, tt, word, pos, typ, w, b, 1e-12)
     assert got.device.type == op_device
     assert_close(got, expected)
 
@@ -97,9 +97,9 @@ def test_opcheck_schema_fake_and_dispatch(op_device):
     ids = torch.randint(0, 40, (2, 9), device=op_device)
     tt = torch.randint(0, 2, (2, 9), device=op_device)
     pos_ids = torch.arange(9, device=op_device)[None]
-    torch.library.opcheck(torch.ops.kernels.embedding_layer_norm.default,
+    torch.library.opcheck(torch.ops.kiln.embedding_layer_norm.default,
                           (ids, None, tt, word, pos, typ, w, b, 1e-12))
-    torch.library.opcheck(torch.ops.kernels.embedding_layer_norm.default,
+    torch.library.opcheck(torch.ops.kiln.embedding_layer_norm.default,
                           (ids, pos_ids, None, word, pos, None, w, None, 1e-5))
 
 
@@ -113,7 +113,7 @@ class _Embeddings(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.zeros(16))
 
     def forward(self, ids: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kernels.embedding_layer_norm(
+        return torch.ops.kiln.embedding_layer_norm(
             ids, None, tt, self.word, self.pos, self.typ, self.w, self.b, 1e-12
         )
 
@@ -122,7 +122,7 @@ def test_export_traces_through_the_op(assert_close):
     args = (torch.randint(0, 40, (2, 5)), torch.randint(0, 2, (2, 5)))
     m = _Embeddings()
     ep = torch.export.export(m, args)
-    assert "kernels.embedding_layer_norm.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.embedding_layer_norm.default" in {str(n.target) for n in ep.graph.nodes}
     assert_close(ep.module()(*args), m(*args))
 
 
@@ -137,4 +137,4 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     pos = torch.empty(512, 768, dtype=torch.float16, device="meta")
     typ = torch.empty(2, 768, dtype=torch.float16, device="meta")
     w = torch.empty(768, dtype=torch.float16, device="meta")
-    assert kernels.op_cost("embedding_layer_norm", ids, None, ids, word, pos, typ, w, w, 1e-12) == c
+    assert kiln_kernels.op_cost("embedding_layer_norm", ids, None, ids, word, pos, typ, w, w, 1e-12) == c

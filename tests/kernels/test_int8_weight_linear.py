@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.int8_weight_linear import (
+import kiln_kernels
+from kiln_kernels.int8_weight_linear import (
     int8_weight_linear_cost,
     int8_weight_linear_reference,
     int8_weight_linear_triton,
@@ -103,7 +103,7 @@ def test_custom_op_matches_dequantized_nn_linear(op_device, assert_close):
     w_int8, scale = quantize_int8_per_channel(lin.weight)
     x = torch.randn(3, 24)
     expected = torch.nn.functional.gelu(x @ (w_int8.float() * scale[:, None]).t() + lin.bias)
-    got = torch.ops.kernels.int8_weight_linear(
+    got = torch.ops.kiln.int8_weight_linear(
         x.to(op_device), w_int8.to(op_device), scale.to(op_device), lin.bias.detach().to(op_device), "gelu"
     )
     assert got.device.type == op_device
@@ -112,8 +112,8 @@ def test_custom_op_matches_dequantized_nn_linear(op_device, assert_close):
 
 def test_opcheck_schema_fake_and_dispatch(op_device):
     x, w, s, b = _inputs((2, 3), 20, 24, torch.float32, op_device)
-    torch.library.opcheck(torch.ops.kernels.int8_weight_linear.default, (x, w, s, b, "gelu_tanh"))
-    torch.library.opcheck(torch.ops.kernels.int8_weight_linear.default, (x, w, s, None, "none"))
+    torch.library.opcheck(torch.ops.kiln.int8_weight_linear.default, (x, w, s, b, "gelu_tanh"))
+    torch.library.opcheck(torch.ops.kiln.int8_weight_linear.default, (x, w, s, None, "none"))
 
 
 class _QLinear(torch.nn.Module):
@@ -125,13 +125,13 @@ class _QLinear(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.randn(12))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kernels.int8_weight_linear(x, self.w, self.s, self.b, "gelu_tanh")
+        return torch.ops.kiln.int8_weight_linear(x, self.w, self.s, self.b, "gelu_tanh")
 
 
 def test_export_traces_through_the_op(assert_close):
     x = torch.randn(2, 5, 16)
     ep = torch.export.export(_QLinear(), (x,))
-    assert "kernels.int8_weight_linear.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.int8_weight_linear.default" in {str(n.target) for n in ep.graph.nodes}
     m = _QLinear()
     m.load_state_dict(ep.module().state_dict())
     assert_close(ep.module()(x), m(x))
@@ -146,4 +146,4 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     w = torch.empty(11008, 4096, dtype=torch.int8, device="meta")
     s = torch.empty(11008, dtype=torch.float32, device="meta")
     b = torch.empty(11008, dtype=torch.float16, device="meta")
-    assert kernels.op_cost("int8_weight_linear", x, w, s, b, "gelu") == c
+    assert kiln_kernels.op_cost("int8_weight_linear", x, w, s, b, "gelu") == c

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.layer_norm import layer_norm_cost, layer_norm_reference, layer_norm_triton
+import kiln_kernels
+from kiln_kernels.layer_norm import layer_norm_cost, layer_norm_reference, layer_norm_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp16/bf16 run slowly in the interpreter (numpy emulation), so they get the smaller shapes.
@@ -102,10 +102,10 @@ def test_mismatched_weight_raises():
 
 def test_custom_ops_match_reference_and_eager(op_device, assert_close):
     x, w, b, r = _inputs((4, 24), torch.float32, op_device, residual=True)
-    y = torch.ops.kernels.layer_norm(x, w, b, 1e-5)
+    y = torch.ops.kiln.layer_norm(x, w, b, 1e-5)
     assert y.device.type == op_device
     assert_close(y, layer_norm_reference(*_double(x, w, b), 1e-5))
-    y, h = torch.ops.kernels.add_layer_norm(x, r, w, b, 1e-5)
+    y, h = torch.ops.kiln.add_layer_norm(x, r, w, b, 1e-5)
     y_ref, h_ref = layer_norm_reference(*_double(x, w, b), 1e-5, r.double().cpu())
     assert_close(y, y_ref)
     assert_close(h, h_ref)
@@ -115,9 +115,9 @@ def test_custom_ops_match_reference_and_eager(op_device, assert_close):
 
 def test_opcheck_schema_fake_and_dispatch(op_device):
     x, w, b, r = _inputs((3, 2, 40), torch.float32, op_device, residual=True)
-    torch.library.opcheck(torch.ops.kernels.layer_norm.default, (x, w, b, 1e-5))
-    torch.library.opcheck(torch.ops.kernels.layer_norm.default, (x, w, None, 1e-5))
-    torch.library.opcheck(torch.ops.kernels.add_layer_norm.default, (x, r, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.kiln.layer_norm.default, (x, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.kiln.layer_norm.default, (x, w, None, 1e-5))
+    torch.library.opcheck(torch.ops.kiln.add_layer_norm.default, (x, r, w, b, 1e-5))
 
 
 class _Block(torch.nn.Module):
@@ -127,8 +127,8 @@ class _Block(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.randn(n))
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        y, h = torch.ops.kernels.add_layer_norm(x, r, self.w, self.b, 1e-12)
-        return torch.ops.kernels.layer_norm(y + h, self.w, None, 1e-5)
+        y, h = torch.ops.kiln.add_layer_norm(x, r, self.w, self.b, 1e-12)
+        return torch.ops.kiln.layer_norm(y + h, self.w, None, 1e-5)
 
 
 def test_export_traces_through_the_ops(assert_close):
@@ -136,7 +136,7 @@ def test_export_traces_through_the_ops(assert_close):
     x, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     ep = torch.export.export(m, (x, r))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert {"kernels.add_layer_norm.default", "kernels.layer_norm.default"} <= targets
+    assert {"kiln.add_layer_norm.default", "kiln.layer_norm.default"} <= targets
     assert_close(ep.module()(x, r), m(x, r))
 
 
@@ -145,12 +145,12 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     c = layer_norm_cost(8, 768, torch.float16)
     assert c.flops == 8 * 768 * 7
     assert c.bytes == 8 * 768 * 2 * 2 + 768 * 2 * 2
-    c = kernels.COST_MODELS["add_layer_norm"](8, 768, torch.float16)
+    c = kiln_kernels.COST_MODELS["add_layer_norm"](8, 768, torch.float16)
     assert c.flops == 8 * 768 * 8
     assert c.bytes == 8 * 768 * 2 * 4 + 768 * 2 * 2
     x = torch.empty(2, 4, 768, dtype=torch.float16, device="meta")
     w = torch.empty(768, dtype=torch.float32, device="meta")
-    assert kernels.op_cost("layer_norm", x, w, None, 1e-5) == layer_norm_cost(
+    assert kiln_kernels.op_cost("layer_norm", x, w, None, 1e-5) == layer_norm_cost(
         8, 768, torch.float16, has_bias=False, weight_dtype=torch.float32
     )
 

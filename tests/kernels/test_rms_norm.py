@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.rms_norm import rms_norm_cost, rms_norm_reference, rms_norm_triton
+import kiln_kernels
+from kiln_kernels.rms_norm import rms_norm_cost, rms_norm_reference, rms_norm_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = {
@@ -71,10 +71,10 @@ def test_zero_rows_stay_zero_not_nan(device, assert_close):
 
 def test_custom_ops_match_reference(op_device, assert_close):
     x, w, r = _inputs((4, 24), torch.float32, op_device, residual=True)
-    y = torch.ops.kernels.rms_norm(x, w, 1e-6)
+    y = torch.ops.kiln.rms_norm(x, w, 1e-6)
     assert y.device.type == op_device
     assert_close(y, rms_norm_reference(_d(x), _d(w), 1e-6))
-    y, h = torch.ops.kernels.add_rms_norm(x, r, w, 1e-6)
+    y, h = torch.ops.kiln.add_rms_norm(x, r, w, 1e-6)
     y_ref, h_ref = rms_norm_reference(_d(x), _d(w), 1e-6, _d(r))
     assert_close(y, y_ref)
     assert_close(h, h_ref)
@@ -82,8 +82,8 @@ def test_custom_ops_match_reference(op_device, assert_close):
 
 def test_opcheck_schema_fake_and_dispatch(op_device):
     x, w, r = _inputs((3, 2, 40), torch.float32, op_device, residual=True)
-    torch.library.opcheck(torch.ops.kernels.rms_norm.default, (x, w, 1e-6))
-    torch.library.opcheck(torch.ops.kernels.add_rms_norm.default, (x, r, w, 1e-6))
+    torch.library.opcheck(torch.ops.kiln.rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.kiln.add_rms_norm.default, (x, r, w, 1e-6))
 
 
 class _Block(torch.nn.Module):
@@ -92,8 +92,8 @@ class _Block(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.randn(n))
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        y, h = torch.ops.kernels.add_rms_norm(x, r, self.w, 1e-6)
-        return torch.ops.kernels.rms_norm(y * h, self.w, 1e-6)
+        y, h = torch.ops.kiln.add_rms_norm(x, r, self.w, 1e-6)
+        return torch.ops.kiln.rms_norm(y * h, self.w, 1e-6)
 
 
 def test_export_traces_through_the_ops(assert_close):
@@ -101,7 +101,7 @@ def test_export_traces_through_the_ops(assert_close):
     x, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     ep = torch.export.export(m, (x, r))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert {"kernels.add_rms_norm.default", "kernels.rms_norm.default"} <= targets
+    assert {"kiln.add_rms_norm.default", "kiln.rms_norm.default"} <= targets
     assert_close(ep.module()(x, r), m(x, r))
 
 
@@ -109,7 +109,7 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     c = rms_norm_cost(16, 4096, torch.bfloat16)
     assert c.flops == 16 * 4096 * 4
     assert c.bytes == 16 * 4096 * 2 * 2 + 4096 * 2
-    c = kernels.COST_MODELS["add_rms_norm"](16, 4096, torch.bfloat16)
+    c = kiln_kernels.COST_MODELS["add_rms_norm"](16, 4096, torch.bfloat16)
     assert (c.flops, c.bytes) == (16 * 4096 * 5, 16 * 4096 * 2 * 4 + 4096 * 2)
 
 

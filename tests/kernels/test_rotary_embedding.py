@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.rotary_embedding import (
+import kiln_kernels
+from kiln_kernels.rotary_embedding import (
     rotary_cos_sin,
     rotary_embedding_cost,
     rotary_embedding_reference,
@@ -131,7 +131,7 @@ def test_custom_op_matches_reference(op_device, assert_close):
     cos, sin = rotary_cos_sin(16, 32, device=op_device)
     pos = torch.randint(0, 16, (2, 5), device=op_device)
     for interleaved in (False, True):
-        got = torch.ops.kernels.rotary_embedding(q, k, cos, sin, pos, interleaved)
+        got = torch.ops.kiln.rotary_embedding(q, k, cos, sin, pos, interleaved)
         assert got[0].device.type == op_device
         ref = rotary_embedding_reference(_d(q), _d(k), _d(cos), _d(sin), pos.cpu(), interleaved)
         assert_close(got[0], ref[0])
@@ -142,7 +142,7 @@ def test_opcheck_schema_fake_and_dispatch(op_device):
     q, k = torch.randn(2, 5, 4, 32, device=op_device), torch.randn(2, 5, 2, 32, device=op_device)
     cos, sin = rotary_cos_sin(16, 16, device=op_device)  # partial rotary
     pos = torch.randint(0, 16, (2, 5), device=op_device)
-    torch.library.opcheck(torch.ops.kernels.rotary_embedding.default, (q, k, cos, sin, pos, True))
+    torch.library.opcheck(torch.ops.kiln.rotary_embedding.default, (q, k, cos, sin, pos, True))
 
 
 class _Rope(torch.nn.Module):
@@ -153,14 +153,14 @@ class _Rope(torch.nn.Module):
         self.register_buffer("sin", sin)
 
     def forward(self, q, k, pos):
-        q, k = torch.ops.kernels.rotary_embedding(q, k, self.cos, self.sin, pos, False)
+        q, k = torch.ops.kiln.rotary_embedding(q, k, self.cos, self.sin, pos, False)
         return q.sum(-2) + k.sum(-2)
 
 
 def test_export_traces_through_the_op(assert_close):
     args = (torch.randn(2, 5, 4, 32), torch.randn(2, 5, 2, 32), torch.randint(0, 16, (2, 5)))
     ep = torch.export.export(_Rope(), args)
-    assert "kernels.rotary_embedding.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.rotary_embedding.default" in {str(n.target) for n in ep.graph.nodes}
     assert_close(ep.module()(*args), _Rope()(*args))
 
 
@@ -172,4 +172,4 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     q = torch.empty(512, 32, 128, dtype=torch.bfloat16, device="meta")
     cos = torch.empty(4096, 64, device="meta")
     pos = torch.empty(512, dtype=torch.int64, device="meta")
-    assert kernels.op_cost("rotary_embedding", q, q, cos, cos, pos) == c
+    assert kiln_kernels.op_cost("rotary_embedding", q, q, cos, cos, pos) == c

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.softmax import softmax_cost, softmax_reference, softmax_triton
+import kiln_kernels
+from kiln_kernels.softmax import softmax_cost, softmax_reference, softmax_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = {
@@ -94,27 +94,27 @@ def test_mask_that_does_not_broadcast_raises():
 
 def test_custom_op_matches_reference_and_torch(op_device, assert_close):
     x, mask = torch.randn(2, 3, 5, 5, device=op_device), torch.randn(2, 1, 1, 5, device=op_device)
-    y = torch.ops.kernels.softmax(x, mask)
+    y = torch.ops.kiln.softmax(x, mask)
     assert y.device.type == op_device
     assert_close(y, softmax_reference(_d(x), _d(mask)))
-    assert_close(torch.ops.kernels.softmax(x, None), torch.softmax(x, dim=-1))
+    assert_close(torch.ops.kiln.softmax(x, None), torch.softmax(x, dim=-1))
 
 
 def test_opcheck_schema_fake_and_dispatch(op_device):
     x, mask = torch.randn(2, 3, 5, 7, device=op_device), torch.randn(2, 1, 1, 7, device=op_device)
-    torch.library.opcheck(torch.ops.kernels.softmax.default, (x, mask))
-    torch.library.opcheck(torch.ops.kernels.softmax.default, (x, None))
+    torch.library.opcheck(torch.ops.kiln.softmax.default, (x, mask))
+    torch.library.opcheck(torch.ops.kiln.softmax.default, (x, None))
 
 
 class _Scores(torch.nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kernels.softmax(x * 0.5, mask)
+        return torch.ops.kiln.softmax(x * 0.5, mask)
 
 
 def test_export_traces_through_the_op(assert_close):
     x, mask = torch.randn(2, 3, 5, 5), torch.randn(2, 1, 1, 5)
     ep = torch.export.export(_Scores(), (x, mask))
-    assert "kernels.softmax.default" in {str(n.target) for n in ep.graph.nodes}
+    assert "kiln.softmax.default" in {str(n.target) for n in ep.graph.nodes}
     assert_close(ep.module()(x, mask), _Scores()(x, mask))
 
 
@@ -126,7 +126,7 @@ def test_cost_model_counts_flops_and_bytes_by_hand():
     assert c.bytes == rows * 384 * 2 * 2 + 8 * 384 * 2
     x = torch.empty(8, 12, 384, 384, dtype=torch.float16, device="meta")
     m = torch.empty(8, 1, 1, 384, dtype=torch.float16, device="meta")
-    assert kernels.op_cost("softmax", x, m) == c
+    assert kiln_kernels.op_cost("softmax", x, m) == c
 
 
 def test_in_place_softmax(device, assert_close):

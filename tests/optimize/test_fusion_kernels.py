@@ -1,6 +1,6 @@
 """The fused graphs run on the Triton kernels themselves, not only on their references.
 
-On CPU the `torch.ops.kernels.*` ops run plain-torch references; on GPU they launch Triton. To
+On CPU the `torch.ops.kiln.*` ops run plain-torch references; on GPU they launch Triton. To
 check here that what the passes emit (argument order, strides, packed layouts, dtypes) is what
 the Triton launchers accept, each graph is run again with every kiln op swapped for its
 launcher under TRITON_INTERPRET=1 (set by tests/conftest.py on machines without a GPU).
@@ -19,22 +19,22 @@ from optimize.sources import load_source
 from optimize.verify import compare_real_tokens
 from tests.optimize.hf_random import TINY_BERT, hf_dir
 
-kernels = pytest.importorskip("kernels")
-from kernels._util import INTERPRET  # noqa: E402
+import kiln_kernels
+from kiln_kernels._util import INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (CPU); GPU tests cover the GPU")
 
-ops = torch.ops.kernels
+ops = torch.ops.kiln
 LAUNCHERS = {
-    ops.attention.default: kernels.attention_triton,
-    ops.attention_varlen.default: kernels.attention_varlen_triton,
-    ops.layer_norm.default: kernels.layer_norm_triton,
-    ops.add_layer_norm.default: lambda x, r, w, b, eps: kernels.layer_norm_triton(x, w, b, eps, r),
-    ops.bias_gelu.default: kernels.bias_gelu_triton,
+    ops.attention.default: kiln_kernels.attention_triton,
+    ops.attention_varlen.default: kiln_kernels.attention_varlen_triton,
+    ops.layer_norm.default: kiln_kernels.layer_norm_triton,
+    ops.add_layer_norm.default: lambda x, r, w, b, eps: kiln_kernels.layer_norm_triton(x, w, b, eps, r),
+    ops.bias_gelu.default: kiln_kernels.bias_gelu_triton,
     ops.embedding_layer_norm.default: lambda ids, pos_ids, type_ids, word, pos, types, w, b, eps:
-        kernels.embedding_layer_norm_triton(ids, word, pos, types, w, b, eps, position_ids=pos_ids,
+        kiln_kernels.embedding_layer_norm_triton(ids, word, pos, types, w, b, eps, position_ids=pos_ids,
                                             token_type_ids=type_ids),
-    ops.int8_weight_linear.default: kernels.int8_weight_linear_triton,
+    ops.int8_weight_linear.default: kiln_kernels.int8_weight_linear_triton,
 }
 
 
@@ -71,7 +71,7 @@ def test_fused_graph_on_the_triton_kernels_matches_eager(model: str, precision: 
     with torch.inference_mode():
         expected = src.module(**feeds)
         got = interpreter.run(*[feeds[n] for n in names])
-    assert ("kernels::attention_varlen" if packed else "kernels::attention") in interpreter.launched
+    assert ("kiln::attention_varlen" if packed else "kiln::attention") in interpreter.launched
     tolerance = config.tolerance
     for name, stats in compare_real_tokens(feeds, expected, got).items():
         assert stats["max_abs_error"] <= tolerance.max_abs_error and stats["min_cosine"] >= tolerance.min_cosine, name

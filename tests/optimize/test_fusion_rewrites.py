@@ -16,8 +16,7 @@ from optimize.passes.base import call_nodes
 from optimize.sources import load_source
 from optimize.verify import compare_real_tokens
 
-kernels = pytest.importorskip("kernels")
-ops = torch.ops.kernels
+ops = torch.ops.kiln
 aten = torch.ops.aten
 TOKENS = {0: "batch", 1: "seq"}
 

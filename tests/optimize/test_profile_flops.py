@@ -134,7 +134,7 @@ def test_ops_without_a_formula_are_reported_not_counted_as_zero():
 
 
 def test_kernels_custom_ops_use_their_cost_models():
-    kernels = pytest.importorskip("kernels")
+    import kiln_kernels
     b, s, h, d = 2, 19, 4, 16
 
     class Block(torch.nn.Module):
@@ -144,32 +144,32 @@ def test_kernels_custom_ops_use_their_cost_models():
             self.bias = torch.nn.Parameter(torch.zeros(h * d))
 
         def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            o = torch.ops.kernels.attention(q, k, v, None, True)
-            return torch.ops.kernels.layer_norm(o.reshape(b, s, h * d), self.weight, self.bias, 1e-5)
+            o = torch.ops.kiln.attention(q, k, v, None, True)
+            return torch.ops.kiln.layer_norm(o.reshape(b, s, h * d), self.weight, self.bias, 1e-5)
 
     q, k, v = (torch.randn(b, s, h, d) for _ in range(3))
     prof = optimize.profile.count(Block(), (q, k, v))
     by_op = {op.op: op for op in prof.ops}
-    attention = kernels.attention_cost(b, h, s, s, d, torch.float32, causal=True)
-    norm = kernels.layer_norm_cost(b * s, h * d, torch.float32)
-    assert by_op["kernels.attention"].flops == attention.flops
-    assert by_op["kernels.attention"].bytes == attention.bytes
-    assert by_op["kernels.attention"].kind == "attention"
-    assert by_op["kernels.layer_norm"].vector_flops == norm.flops and by_op["kernels.layer_norm"].flops == 0
+    attention = kiln_kernels.attention_cost(b, h, s, s, d, torch.float32, causal=True)
+    norm = kiln_kernels.layer_norm_cost(b * s, h * d, torch.float32)
+    assert by_op["kiln.attention"].flops == attention.flops
+    assert by_op["kiln.attention"].bytes == attention.bytes
+    assert by_op["kiln.attention"].kind == "attention"
+    assert by_op["kiln.layer_norm"].vector_flops == norm.flops and by_op["kiln.layer_norm"].flops == 0
     assert prof.uncounted == []
 
 
 def test_custom_op_without_a_cost_model_is_reported(monkeypatch):
-    kernels = pytest.importorskip("kernels")
-    monkeypatch.setattr(kernels, "ARGS_COST_MODELS", {})
-    monkeypatch.setattr(kernels, "COST_MODELS", {})
+    import kiln_kernels
+    monkeypatch.setattr(kiln_kernels, "ARGS_COST_MODELS", {})
+    monkeypatch.setattr(kiln_kernels, "COST_MODELS", {})
 
     class Norm(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.kernels.layer_norm(x, torch.ones(8), None, 1e-5)
+            return torch.ops.kiln.layer_norm(x, torch.ones(8), None, 1e-5)
 
     prof = optimize.profile.count(Norm(), (torch.randn(3, 8),))
-    assert [u.op for u in prof.uncounted] == ["kernels.layer_norm"]
+    assert [u.op for u in prof.uncounted] == ["kiln.layer_norm"]
     assert "no cost model" in prof.uncounted[0].reason
 
 

@@ -4,7 +4,6 @@ exits 0 on SIGTERM; refuses to start without a repository."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,9 +20,8 @@ START_TIMEOUT_S = 60.0
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with log.open("wb") as sink:  # a file, not a pipe: a chatty server never blocks on it
-        return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT,
                                 stdout=sink, stderr=subprocess.STDOUT)
 
 
@@ -102,7 +100,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, mini
     and the process exits 0 within the grace period."""
     import numpy as np
 
-    from tests.server.conftest import make_repository
+    from tests.server.harness import make_repository
 
     # A long queue delay keeps requests queued until the shutdown flushes them.
     repository = make_repository(tmp_path, minilm_engine_dir, max_batch_size=8, max_queue_delay_us=3_000_000)

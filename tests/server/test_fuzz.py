@@ -23,7 +23,7 @@ from server.config import ModelConfig
 from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model, Repository
-from tests.server.conftest import RunningServer, running_server
+from tests.server.harness import RunningServer, running_server
 from tests.server.fakes import FakeEngine, FakeTextEngine
 
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64",

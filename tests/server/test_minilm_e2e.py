@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 import optimize
-from tests.server.conftest import RunningServer, int64_inputs, make_repository, running_server
+from tests.server.harness import RunningServer, int64_inputs, make_repository, running_server
 
 VOCAB = 30522
 RPC_TIMEOUT_S = 60.0

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from server.logs import JsonFormatter
-from tests.server.conftest import fake_repository, int64_inputs, running_server
+from tests.server.harness import fake_repository, int64_inputs, running_server
 from tests.server.fakes import FakeEngine
 
 RPC_TIMEOUT_S = 20.0

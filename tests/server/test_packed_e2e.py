@@ -17,9 +17,9 @@ import tritonclient.grpc as grpcclient
 import optimize
 from server.layout import Packed
 from tests.optimize.hf_random import TINY_BERT, hf_dir
-from tests.server.conftest import RunningServer, int64_inputs, make_repository, running_server
+from tests.server.harness import RunningServer, int64_inputs, make_repository, running_server
 
-pytest.importorskip("kernels")
+import kiln_kernels  # noqa: F401  (registers torch.ops.kiln)
 
 VOCAB = TINY_BERT["vocab_size"]
 

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from optimize.errors import EngineError
-from tests.server.conftest import RunningServer, fake_repository, int64_inputs, running_server
+from tests.server.harness import RunningServer, fake_repository, int64_inputs, running_server
 from tests.server.fakes import EchoEngine, FakeEngine, FakeTextEngine, expected_features, token_manifest
 
 RPC_TIMEOUT_S = 20.0

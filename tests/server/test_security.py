@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server.conftest import RunningServer, fake_repository, int64_inputs, running_server
+from tests.server.harness import RunningServer, fake_repository, int64_inputs, running_server
 from tests.server.fakes import FakeEngine
 
 TOKEN = "s3cret-token"

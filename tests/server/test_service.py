@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server.conftest import RunningServer, fake_repository, running_server
+from tests.server.harness import RunningServer, fake_repository, running_server
 from tests.server.fakes import EchoEngine, FakeEngine, expected_features
 
 RPC_TIMEOUT_S = 20.0

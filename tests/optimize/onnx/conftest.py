@@ -13,9 +13,8 @@ import torch
 from optimize.config import CompileConfig
 from optimize.onnx import OnnxPassContext, export_program
 from optimize.sources.base import Source
+from tests.optimize.onnx.shapes import CONFIG
 
-# Small shape ranges keep export, calibration and ORT runs fast on the 2-core CI machine.
-CONFIG = CompileConfig(max_batch=4, max_seq=32)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 import optimize
 from optimize.config import CompileConfig, Tolerance
 from optimize.errors import AccuracyError, ConfigError
-from optimize.onnx import ONNX_PASSES, OnnxPassContext, ort_verifier, run_onnx_passes
+from optimize.onnx import ONNX_PASSES, ort_verifier, run_onnx_passes
 
 
 def _context(pass_context, **config):

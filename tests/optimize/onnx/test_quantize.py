@@ -104,7 +104,7 @@ def test_dynamic_int8_on_real_sentences_stays_above_0_99_but_for_a_greeting(mini
 def test_activation_sqnr_ranks_the_gelu_outputs_lowest(minilm_onnx, minilm_source):
     from optimize.samples import calibration_feeds
 
-    from tests.optimize.onnx.conftest import CONFIG
+    from tests.optimize.onnx.shapes import CONFIG
 
     g = Graph(minilm_onnx)
     inputs = sorted({n.input[0] for n in g.graph.node if n.op_type == "MatMul" and g.constant(n.input[1]) is not None})

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import (
+from kiln_kernels._util import (
     row_autotune,
     FLOAT_DTYPES,
     check_dtype,
@@ -25,7 +25,7 @@ from kernels._util import (
     shares_storage,
     use_autotune,
 )
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = ["softmax", "softmax_triton", "softmax_reference", "softmax_cost"]
 
@@ -187,7 +187,7 @@ def softmax_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::softmax", mutates_args=())
+@torch.library.custom_op("kiln::softmax", mutates_args=())
 def softmax(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``softmax(x + mask, dim=-1)``; fully masked rows give zeros. CPU runs the reference,
     CUDA Triton."""

@@ -1,4 +1,4 @@
-"""Access to the compiled CUDA extension `kernels._C` (built from csrc/ by setup.py).
+"""Access to the compiled CUDA extension `kiln_kernels._C` (built from csrc/ by setup.py).
 
 The extension is optional: without nvcc at install time it is absent, and without a GPU it
 imports but reports no device. `extension()` returns the module or raises one clear error.
@@ -17,14 +17,14 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
     try:
-        from kernels import _C  # type: ignore[attr-defined]
+        from kiln_kernels import _C  # type: ignore[attr-defined]
     except ImportError as exc:
-        return None, f"the CUDA extension kernels._C is not built ({exc}); reinstall with nvcc on PATH"
+        return None, f"the CUDA extension kiln_kernels._C is not built ({exc}); reinstall with nvcc on PATH"
     return _C, ""
 
 
 def extension() -> ModuleType:
-    """The loaded `kernels._C` module; raises RuntimeError saying why when it is unavailable."""
+    """The loaded `kiln_kernels._C` module; raises RuntimeError saying why when it is unavailable."""
     module, reason = _load()
     if module is None:
         raise RuntimeError(reason)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import (
+from kiln_kernels._util import (
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
@@ -42,7 +42,7 @@ from kernels._util import (
     shares_storage,
     use_autotune,
 )
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = [
     "attention",
@@ -438,7 +438,7 @@ def attention_varlen_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::attention", mutates_args=())
+@torch.library.custom_op("kiln::attention", mutates_args=())
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -462,7 +462,7 @@ def _attention_fake(q, k, v, key_mask, causal=False, sm_scale=None):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("kernels::attention_varlen", mutates_args=())
+@torch.library.custom_op("kiln::attention_varlen", mutates_args=())
 def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

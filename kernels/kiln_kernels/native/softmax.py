@@ -1,6 +1,6 @@
 """Fused scale + additive mask + softmax (CUDA C++, rows of at most 1024 columns).
 
-Registered as `torch.ops.kernels_cuda.scale_mask_softmax`: CUDA tensors run csrc/softmax.cu,
+Registered as `torch.ops.kiln_cuda.scale_mask_softmax`: CUDA tensors run csrc/softmax.cu,
 CPU tensors run the reference. Fully masked rows give zeros, not NaN.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.native._ext import DTYPE_CODES, check_cuda_tensor, extension, stream_handle
+from kiln_kernels.native._ext import DTYPE_CODES, check_cuda_tensor, extension, stream_handle
 
 MAX_COLS = 1024  # one warp per row, 32 values per lane in registers (csrc/softmax.cu)
 
@@ -60,7 +60,7 @@ def scale_mask_softmax_reference(x: torch.Tensor, mask: torch.Tensor | None, sca
     return out.reshape(x.shape).to(x.dtype)
 
 
-@torch.library.custom_op("kernels_cuda::scale_mask_softmax", mutates_args=())
+@torch.library.custom_op("kiln_cuda::scale_mask_softmax", mutates_args=())
 def scale_mask_softmax(x: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     if x.is_cuda:
         return scale_mask_softmax_cuda(x, mask, scale)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, use_autotune
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, use_autotune
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = [
     "rotary_embedding",
@@ -204,7 +204,7 @@ def rotary_embedding_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::rotary_embedding", mutates_args=())
+@torch.library.custom_op("kiln::rotary_embedding", mutates_args=())
 def rotary_embedding(
     q: torch.Tensor,
     k: torch.Tensor,

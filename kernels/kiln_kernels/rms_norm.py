@@ -1,7 +1,7 @@
 """RMSNorm over the last dimension, optionally fused with the residual add before it.
 
 ``y = x / sqrt(mean(x**2) + eps) * weight`` (Llama, Mistral, T5). Like
-:mod:`kernels.layer_norm`, the fused form reads ``x`` and ``residual`` once and writes both the
+:mod:`kiln.layer_norm`, the fused form reads ``x`` and ``residual`` once and writes both the
 sum (the next residual) and the normalized output; the mean square is accumulated in fp32.
 """
 
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import (
+from kiln_kernels._util import (
     row_autotune,
     FLOAT_DTYPES,
     check_dtype,
@@ -23,7 +23,7 @@ from kernels._util import (
     shares_storage,
     use_autotune,
 )
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_triton", "rms_norm_reference", "rms_norm_cost"]
 
@@ -189,7 +189,7 @@ def rms_norm_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::rms_norm", mutates_args=())
+@torch.library.custom_op("kiln::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim; fp32 statistics. CPU runs the reference, CUDA Triton."""
     return rms_norm_reference(x, weight, eps)
@@ -205,7 +205,7 @@ def _rms_norm_fake(x, weight, eps):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("kernels::add_rms_norm", mutates_args=())
+@torch.library.custom_op("kiln::add_rms_norm", mutates_args=())
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.native._ext import check_cuda_tensor, extension, stream_handle
+from kiln_kernels.native._ext import check_cuda_tensor, extension, stream_handle
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64)
 
@@ -70,7 +70,7 @@ def scatter_rows_cuda(packed: torch.Tensor, token_index: torch.Tensor, batch: in
     return out
 
 
-@torch.library.custom_op("kernels_cuda::pack_indices", mutates_args=())
+@torch.library.custom_op("kiln_cuda::pack_indices", mutates_args=())
 def pack_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token_index int32 [tokens], cu_seqlens int32 [batch + 1], max_len int32 [1]) of a mask."""
     if mask.is_cuda:
@@ -85,7 +85,7 @@ def _(mask):  # type: ignore[no-untyped-def]
             mask.new_empty(1, dtype=torch.int32))
 
 
-@torch.library.custom_op("kernels_cuda::gather_rows", mutates_args=())
+@torch.library.custom_op("kiln_cuda::gather_rows", mutates_args=())
 def gather_rows(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
     """Pack [batch, seq, ...] → [tokens, ...] by `token_index` (from `pack_indices`)."""
     if x.is_cuda:
@@ -98,7 +98,7 @@ def _(x, token_index):  # type: ignore[no-untyped-def]
     return x.new_empty((token_index.shape[0], *x.shape[2:]))
 
 
-@torch.library.custom_op("kernels_cuda::scatter_rows", mutates_args=())
+@torch.library.custom_op("kiln_cuda::scatter_rows", mutates_args=())
 def scatter_rows(packed: torch.Tensor, token_index: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """Restore [batch, seq, ...] from packed rows; padding positions are zero."""
     if packed.is_cuda:

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, fixed_row_config, use_autotune
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, fixed_row_config, use_autotune
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = [
     "embedding_layer_norm",
@@ -263,7 +263,7 @@ def embedding_layer_norm_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::embedding_layer_norm", mutates_args=())
+@torch.library.custom_op("kiln::embedding_layer_norm", mutates_args=())
 def embedding_layer_norm(
     input_ids: torch.Tensor,
     position_ids: Optional[torch.Tensor],

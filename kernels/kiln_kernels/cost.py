@@ -61,7 +61,7 @@ class Cost:
 
 CostFn = Callable[..., Cost]
 
-#: op name (as in ``torch.ops.kernels.<name>``) -> cost formula over shapes and dtypes.
+#: op name (as in ``torch.ops.kiln.<name>``) -> cost formula over shapes and dtypes.
 #: Each formula's own docstring lists its arguments.
 COST_MODELS: dict[str, CostFn] = {}
 
@@ -93,7 +93,7 @@ def register_cost(name: str, shapes: CostFn, from_args: CostFn) -> None:
 
 
 def op_cost(name: str, *args: Any, **kwargs: Any) -> Cost:
-    """Cost of calling ``torch.ops.kernels.<name>(*args, **kwargs)``.
+    """Cost of calling ``torch.ops.kiln.<name>(*args, **kwargs)``.
 
     Raises:
         KeyError: if no op of that name registered a cost model.

@@ -1,6 +1,6 @@
 """Fused bias + residual + LayerNorm (CUDA C++, hidden sizes up to 1024).
 
-Registered as `torch.ops.kernels_cuda.bias_residual_layer_norm`: CUDA tensors run
+Registered as `torch.ops.kiln_cuda.bias_residual_layer_norm`: CUDA tensors run
 csrc/layer_norm.cu, CPU tensors run the reference. Returns (normalized, x + bias + residual);
 the second output is the next layer's residual stream, saving a separate add kernel.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.native._ext import DTYPE_CODES, check_cuda_tensor, extension, stream_handle
+from kiln_kernels.native._ext import DTYPE_CODES, check_cuda_tensor, extension, stream_handle
 
 MAX_HIDDEN = 1024  # whole row in one warp's registers (csrc/layer_norm.cu)
 
@@ -66,7 +66,7 @@ def bias_residual_layer_norm_reference(
     return y.to(x.dtype), s.to(x.dtype)
 
 
-@torch.library.custom_op("kernels_cuda::bias_residual_layer_norm", mutates_args=())
+@torch.library.custom_op("kiln_cuda::bias_residual_layer_norm", mutates_args=())
 def bias_residual_layer_norm(
     x: torch.Tensor,
     bias: torch.Tensor | None,

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 #: Triton decides at ``@triton.jit`` time whether a kernel is compiled or interpreted, so this
-#: flag is read once, when ``kernels`` is imported, exactly as Triton read it.
+#: flag is read once, when ``kiln_kernels`` is imported, exactly as Triton read it.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 
@@ -27,7 +27,7 @@ def check_launchable(*tensors: torch.Tensor | None) -> None:
     if not INTERPRET and any(d.type != "cuda" for d in devices):
         raise RuntimeError(
             "the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-            "imported to run on CPU; the torch.ops.kernels.* ops run the reference on CPU"
+            "imported to run on CPU; the torch.ops.kiln.* ops run the reference on CPU"
         )
 
 

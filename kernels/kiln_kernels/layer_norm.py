@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import (
+from kiln_kernels._util import (
     row_autotune,
     FLOAT_DTYPES,
     check_dtype,
@@ -25,7 +25,7 @@ from kernels._util import (
     shares_storage,
     use_autotune,
 )
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = [
     "layer_norm",
@@ -231,7 +231,7 @@ def layer_norm_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::layer_norm", mutates_args=())
+@torch.library.custom_op("kiln::layer_norm", mutates_args=())
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float
 ) -> torch.Tensor:
@@ -249,7 +249,7 @@ def _layer_norm_fake(x, weight, bias, eps):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("kernels::add_layer_norm", mutates_args=())
+@torch.library.custom_op("kiln::add_layer_norm", mutates_args=())
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor,

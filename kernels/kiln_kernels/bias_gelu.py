@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, shares_storage, use_autotune
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, shares_storage, use_autotune
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = ["bias_gelu", "bias_gelu_triton", "bias_gelu_reference", "bias_gelu_cost", "gelu"]
 
@@ -124,7 +124,7 @@ def bias_gelu_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::bias_gelu", mutates_args=())
+@torch.library.custom_op("kiln::bias_gelu", mutates_args=())
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
     """``gelu(x + bias)``; ``approximate`` is ``"none"`` (erf) or ``"tanh"``. CPU runs the
     reference, CUDA Triton."""

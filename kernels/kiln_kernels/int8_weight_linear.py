@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._util import (
+from kiln_kernels._util import (
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
@@ -26,8 +26,8 @@ from kernels._util import (
     shares_storage,
     use_autotune,
 )
-from kernels.bias_gelu import gelu
-from kernels.cost import Cost, itemsize, register_cost
+from kiln_kernels.bias_gelu import gelu
+from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = [
     "int8_weight_linear",
@@ -312,7 +312,7 @@ def int8_weight_linear_triton(
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::int8_weight_linear", mutates_args=())
+@torch.library.custom_op("kiln::int8_weight_linear", mutates_args=())
 def int8_weight_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
