@@ -158,6 +158,10 @@ def test_load_explains_what_is_wrong_with_a_directory(tmp_path: Path, minilm_eng
     (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
     with pytest.raises(EngineError, match="format_version 0"):
         optimize.load(broken)
+    # format 1 engines called kernel ops by their old names: refused with the reason and the fix
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(EngineError, match=r"torch\.ops\.kiln.*recompile the engine with `python -m optimize compile`"):
+        optimize.load(broken)
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="payload file model.onnx is missing"):
         optimize.load(broken)

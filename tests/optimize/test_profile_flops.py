@@ -173,6 +173,31 @@ def test_custom_op_without_a_cost_model_is_reported(monkeypatch):
     assert "no cost model" in prof.uncounted[0].reason
 
 
+@torch.library.custom_op("kiln_test_other_library::layer_norm", mutates_args=())
+def _other_library_layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, x.shape[-1:])
+
+
+@_other_library_layer_norm.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_another_librarys_op_named_like_a_kiln_kernel_is_not_costed_as_one():
+    """Costs are looked up by name only inside kiln's namespace: `other::layer_norm` could
+    be anything, and a wrong count is worse than a missing one."""
+    import kiln_kernels  # noqa: F401  (registers kiln::layer_norm, whose cost model must not be used here)
+
+    class Norm(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.kiln_test_other_library.layer_norm(x)
+
+    prof = optimize.profile.count(Norm(), (torch.randn(3, 8),))
+    assert [u.op for u in prof.uncounted] == ["kiln_test_other_library.layer_norm"]
+    assert "not a kiln kernel" in prof.uncounted[0].reason
+    assert prof.totals.flops == 0 and prof.totals.vector_flops == 0
+
+
 def test_bytes_are_minimum_traffic_per_op():
     class Mixed(torch.nn.Module):
         def __init__(self) -> None:
