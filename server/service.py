@@ -7,7 +7,8 @@ into INTERNAL, logged with the request's id.
 
 Models may come and go while serving (explicit model control): `schedulers` maps each served
 model's name to its scheduler, which holds the model; loading swaps a new scheduler in before
-the old one drains, unloading takes it out and drains it.
+the old one drains, unloading takes it out and drains it; a drained engine's memory goes back
+to the OS (`memory`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import grpc
 import optimize
 from optimize.errors import OptimizeError
 from optimize.specs import Dim, TensorSpec
-from server import codec
+from server import codec, memory
 from server.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -387,6 +388,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 log.info("model '%s' unloaded", name, extra={"model": name})
 
     async def _retire(self, scheduler: ModelScheduler) -> None:
+        """Drain an unloaded or replaced model's scheduler; once the last request holding its
+        engine is answered and the engine freed, its memory goes back to the OS."""
+        memory.release_heap_when_freed(scheduler.model.engine, asyncio.get_running_loop())
         self._retired.add(scheduler)
         try:
             await scheduler.stop(self._unload_grace_s)

@@ -4,6 +4,8 @@ failures and shutdown answered explicitly, cancelled requests dropped. No socket
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -333,3 +335,24 @@ def test_timings_and_statistics_account_for_queue_and_compute_time():
     for t in timings:
         assert t.queue_ns >= 15e6  # waited for the 20 ms delay (minus clock granularity)
         assert t.compute_infer_ns >= 45e6  # the engine's 50 ms
+
+
+def test_a_stopped_scheduler_is_freed_without_the_cyclic_garbage_collector():
+    # Its cancelled timer task once kept it (and so its model's engine) alive in a reference
+    # cycle until a full collection: a replaced engine per reload.
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8)
+
+    async def main() -> weakref.ref[ModelScheduler]:
+        await scheduler.start()
+        await scheduler.infer(request(1), 1)
+        await scheduler.stop(grace_s=5)
+        return weakref.ref(scheduler)
+
+    gc.disable()
+    try:
+        ref = run(main())
+        del scheduler
+        assert ref() is None
+    finally:
+        gc.enable()
