@@ -17,6 +17,12 @@ from server.errors import ConfigError
 
 INT32_MAX = 2**31 - 1
 CONFIG_FILE = "config.toml"
+# gRPC messages received or sent, at most. Large enough for MiniLM-class token outputs at any
+# batch (8 x 64 tokens x 384 floats are 0.8 MB; 64 x 512 x 384 are 48 MiB); small enough that
+# clients cannot make the server buffer gigabytes: gRPC holds a whole message in memory before
+# the service sees it, and with INT32_MAX (Triton's) one client could take the host down.
+# Raise it (`--max-message-bytes`) for wider models' token outputs.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -224,8 +230,9 @@ class ServerConfig:
 
     - `repository`: the model repository directory (`<repo>/<model>/<version>/`).
     - `host`, `port`: where to listen; port 0 picks a free port (`create_server` returns it).
-    - `max_message_bytes`: the largest gRPC message received or sent. gRPC's default of 4 MiB
-      is too small for batched embeddings; Triton uses INT32_MAX, the largest gRPC accepts.
+    - `max_message_bytes`: the largest gRPC message received or sent; gRPC refuses larger ones
+      with RESOURCE_EXHAUSTED. Default 64 MiB: gRPC's 4 MiB is too small for batched outputs,
+      and Triton's INT32_MAX lets one client make the server buffer 2 GiB per request.
     - `shutdown_grace_s`: on SIGTERM, how long queued and running requests may take to finish
       before the rest are failed with UNAVAILABLE.
     - `metrics_port`: Prometheus metrics over HTTP at `http://host:metrics_port/metrics`
@@ -242,7 +249,7 @@ class ServerConfig:
     repository: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8001
-    max_message_bytes: int = INT32_MAX
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_grace_s: float = 30.0
     metrics_port: int | None = None
     tls_cert_file: Path | None = None

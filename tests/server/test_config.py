@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.batcher import QueuePolicy
-from server.config import INT32_MAX, ModelConfig, ServerConfig
+from server.config import DEFAULT_MAX_MESSAGE_BYTES, ModelConfig, ServerConfig
 from server.errors import ConfigError
 
 
@@ -93,9 +93,9 @@ def test_max_batch_size_above_the_engine_maximum_is_refused():
     assert ModelConfig(max_batch_size=0).resolve(8).max_batch_size == 0  # batching turned off
 
 
-def test_server_config_defaults_raise_grpc_message_limits_to_int32_max():
+def test_server_config_bounds_grpc_messages_to_64_mib_by_default():
     config = ServerConfig(repository="engines")
-    assert config.max_message_bytes == INT32_MAX
+    assert config.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES == 64 * 1024 * 1024
     assert config.repository == Path("engines")
     assert config.address == "127.0.0.1:8001"
     assert ServerConfig(host="::1", port=0).address == "[::1]:0"

@@ -338,6 +338,22 @@ def test_messages_above_the_configured_limit_are_refused_and_the_server_keeps_se
         assert echo(1024).shape == (1, 1024)
 
 
+def test_messages_over_the_default_64_mib_are_resource_exhausted():
+    repo = fake_repository(EchoEngine(), name="echo", max_batch_size=4)
+    with running_server(repo) as running:
+        client = running.client()
+        x = np.zeros((4, 4 * 1024 * 1024), np.float32)  # 64 MiB of data, plus the message's framing
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("echo", [tensor], client_timeout=RPC_TIMEOUT_S)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        del tensor, x
+        small = grpcclient.InferInput("x", [1, 8], "FP32")
+        small.set_data_from_numpy(np.ones((1, 8), np.float32))
+        assert client.infer("echo", [small], client_timeout=RPC_TIMEOUT_S).as_numpy("y").tolist() == [[2.0] * 8]
+
+
 # -- text requests ------------------------------------------------------------------------------------
 
 def text_input(texts: list[bytes], shape: list[int] | None = None) -> grpcclient.InferInput:
