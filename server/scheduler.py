@@ -94,10 +94,10 @@ class ModelScheduler:
                     timings: Timings | None = None) -> Tensors:
         """Queue one validated request of `size` samples and return its outputs.
 
-        `text` marks a request of texts (`{"text": ...}`) for the engine's pipeline; `priority`
-        and `timeout_us` are the request's parameters (0: none); `deadline_in_s` is the time
-        its client still waits (None: forever). `timings`, when given, receives where the time
-        went.
+        `text` marks a request of texts, already tokenized by the engine's pipeline (it batches
+        with other texts through the model's `text_layout`); `priority` and `timeout_us` are
+        the request's parameters (0: none); `deadline_in_s` is the time its client still waits
+        (None: forever). `timings`, when given, receives where the time went.
 
         Raises `Unavailable` when the scheduler is not accepting requests, `Rejected` when the
         queue is full or the request timed out in it, `DeadlineExceeded` when its deadline

@@ -299,21 +299,20 @@ def test_sequence_buckets_batch_different_lengths_together_and_answer_each_at_it
         np.testing.assert_array_equal(out["features"][:, 3], masked_sum)
 
 
-def test_text_requests_are_tokenized_once_per_batch_and_get_the_pipeline_output():
+def test_tokenized_text_requests_of_any_length_share_a_batch():
     engine = FakeTextEngine(delay_s=0.05)
     scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=20_000)
-    texts = [["a bb ccc"], ["dddd", "ee"], ["f"]]
+    texts = [["a bb ccc"], ["dddd", "ee"], ["f"]]  # 3, 1 and 1 tokens wide
 
     async def main():  # type: ignore[no-untyped-def]
         await scheduler.start()
         results = await asyncio.gather(*(
-            scheduler.infer({"text": np.array(t, dtype=object)}, len(t), text=True) for t in texts))
+            scheduler.infer(engine.fake_pipeline.tokenize(t), len(t), text=True) for t in texts))
         await scheduler.stop(grace_s=5)
         return results
 
     results = run(main())
-    assert engine.fake_pipeline.calls == [["a bb ccc", "dddd", "ee", "f"]]  # one batched call
-    assert engine.calls == [4]
+    assert engine.calls == [4]  # one batch, padded to the longest text
     assert [r["lengths"].tolist() for r in results] == [[3], [1, 1], [1]]
     np.testing.assert_array_equal(results[0]["features"][0], [6, 1, 3, 6])  # word lengths 1, 2, 3
 
