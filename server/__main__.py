@@ -13,7 +13,7 @@ from pathlib import Path
 
 from server import logs
 from server.app import create_server
-from server.config import CONTROL_MODES, INT32_MAX, ServerConfig
+from server.config import CONTROL_MODES, DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
 from server.errors import ServerError
 
 log = logging.getLogger("server")
@@ -25,8 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
-    parser.add_argument("--max-message-bytes", type=int, default=INT32_MAX,
-                        help="largest gRPC message received or sent (default: INT32_MAX, as Triton)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest gRPC message received or sent; larger ones are refused with RESOURCE_EXHAUSTED "
+                             f"(default: {DEFAULT_MAX_MESSAGE_BYTES} = 64 MiB; at most 2147483647)")
     parser.add_argument("--shutdown-grace-s", type=float, default=30.0,
                         help="on SIGTERM, seconds for queued and running requests to finish (default: 30)")
     parser.add_argument("--metrics-port", type=int, default=8002,

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model
+from server.text import TextLimits
 
 # KServe v2 datatype → numpy dtype name (optimize.specs' canonical names). BYTES is a numpy
 # object array of `bytes`; BF16 has no numpy dtype.
@@ -151,12 +153,13 @@ def _decode_bytes(name: str, shape: tuple[int, ...], count: int, raw: bytes | No
     return array.reshape(shape)
 
 
-def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.ndarray]:
+def decode_inputs(request: pb.ModelInferRequest, model: Model, truncate: bool = False) -> dict[str, np.ndarray]:
     """The request's inputs as numpy arrays, checked for names, datatypes and data sizes
     against `model` (shapes and value ranges are the model's `check_inputs`' job).
 
     For a model with a text pipeline, a request may instead carry only the BYTES input
-    `model.text_input`; it decodes to `{"text": <object array of str, one per sample>}`.
+    `model.text_input`; it decodes to `{"text": <object array of str, one per sample>}`,
+    within the model's `text_limits` (texts over the per-text limit cut to it when `truncate`).
     Raises `InvalidArgument`."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -171,7 +174,8 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.n
         if tensor.name in arrays:
             raise InvalidArgument(f"input '{tensor.name}' is given twice")
         if text is not None and tensor.name == text:
-            arrays[text] = _decode_text(tensor, raw[index] if raw else None)
+            assert model.text_limits is not None
+            arrays[text] = _decode_text(tensor, raw[index] if raw else None, model.text_limits, truncate)
             continue
         spec = model.inputs.get(tensor.name)
         if spec is None:
@@ -196,8 +200,10 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model) -> dict[str, np.n
     return arrays
 
 
-def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
-    """A text input: BYTES of shape [n] or [n, 1], UTF-8; an object array of n str."""
+def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: TextLimits,
+                 truncate: bool) -> np.ndarray:
+    """A text input: BYTES of shape [n] or [n, 1], UTF-8, within `limits` (checked on the bytes,
+    before anything decodes a text too long to keep); an object array of n str."""
     name = tensor.name
     if tensor.datatype != "BYTES":
         raise InvalidArgument(f"input '{name}' has datatype {tensor.datatype or '(none)'}, expected BYTES")
@@ -206,8 +212,9 @@ def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
         raise InvalidArgument(
             f"input '{name}' has shape {_shape_str(shape)}, expected [n] or [n, 1] (one text per row)")
     elements = decode_tensor(name, "BYTES", shape, raw, tensor.contents if tensor.HasField("contents") else None)
-    texts = np.empty(elements.size, dtype=object)
-    for i, element in enumerate(elements.reshape(-1)):
+    bounded = limits.apply(name, list(elements.reshape(-1)), truncate)
+    texts = np.empty(len(bounded), dtype=object)
+    for i, element in enumerate(bounded):
         try:
             texts[i] = element.decode("utf-8")
         except UnicodeDecodeError:
@@ -216,6 +223,17 @@ def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
 
 
 _INT_PARAMETER = ("int64_param", "uint64_param")
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a request's parameters ask for: `priority` (0: the model's default level),
+    `timeout_us` (0: none) and `truncate` (cut texts over the model's per-text byte limit
+    instead of refusing them)."""
+
+    priority: int = 0
+    timeout_us: int = 0
+    truncate: bool = False
 
 
 def _int_parameter(request: pb.ModelInferRequest, name: str) -> int | None:
@@ -232,19 +250,29 @@ def _int_parameter(request: pb.ModelInferRequest, name: str) -> int | None:
     return int(value)
 
 
-def request_options(request: pb.ModelInferRequest) -> tuple[int, int]:
-    """The request's `priority` (0: the model's default level) and `timeout` (µs, 0: none)
-    parameters, Triton's names. Other parameters are accepted and ignored, except sequence
-    batching's, which kiln's models do not support. Raises `InvalidArgument`."""
+def _bool_parameter(request: pb.ModelInferRequest, name: str) -> bool:
+    if name not in request.parameters:
+        return False
+    kind = request.parameters[name].WhichOneof("parameter_choice")
+    if kind != "bool_param":
+        raise InvalidArgument(f"request parameter '{name}' must be a boolean (bool_param), got {kind}")
+    return bool(request.parameters[name].bool_param)
+
+
+def request_options(request: pb.ModelInferRequest) -> RequestOptions:
+    """The request's `priority` and `timeout` (µs) parameters, Triton's names, and `truncate`
+    (a boolean, as Hugging Face TEI's). Other parameters are accepted and ignored, except
+    sequence batching's, which kiln's models do not support. Raises `InvalidArgument`."""
     priority = _int_parameter(request, "priority") or 0
     timeout_us = _int_parameter(request, "timeout") or 0
+    truncate = _bool_parameter(request, "truncate")
     for name in ("sequence_id", "sequence_start", "sequence_end"):
         if name in request.parameters:
             parameter = request.parameters[name]
             kind = parameter.WhichOneof("parameter_choice")
             if kind is not None and getattr(parameter, kind):
                 raise InvalidArgument(f"request parameter '{name}': this model does not support sequence batching")
-    return priority, timeout_us
+    return RequestOptions(priority, timeout_us, truncate)
 
 
 def requested_outputs(request: pb.ModelInferRequest, model: Model, text: bool = False) -> list[str]:

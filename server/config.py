@@ -14,9 +14,16 @@ from typing import Any
 
 from server.batcher import TIMEOUT_ACTIONS, BatchPolicy, QueuePolicy
 from server.errors import ConfigError
+from server.text import default_max_text_bytes
 
 INT32_MAX = 2**31 - 1
 CONFIG_FILE = "config.toml"
+# gRPC messages received or sent, at most. Large enough for MiniLM-class token outputs at any
+# batch (8 x 64 tokens x 384 floats are 0.8 MB; 64 x 512 x 384 are 48 MiB); small enough that
+# clients cannot make the server buffer gigabytes: gRPC holds a whole message in memory before
+# the service sees it, and with INT32_MAX (Triton's) one client could take the host down.
+# Raise it (`--max-message-bytes`) for wider models' token outputs.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -91,6 +98,11 @@ class ModelConfig:
       pipeline: "tokens" (default: the engine's own inputs) or "text" (one BYTES input `text`
       and the pipeline's output). Both kinds of request are always accepted; one is listed so
       that tools which send every listed input (perf_analyzer) send a valid request.
+    - `max_text_bytes`: largest text (UTF-8 bytes) a request may send; larger ones are refused,
+      or cut to it when the request sets the parameter `truncate`. Default (None): the
+      pipeline's maximum tokens × `server.text.BYTES_PER_TOKEN` (32).
+    - `max_request_text_bytes`: largest sum of a request's texts (after truncation). Default
+      (None): `max_text_bytes` × the most texts a request may hold (never binding).
 
     Priorities and queue policy (Triton's `priority_levels` and `ModelQueuePolicy`):
     - `priority_levels` (0: none), `default_priority_level` (0: the lowest level) for requests
@@ -110,6 +122,8 @@ class ModelConfig:
     instances: int = 1
     inline_below_us: int = 100
     interface: str = "tokens"
+    max_text_bytes: int | None = None
+    max_request_text_bytes: int | None = None
     priority_levels: int = 0
     default_priority_level: int = 0
     queue_policy: QueuePolicy = QueuePolicy()
@@ -121,6 +135,9 @@ class ModelConfig:
         _check_int("max_queue_delay_us", self.max_queue_delay_us, 0, 60_000_000)
         _check_int("instances", self.instances, 1, 64)
         _check_int("inline_below_us", self.inline_below_us, 0, 1_000_000)
+        for name in ("max_text_bytes", "max_request_text_bytes"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1, INT32_MAX)
         object.__setattr__(self, "preferred_batch_sizes",
                            _check_sizes("preferred_batch_sizes", self.preferred_batch_sizes, INT32_MAX))
         object.__setattr__(self, "sequence_buckets", _check_sizes("sequence_buckets", self.sequence_buckets, INT32_MAX))
@@ -181,10 +198,12 @@ class ModelConfig:
             raise ConfigError(f"{path}: not readable TOML ({exc})") from None
         return cls.from_dict(data, source=str(path))
 
-    def resolve(self, engine_max_batch_size: int, source: str = "model config") -> ModelConfig:
+    def resolve(self, engine_max_batch_size: int, source: str = "model config",
+                max_tokens: int | None = None) -> ModelConfig:
         """This config with `max_batch_size` made concrete for an engine whose largest batch is
-        `engine_max_batch_size` (0: the engine has no batch dim). Raises `ConfigError` when the
-        config asks for more than the engine accepts."""
+        `engine_max_batch_size` (0: the engine has no batch dim), and, for an engine with a text
+        pipeline that keeps `max_tokens` tokens, the text byte limits. Raises `ConfigError` when
+        the config asks for more than the engine accepts."""
         if self.max_batch_size is None:
             resolved = dataclasses.replace(self, max_batch_size=engine_max_batch_size)
         elif self.max_batch_size > engine_max_batch_size:
@@ -199,7 +218,16 @@ class ModelConfig:
                 resolved.preferred_batch_sizes[-1] > resolved.max_batch_size:
             raise ConfigError(f"{source}: preferred_batch_sizes entry {resolved.preferred_batch_sizes[-1]} "
                               f"exceeds max_batch_size {resolved.max_batch_size}")
+        if max_tokens is not None:
+            per_text = resolved.max_text_bytes or default_max_text_bytes(max_tokens)
+            texts = resolved.max_texts(engine_max_batch_size)
+            resolved = dataclasses.replace(resolved, max_text_bytes=per_text,
+                                           max_request_text_bytes=resolved.max_request_text_bytes or per_text * texts)
         return resolved
+
+    def max_texts(self, engine_max_batch_size: int) -> int:
+        """The most texts one request may send: a batch's worth (one when nothing batches)."""
+        return self.max_batch_size or engine_max_batch_size or 1
 
     def batch_policy(self) -> BatchPolicy:
         """The batcher's policy for this (resolved) config."""
@@ -224,8 +252,9 @@ class ServerConfig:
 
     - `repository`: the model repository directory (`<repo>/<model>/<version>/`).
     - `host`, `port`: where to listen; port 0 picks a free port (`create_server` returns it).
-    - `max_message_bytes`: the largest gRPC message received or sent. gRPC's default of 4 MiB
-      is too small for batched embeddings; Triton uses INT32_MAX, the largest gRPC accepts.
+    - `max_message_bytes`: the largest gRPC message received or sent; gRPC refuses larger ones
+      with RESOURCE_EXHAUSTED. Default 64 MiB: gRPC's 4 MiB is too small for batched outputs,
+      and Triton's INT32_MAX lets one client make the server buffer 2 GiB per request.
     - `shutdown_grace_s`: on SIGTERM, how long queued and running requests may take to finish
       before the rest are failed with UNAVAILABLE.
     - `metrics_port`: Prometheus metrics over HTTP at `http://host:metrics_port/metrics`
@@ -242,7 +271,7 @@ class ServerConfig:
     repository: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8001
-    max_message_bytes: int = INT32_MAX
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_grace_s: float = 30.0
     metrics_port: int | None = None
     tls_cert_file: Path | None = None

@@ -15,14 +15,14 @@ outputs into one result per request. Pure numpy; unit-tested without an engine.
   length shares one batch, token rows are concatenated without any padding and delimited by
   `cu_seqlens` (see `Packed` for the contract).
 - `Unbatched`: models that do not batch run each request as it came.
-- `Text`: requests carrying a BYTES `text` input; the batch's texts are tokenized together by
-  the engine's pipeline (one batched call, padded to the longest text), then laid out by the
-  model's token layout.
+- `Text`: requests that carried a BYTES `text` input, tokenized by the service before they
+  were queued; every text request shares one key, the batch is padded to its longest text and
+  laid out by the model's token layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -277,32 +277,37 @@ def _token_layout(spec: TensorSpec) -> bool:
 
 
 class Text:
-    """Requests of texts (`{"text": object array of str, shape [n]}`), tokenized per batch.
+    """Requests of texts, tokenized before they were queued: `{"input_ids", "attention_mask"}`
+    of [n, longest of the request], as the engine pipeline's `tokenize` returns them.
 
-    `tokenize(texts) -> {"input_ids", "attention_mask"}` is the engine pipeline's batched
-    tokenizer; the tokens are then laid out by `inner` (the model's token layout) as one
-    request. Each request gets its rows back, with token-axis outputs cut to its longest text.
+    Texts of any length share a batch (one key): the batch's requests are padded to its longest
+    text (`pad_id` in `input_ids`, 0 elsewhere, so the attention mask hides the padding) and
+    laid out by `inner` (the model's token layout) as one request. Each request gets its rows
+    back, with token-axis outputs cut to its own longest text.
     """
 
-    def __init__(self, tokenize: Callable[[list[str]], Tensors], inner: Layout,
-                 outputs: Sequence[TensorSpec]) -> None:
-        self.tokenize = tokenize
+    def __init__(self, inner: Layout, outputs: Sequence[TensorSpec], pad_id: int = 0) -> None:
         self.inner = inner
+        self.pad_id = pad_id
         self.output_axes = {s.name: {1: s.shape[1].name} for s in outputs if _token_layout(s)}
 
     def key(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         return TEXT_KEY
 
     def assemble(self, requests: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, tuple[Any, list[_Cut]]]:
-        texts = [str(t) for r in requests for t in r["text"].reshape(-1)]
-        tokens = self.tokenize(texts)
-        lengths = tokens["attention_mask"].sum(axis=1) if "attention_mask" in tokens else None
-        cuts, row = [], 0
-        for request in requests:
-            rows = int(request["text"].size)
-            longest = int(lengths[row:row + rows].max()) if lengths is not None else tokens["input_ids"].shape[1]
-            cuts.append(_Cut(rows, {dim: longest for axes in self.output_axes.values() for dim in axes.values()}))
-            row += rows
+        longest = max(int(r["input_ids"].shape[1]) for r in requests)
+        total = sum(_rows(r) for r in requests)
+        tokens: Tensors = {}
+        for name, first in requests[0].items():
+            buffer = np.full((total, longest), self.pad_id if name == "input_ids" else 0, dtype=first.dtype)
+            row = 0
+            for request in requests:
+                part = request[name]
+                buffer[row:row + part.shape[0], :part.shape[1]] = part
+                row += part.shape[0]
+            tokens[name] = buffer
+        cuts = [_Cut(_rows(r), {dim: _longest_text(r) for axes in self.output_axes.values() for dim in axes.values()})
+                for r in requests]
         inputs, inner_plan = self.inner.assemble([tokens])
         return inputs, (inner_plan, cuts)
 
@@ -313,3 +318,10 @@ class Text:
 
     def execute(self, engine: Any, inputs: Tensors) -> Tensors:
         return self.inner.execute(engine, inputs)
+
+
+def _longest_text(tokens: Mapping[str, np.ndarray]) -> int:
+    """Tokens in the longest text of one request (its mask's longest row)."""
+    if "attention_mask" in tokens:
+        return int(tokens["attention_mask"].sum(axis=1).max())
+    return int(tokens["input_ids"].shape[1])

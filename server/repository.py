@@ -29,6 +29,7 @@ from optimize.specs import Dim, TensorSpec
 from server import layout as layouts
 from server.config import CONFIG_FILE, ModelConfig
 from server.errors import ConfigError, InvalidArgument, NotFound
+from server.text import TextLimits
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,22 @@ class Model:
     path: Path | None = None
 
     def __post_init__(self) -> None:
-        self.config = self.config.resolve(self.engine.max_batch_size, source=f"model '{self.name}'")
+        self.pipeline = self.engine.pipeline
+        max_tokens = self.pipeline.max_length if self.pipeline is not None else None
+        self.config = self.config.resolve(self.engine.max_batch_size, source=f"model '{self.name}'",
+                                          max_tokens=max_tokens)
         self._inputs = {spec.name: spec for spec in self.engine.inputs}
         self._outputs = {spec.name: spec for spec in self.engine.outputs}
-        self.pipeline = self.engine.pipeline
         if self.config.interface == "text" and self.pipeline is None:
             raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine has no text pipeline "
                               "(compile it from a directory with a tokenizer)")
         self.layout = self._token_layout()
         self.text_layout: layouts.Layout | None = None
+        self.text_limits: TextLimits | None = None
         if self.pipeline is not None and TEXT_INPUT not in self._inputs:
-            self.text_layout = layouts.Text(self.pipeline.tokenize, self.layout, self.engine.outputs)
+            self.text_layout = layouts.Text(self.layout, self.engine.outputs, pad_id=self.pipeline.pad_id)
+            assert self.config.max_text_bytes is not None and self.config.max_request_text_bytes is not None
+            self.text_limits = TextLimits(self.name, self.config.max_text_bytes, self.config.max_request_text_bytes)
 
     def _token_layout(self) -> layouts.Layout:
         if self.max_batch_size == 0:
@@ -136,8 +142,9 @@ class Model:
 
     def check_text(self, texts: np.ndarray) -> int:
         """Validate a request's decoded texts (an object array of str, one text per sample);
-        return its size in samples. Raises `InvalidArgument`."""
-        limit = self.max_batch_size or self.engine.max_batch_size or 1
+        return its size in samples. Raises `InvalidArgument`. (Their byte lengths were checked
+        against `text_limits` while decoding.)"""
+        limit = self.config.max_texts(self.engine.max_batch_size)
         if texts.size == 0:
             raise InvalidArgument(f"input '{TEXT_INPUT}' holds no text")
         if texts.size > limit:

@@ -1,25 +1,29 @@
 """`inference.GRPCInferenceService`: translates protobuf to tensors and back, nothing more.
 
-Validation lives in `codec` (wire form) and `Model.check_inputs` (engine specs), batching in
-the model's `ModelScheduler`, status codes in `errors`, statistics in `stats`. Every unary RPC
-goes through `_rpc`, which turns a `ServerError` into its status code and anything unexpected
-into INTERNAL, logged with the request's id.
+Validation lives in `codec` (wire form) and `Model.check_inputs` (engine specs), text limits
+and the tokenizer threads in `text`, batching in the model's `ModelScheduler`, status codes in
+`errors`, statistics in `stats`. Every unary RPC goes through `_rpc`, which turns a
+`ServerError` into its status code and anything unexpected into INTERNAL, logged with the
+request's id.
 
 Models may come and go while serving (explicit model control): `schedulers` maps each served
 model's name to its scheduler, which holds the model; loading swaps a new scheduler in before
-the old one drains, unloading takes it out and drains it.
+the old one drains, unloading takes it out and drains it; a drained engine's memory goes back
+to the OS (`memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import itertools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -28,7 +32,7 @@ import grpc
 import optimize
 from optimize.errors import OptimizeError
 from optimize.specs import Dim, TensorSpec
-from server import codec
+from server import codec, memory
 from server.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -46,6 +50,7 @@ from server.proto import model_config_pb2 as mc
 from server.repository import Model, Repository
 from server.scheduler import ModelScheduler
 from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
+from server.text import TokenizerPool
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,10 @@ HealthSetter = Callable[[str, bool], Awaitable[None]]
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # Made-up ids: unique per process (pid) and request (counter), cheaper than uuid4's syscall.
 _request_counter = itertools.count(1)
+# A text request is prepared again when its model is reloaded while it is tokenized; a reload
+# takes far longer than tokenizing, so the second try finds the model settled unless something
+# reloads it in a loop.
+_PREPARE_ATTEMPTS = 3
 
 
 def _make_request_id() -> str:
@@ -124,6 +133,25 @@ def _wire_shape(spec: TensorSpec) -> list[int]:
     return [-1 if isinstance(d, Dim) else d for d in spec.shape]
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A request decoded and checked for one model: its `inputs` (texts, or tokens once
+    tokenized), `size` in samples, whether it is a `text` request, and the `outputs` to return."""
+
+    inputs: Mapping[str, Any]
+    size: int
+    text: bool
+    outputs: list[str]
+
+
+def _decode(request: pb.ModelInferRequest, model: Model, options: codec.RequestOptions) -> _Prepared:
+    """Decode and validate `request` for `model`. Raises `InvalidArgument`."""
+    inputs = codec.decode_inputs(request, model, truncate=options.truncate)
+    text = model.text_input is not None and model.text_input in inputs
+    size = model.check_text(inputs[model.text_input]) if text else model.check_inputs(inputs)
+    return _Prepared(inputs, size, text, codec.requested_outputs(request, model, text=text))
+
+
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, (Rejected, DeadlineExceeded)):
         return REJECTED
@@ -152,6 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._loader = loader
         self._model_locks: dict[str, asyncio.Lock] = {}
         self._retired: set[ModelScheduler] = set()  # unloaded or replaced, still draining
+        self._tokenizer = TokenizerPool()
 
     def _served(self, name: str, version: str = "") -> ModelScheduler:
         """The scheduler of the served model `name` (and `version`, "" for the served one).
@@ -215,8 +244,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, context.time_remaining())
 
     async def _infer(self, request: pb.ModelInferRequest, deadline_in_s: float | None) -> pb.ModelInferResponse:
-        """One inference: decode, validate, queue, encode; counted in the model's statistics."""
+        """One inference: decode, validate, tokenize texts, queue, encode; counted in the model's
+        statistics."""
         started = time.perf_counter_ns()
+        deadline_s = time.monotonic() + deadline_in_s if deadline_in_s is not None else None
         if not self.accepting:
             raise Unavailable("the server is shutting down")
         scheduler = self._served(request.model_name, request.model_version)
@@ -225,14 +256,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         _request_id.set(request_id)
         timings = Timings()
         try:
-            priority, timeout_us = codec.request_options(request)
-            inputs = codec.decode_inputs(request, model)
-            text = model.text_input is not None and model.text_input in inputs
-            size = model.check_text(inputs[model.text_input]) if text else model.check_inputs(inputs)
-            names = codec.requested_outputs(request, model, text=text)
-            outputs = await scheduler.infer(inputs, size, request_id, text=text, priority=priority,
-                                            timeout_us=timeout_us, deadline_in_s=deadline_in_s, timings=timings)
-            response = codec.encode_response(request, model, outputs, names)
+            options = codec.request_options(request)
+            scheduler, prepared = await self._prepare(request, scheduler, options, timings)
+            model = scheduler.model
+            outputs = await scheduler.infer(
+                prepared.inputs, prepared.size, request_id, text=prepared.text, priority=options.priority,
+                timeout_us=options.timeout_us, timings=timings,
+                deadline_in_s=deadline_s - time.monotonic() if deadline_s is not None else None)
+            response = codec.encode_response(request, model, outputs, prepared.outputs)
         except asyncio.CancelledError:
             scheduler.stats.record_failure(time.perf_counter_ns() - started, CANCELED)
             log.debug("ModelInfer cancelled by the client", extra={"rpc": "ModelInfer", "model": model.name,
@@ -244,11 +275,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         scheduler.stats.record_success(time.perf_counter_ns() - started, timings)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("ModelInfer ok", extra={
-                "rpc": "ModelInfer", "model": model.name, "request_id": request_id, "samples": size,
+                "rpc": "ModelInfer", "model": model.name, "request_id": request_id, "samples": prepared.size,
                 "duration_ms": round((time.perf_counter_ns() - started) / 1e6, 3),
                 "queue_ms": round(timings.queue_ns / 1e6, 3), "infer_ms": round(timings.compute_infer_ns / 1e6, 3),
             })
         return response
+
+    async def _prepare(self, request: pb.ModelInferRequest, scheduler: ModelScheduler,
+                       options: codec.RequestOptions, timings: Timings) -> tuple[ModelScheduler, _Prepared]:
+        """The request decoded and validated for `scheduler`'s model, its texts tokenized in the
+        tokenizer pool (never on the event loop or a model instance), and the scheduler to queue
+        it on. A reload that swaps the model in while texts are tokenized means the new
+        version's pipeline and limits apply: the request is prepared again for it (up to
+        `_PREPARE_ATTEMPTS` times, then `Unavailable`). Raises `InvalidArgument`, `NotFound`."""
+        for _ in range(_PREPARE_ATTEMPTS):
+            model = scheduler.model
+            prepared = _decode(request, model, options)
+            if not prepared.text:
+                return scheduler, prepared
+            assert model.pipeline is not None and model.text_input is not None
+            started = time.perf_counter_ns()
+            tokens = await self._tokenizer.tokenize(model.pipeline, prepared.inputs[model.text_input])
+            timings.compute_input_ns += time.perf_counter_ns() - started  # preparing inputs, as Triton counts it
+            served = self._served(request.model_name, request.model_version)
+            if served is scheduler:
+                return scheduler, dataclasses.replace(prepared, inputs=tokens)
+            scheduler = served
+        raise Unavailable(f"model '{scheduler.model.name}' was reloaded {_PREPARE_ATTEMPTS} times while the "
+                          "request's texts were tokenized; try again")
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -387,6 +441,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 log.info("model '%s' unloaded", name, extra={"model": name})
 
     async def _retire(self, scheduler: ModelScheduler) -> None:
+        """Drain an unloaded or replaced model's scheduler; once the last request holding its
+        engine is answered and the engine freed, its memory goes back to the OS."""
+        memory.release_heap_when_freed(scheduler.model.engine, asyncio.get_running_loop())
         self._retired.add(scheduler)
         try:
             await scheduler.stop(self._unload_grace_s)
@@ -398,9 +455,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await self._set_health(name, serving)
 
     async def stop_models(self, grace_s: float) -> None:
-        """Drain every model's scheduler (shutdown)."""
+        """Drain every model's scheduler (shutdown), then stop the tokenizer threads."""
         schedulers = list(self.schedulers.values()) + list(self._retired)
         await asyncio.gather(*(s.stop(grace_s) for s in schedulers))
+        self._tokenizer.close()
 
     # -- not implemented --------------------------------------------------------------------
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
@@ -482,4 +540,7 @@ def model_config(model: Model) -> mc.ModelConfig:
         result.parameters["sequence_buckets"].string_value = ",".join(map(str, config.sequence_buckets))
     if getattr(model.engine, "accepts_packed", False):
         result.parameters["packed_batches"].string_value = "true"
+    if model.text_limits is not None:
+        result.parameters["max_text_bytes"].string_value = str(model.text_limits.max_text_bytes)
+        result.parameters["max_request_text_bytes"].string_value = str(model.text_limits.max_request_text_bytes)
     return result

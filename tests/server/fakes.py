@@ -104,16 +104,23 @@ class EchoEngine(Engine):
 
 class FakePipeline:
     """The part of optimize's Pipeline the server uses: batched `tokenize` (one token per word:
-    its length, capped below VOCAB) and the output a text request gets. `calls` records the texts
-    of every tokenize call."""
+    its length, capped below VOCAB; at most `max_length`, the engine's longest sequence), `pad_id`
+    and the output a text request gets. `calls` records the texts of every tokenize call;
+    `delay_s` makes each call take that long."""
 
-    def __init__(self, output: str = "features") -> None:
+    max_length = 16
+    pad_id = 0
+
+    def __init__(self, output: str = "features", delay_s: float = 0.0) -> None:
         self.output = output
+        self.delay_s = delay_s
         self.calls: list[list[str]] = []
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         self.calls.append(list(texts))
-        words = [[min(len(w), VOCAB - 1) for w in t.split()] or [1] for t in texts]
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        words = [[min(len(w), VOCAB - 1) for w in t.split()][:self.max_length] or [1] for t in texts]
         longest = max(len(w) for w in words)
         ids = np.zeros((len(texts), longest), np.int64)
         mask = np.zeros_like(ids)
@@ -125,9 +132,9 @@ class FakePipeline:
 class FakeTextEngine(FakeEngine):
     """A FakeEngine with a text pipeline, as engines compiled from a tokenizer directory have."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, tokenize_delay_s: float = 0.0) -> None:
         super().__init__(delay_s=delay_s)
-        self.fake_pipeline = FakePipeline()
+        self.fake_pipeline = FakePipeline(delay_s=tokenize_delay_s)
 
     @property
     def pipeline(self) -> FakePipeline:  # type: ignore[override]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.batcher import QueuePolicy
-from server.config import INT32_MAX, ModelConfig, ServerConfig
+from server.config import DEFAULT_MAX_MESSAGE_BYTES, ModelConfig, ServerConfig
 from server.errors import ConfigError
 
 
@@ -51,6 +51,16 @@ def test_batching_and_queue_policy_keys_are_read_with_per_level_overrides(tmp_pa
     assert policy.policy(2).max_queue_size == 64
 
 
+def test_text_byte_limits_default_to_the_pipelines_max_tokens_times_32_bytes_per_token(tmp_path: Path):
+    resolved = ModelConfig(max_batch_size=4).resolve(8, max_tokens=64)
+    assert (resolved.max_text_bytes, resolved.max_request_text_bytes) == (64 * 32, 64 * 32 * 4)
+    assert ModelConfig(max_batch_size=0).resolve(8, max_tokens=64).max_request_text_bytes == 64 * 32 * 8
+    assert ModelConfig().resolve(8).max_text_bytes is None  # no pipeline, no text input
+    (tmp_path / "config.toml").write_text("max_text_bytes = 100\nmax_request_text_bytes = 150\n")
+    configured = ModelConfig.read(tmp_path).resolve(8, max_tokens=64)
+    assert (configured.max_text_bytes, configured.max_request_text_bytes) == (100, 150)
+
+
 def test_a_model_without_config_toml_gets_the_defaults(tmp_path: Path):
     assert ModelConfig.read(tmp_path) == ModelConfig()
 
@@ -76,6 +86,8 @@ def test_a_model_without_config_toml_gets_the_defaults(tmp_path: Path):
          "default_priority_level must be an integer between 0 and 2"),
         ("priority_levels = 2\n[priority_queue_policy.3]\nmax_queue_size = 1", "priority_queue_policy level must be"),
         ("[priority_queue_policy.1]\nmax_size = 1", "priority_queue_policy.1: unknown key 'max_size'"),
+        ("max_text_bytes = 0", "max_text_bytes must be an integer between 1 and"),
+        ("max_request_text_bytes = \"1MB\"", "max_request_text_bytes must be an integer"),
     ],
 )
 def test_a_bad_config_toml_names_the_file_and_the_field(tmp_path: Path, text: str, message: str):
@@ -93,9 +105,9 @@ def test_max_batch_size_above_the_engine_maximum_is_refused():
     assert ModelConfig(max_batch_size=0).resolve(8).max_batch_size == 0  # batching turned off
 
 
-def test_server_config_defaults_raise_grpc_message_limits_to_int32_max():
+def test_server_config_bounds_grpc_messages_to_64_mib_by_default():
     config = ServerConfig(repository="engines")
-    assert config.max_message_bytes == INT32_MAX
+    assert config.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES == 64 * 1024 * 1024
     assert config.repository == Path("engines")
     assert config.address == "127.0.0.1:8001"
     assert ServerConfig(host="::1", port=0).address == "[::1]:0"

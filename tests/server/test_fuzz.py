@@ -68,7 +68,7 @@ def tensor_data(draw, datatype: str, shape: list[int]) -> tuple[bytes | None, di
 @st.composite
 def parameters(draw) -> dict:  # type: ignore[no-untyped-def]
     keys = st.sampled_from(["priority", "timeout", "sequence_id", "sequence_start",
-                            "triton_enable_empty_final_response",
+                            "triton_enable_empty_final_response", "truncate",
                             "binary_data_output", "whatever", ""])
     values = st.one_of(
         st.builds(lambda v: ("bool_param", v), st.booleans()),

@@ -129,20 +129,14 @@ def fake_tokenize(texts: list[str]) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_text_layout_tokenizes_the_whole_batch_once_and_gives_each_request_its_rows():
-    calls: list[list[str]] = []
-
-    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
-        calls.append(texts)
-        return fake_tokenize(texts)
-
-    layout = Text(tokenize, BucketPadding(INPUTS, OUTPUTS, buckets=[4]), OUTPUTS)
-    requests = [{"text": np.array(["a bb", "ccc"], dtype=object)},
-                {"text": np.array(["dd e fff gggg hh"], dtype=object)}]
-    assert layout.key(requests[0]) == layout.key(requests[1])
+def test_text_layout_pads_tokenized_requests_to_the_batch_longest_and_gives_each_its_rows():
+    layout = Text(BucketPadding(INPUTS, OUTPUTS, buckets=[4]), OUTPUTS, pad_id=7)
+    requests = [fake_tokenize(["a bb", "ccc"]), fake_tokenize(["dd e fff gggg hh"])]  # 2 and 5 tokens wide
+    assert layout.key(requests[0]) == layout.key(requests[1])  # any lengths share a batch
     inputs, plan = layout.assemble(requests)
-    assert calls == [["a bb", "ccc", "dd e fff gggg hh"]]  # one batched call
     assert inputs["input_ids"].shape == (3, 5)  # the longest text: 5 tokens
+    np.testing.assert_array_equal(inputs["input_ids"][:2, 2:], 7)  # pad_id where the first request had none
+    np.testing.assert_array_equal(inputs["attention_mask"].sum(1), [2, 1, 5])
     first, second = layout.disassemble(masked_model(inputs), plan)
     assert first["hidden"].shape == (2, 2, 2) and second["hidden"].shape == (1, 5, 2)
     np.testing.assert_allclose(first["pooled"][:, 0], [1.5, 3.0], rtol=1e-6)  # mean word length per text

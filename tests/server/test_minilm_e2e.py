@@ -2,7 +2,7 @@
 `minilm_engine_dir` fixture): tritonclient gets what the engine computes in-process — for token
 requests of mixed lengths padded to shared buckets, and for raw sentences tokenized by the
 server — perf_analyzer drives the server and reads its statistics, out-of-vocabulary ids are
-refused."""
+refused, and 10 MB texts are refused (or truncated) at once without slowing anyone else."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,8 @@ from tests.server.harness import RunningServer, int64_inputs, make_repository, r
 
 VOCAB = 30522
 RPC_TIMEOUT_S = 60.0
+# The engine's pipeline keeps 64 tokens (max_seq 64), so texts may hold 64 x 32 bytes.
+MAX_TEXT_BYTES = 2048
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,66 @@ def test_out_of_vocabulary_token_ids_are_invalid_argument(minilm_server: Running
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     after = infer(minilm_server.client(), token_batch(np.random.default_rng(4), 1, 8))
     assert after.as_numpy("sentence_embedding").shape == (1, 384)
+
+
+def text_input(texts: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("text", [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object).reshape(-1, 1))
+    return tensor
+
+
+def ten_megabytes_of_english() -> bytes:
+    sentence = b"The committee postponed the vote on the quarterly budget until next Tuesday. "
+    return (sentence * (10_000_000 // len(sentence) + 1))[:10_000_000]
+
+
+def test_10_mb_texts_are_refused_at_once_naming_the_limit_while_small_requests_stay_fast(
+        minilm_server: RunningServer):
+    big = ten_megabytes_of_english()
+
+    def send_big() -> InferenceServerException:
+        with pytest.raises(InferenceServerException) as info:
+            minilm_server.client().infer("minilm", [text_input([big])], client_timeout=RPC_TIMEOUT_S)
+        return info.value
+
+    def send_small(i: int) -> float:
+        client = minilm_server.client()
+        started = time.monotonic()
+        if i % 2:
+            infer(client, token_batch(np.random.default_rng(i), 1, 16))
+        else:
+            client.infer("minilm", [text_input([b"A short sentence, embedded while others send 10 MB."])],
+                         client_timeout=RPC_TIMEOUT_S)
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(6) as pool:  # 4 x 10 MB beside 16 small requests
+        bigs = [pool.submit(send_big) for _ in range(4)]
+        latencies = list(pool.map(send_small, range(16)))
+        errors = [b.result() for b in bigs]
+    for error in errors:
+        assert error.status() == "StatusCode.INVALID_ARGUMENT"
+        assert (f"input 'text' element 0 is 10000000 bytes, more than model 'minilm' accepts per text "
+                f"(max_text_bytes {MAX_TEXT_BYTES})") in error.message()
+    assert max(latencies) < 2.0, latencies  # it took 7-12 s when the big text was tokenized whole
+
+
+def test_truncate_embeds_a_10_mb_text_from_its_first_bytes_at_once(minilm_server: RunningServer,
+                                                                   minilm_engine: optimize.Engine):
+    big = ten_megabytes_of_english()
+    started = time.monotonic()
+    result = minilm_server.client().infer("minilm", [text_input([big])], parameters={"truncate": True},
+                                          client_timeout=RPC_TIMEOUT_S)
+    elapsed = time.monotonic() - started
+    got = result.as_numpy("sentence_embedding")
+    assert got.shape == (1, 384) and elapsed < 2.0, elapsed  # 10 MB tokenized whole: 15 s
+    pipeline = minilm_engine.pipeline
+    assert pipeline is not None
+    prefix = big[:MAX_TEXT_BYTES].decode()
+    # The prefix holds far more than 64 tokens, so the model reads what the whole text gives it.
+    np.testing.assert_array_equal(pipeline.tokenize([prefix])["input_ids"],
+                                  pipeline.tokenize([big[:100_000].decode()])["input_ids"])
+    expected = minilm_engine.run(pipeline.tokenize([prefix]))["sentence_embedding"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def perf_analyzer_command() -> tuple[list[str], dict[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -188,6 +189,25 @@ def test_explicit_control_loads_only_what_is_asked_then_loads_and_unloads_on_req
         assert info.value.status() == "StatusCode.UNAVAILABLE"
 
 
+def test_a_text_request_tokenizing_while_its_model_is_reloaded_is_served_by_the_new_version(repo_dir: Path):
+    engines: list[FakeTextEngine] = []
+
+    def text_loader(path: Path) -> FakeEngine:
+        engines.append(FakeTextEngine(tokenize_delay_s=0.5))
+        return engines[-1]
+
+    with running_server(repo_dir, loader=text_loader, model_control_mode="explicit",
+                        startup_models=("alpha",)) as running:
+        with ThreadPoolExecutor(1) as pool:
+            text = pool.submit(running.client().infer, "alpha", [text_input([b"x yy"])], client_timeout=RPC_TIMEOUT_S)
+            wait_until(lambda: engines[0].fake_pipeline.calls)
+            running.client().load_model("alpha")  # while the first version's pipeline tokenizes
+            assert text.result().as_numpy("features").tolist() == [[3, 1, 2, 3]]
+    old, new = engines
+    assert old.fake_pipeline.calls == new.fake_pipeline.calls == [["x yy"]]  # tokenized again for the new one
+    assert old.calls == [] and new.calls == [1]
+
+
 @pytest.mark.parametrize("name", ["../escaped", "..", ".", "alpha/../beta", "/etc", "", ".hidden", "a\x00b",
                                   "..\\escaped", "alpha/1"])
 def test_model_names_cannot_reach_outside_the_repository(repo_dir: Path, name: str):
@@ -252,6 +272,7 @@ def test_the_timeout_parameter_rejects_a_request_still_queued_after_it():
     ("priority", "high", "'priority' must be an integer"),
     ("timeout", -5, "'timeout' must be >= 0"),
     ("sequence_id", 7, "does not support sequence batching"),
+    ("truncate", 1, "'truncate' must be a boolean (bool_param), got int64_param"),
 ])
 def test_bad_request_parameters_are_invalid_argument(fake_server: RunningServer, parameter: str, value: object,
                                                      message: str):
@@ -338,6 +359,22 @@ def test_messages_above_the_configured_limit_are_refused_and_the_server_keeps_se
         assert echo(1024).shape == (1, 1024)
 
 
+def test_messages_over_the_default_64_mib_are_resource_exhausted():
+    repo = fake_repository(EchoEngine(), name="echo", max_batch_size=4)
+    with running_server(repo) as running:
+        client = running.client()
+        x = np.zeros((4, 4 * 1024 * 1024), np.float32)  # 64 MiB of data, plus the message's framing
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("echo", [tensor], client_timeout=RPC_TIMEOUT_S)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        del tensor, x
+        small = grpcclient.InferInput("x", [1, 8], "FP32")
+        small.set_data_from_numpy(np.ones((1, 8), np.float32))
+        assert client.infer("echo", [small], client_timeout=RPC_TIMEOUT_S).as_numpy("y").tolist() == [[2.0] * 8]
+
+
 # -- text requests ------------------------------------------------------------------------------------
 
 def text_input(texts: list[bytes], shape: list[int] | None = None) -> grpcclient.InferInput:
@@ -363,6 +400,41 @@ def test_text_requests_get_the_pipeline_output_and_the_interface_is_advertised()
         assert flat.as_numpy("features").tolist() == [[3, 1, 2, 3]]
         tokens = client.infer("fake", token_inputs(ids()))  # the engine's own inputs still work
         assert tokens.as_numpy("lengths").tolist() == [6]
+
+
+def test_texts_over_max_text_bytes_are_refused_unless_the_request_asks_to_truncate():
+    engine = FakeTextEngine()
+    with running_server(fake_repository(engine, max_batch_size=8, max_text_bytes=20)) as running:
+        client = running.client()
+        long = b"a bb ccc dddd eeeee ffffff"  # 26 bytes
+        with pytest.raises(InferenceServerException, match=r"input 'text' element 1 is 26 bytes, more than model "
+                                                           r"'fake' accepts per text \(max_text_bytes 20\)") as info:
+            client.infer("fake", [text_input([b"ok", long])], client_timeout=RPC_TIMEOUT_S)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert engine.fake_pipeline.calls == []  # refused before anything tokenized it
+        result = client.infer("fake", [text_input([long])], parameters={"truncate": True},
+                              client_timeout=RPC_TIMEOUT_S)
+        assert engine.fake_pipeline.calls == [["a bb ccc dddd eeeee "]]  # its first 20 bytes
+        assert result.as_numpy("features").tolist() == [[15, 1, 5, 15]]  # words of 1 to 5 letters
+        parameters = client.get_model_config("fake").config.parameters
+        assert parameters["max_text_bytes"].string_value == "20"
+        assert parameters["max_request_text_bytes"].string_value == str(20 * 8)  # a batch of such texts
+
+
+def test_a_slow_tokenization_never_holds_up_token_requests():
+    engine = FakeTextEngine(tokenize_delay_s=1.5)  # one instance: it used to tokenize there
+    with running_server(fake_repository(engine, max_batch_size=8)) as running:
+        with ThreadPoolExecutor(1) as pool:
+            text = pool.submit(running.client().infer, "fake", [text_input([b"x yy"])], client_timeout=RPC_TIMEOUT_S)
+            wait_until(lambda: engine.fake_pipeline.calls)
+            client, latencies = running.client(), []
+            for i in range(5):
+                started = time.monotonic()
+                client.infer("fake", token_inputs(ids(start=i)), client_timeout=RPC_TIMEOUT_S)
+                latencies.append(time.monotonic() - started)
+            tokenizing = not text.done()
+            assert text.result().as_numpy("features").tolist() == [[3, 1, 2, 3]]
+    assert tokenizing and max(latencies) < 0.5, latencies
 
 
 @pytest.mark.parametrize("make, message", [

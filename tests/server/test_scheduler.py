@@ -4,6 +4,8 @@ failures and shutdown answered explicitly, cancelled requests dropped. No socket
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -297,21 +299,20 @@ def test_sequence_buckets_batch_different_lengths_together_and_answer_each_at_it
         np.testing.assert_array_equal(out["features"][:, 3], masked_sum)
 
 
-def test_text_requests_are_tokenized_once_per_batch_and_get_the_pipeline_output():
+def test_tokenized_text_requests_of_any_length_share_a_batch():
     engine = FakeTextEngine(delay_s=0.05)
     scheduler = scheduler_for(engine, max_batch_size=8, max_queue_delay_us=20_000)
-    texts = [["a bb ccc"], ["dddd", "ee"], ["f"]]
+    texts = [["a bb ccc"], ["dddd", "ee"], ["f"]]  # 3, 1 and 1 tokens wide
 
     async def main():  # type: ignore[no-untyped-def]
         await scheduler.start()
         results = await asyncio.gather(*(
-            scheduler.infer({"text": np.array(t, dtype=object)}, len(t), text=True) for t in texts))
+            scheduler.infer(engine.fake_pipeline.tokenize(t), len(t), text=True) for t in texts))
         await scheduler.stop(grace_s=5)
         return results
 
     results = run(main())
-    assert engine.fake_pipeline.calls == [["a bb ccc", "dddd", "ee", "f"]]  # one batched call
-    assert engine.calls == [4]
+    assert engine.calls == [4]  # one batch, padded to the longest text
     assert [r["lengths"].tolist() for r in results] == [[3], [1, 1], [1]]
     np.testing.assert_array_equal(results[0]["features"][0], [6, 1, 3, 6])  # word lengths 1, 2, 3
 
@@ -333,3 +334,24 @@ def test_timings_and_statistics_account_for_queue_and_compute_time():
     for t in timings:
         assert t.queue_ns >= 15e6  # waited for the 20 ms delay (minus clock granularity)
         assert t.compute_infer_ns >= 45e6  # the engine's 50 ms
+
+
+def test_a_stopped_scheduler_is_freed_without_the_cyclic_garbage_collector():
+    # Its cancelled timer task once kept it (and so its model's engine) alive in a reference
+    # cycle until a full collection: a replaced engine per reload.
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8)
+
+    async def main() -> weakref.ref[ModelScheduler]:
+        await scheduler.start()
+        await scheduler.infer(request(1), 1)
+        await scheduler.stop(grace_s=5)
+        return weakref.ref(scheduler)
+
+    gc.disable()
+    try:
+        ref = run(main())
+        del scheduler
+        assert ref() is None
+    finally:
+        gc.enable()
