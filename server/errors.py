@@ -52,12 +52,35 @@ class Internal(ServerError):
     """The engine failed while running an accepted request."""
 
 
+class Unparseable(ServerError):
+    """The request's bytes are not a protobuf message of the RPC's request type. Raised by the
+    request parser (`server.handlers`) before any servicer code runs."""
+
+    def __init__(self, message_type: str, size: int) -> None:
+        # Triton's clients see grpc++'s words; the rest says which message and how big.
+        super().__init__(f"Unable to parse request: {size} bytes are not a valid {message_type} message")
+
+
+class ModelLoadFailed(InvalidArgument):
+    """RepositoryModelLoad found the model but could not load it (bad config.toml, no version
+    directory, an engine that does not load, whatever the loader raised)."""
+
+
 class Unimplemented(ServerError):
     """The RPC exists in the protocol but this server does not implement it."""
 
 
 # Triton answers these conditions with the same codes (its server's src/grpc/infer_handler.cc).
 _STATUS: dict[type[ServerError], grpc.StatusCode] = {
+    # A request Triton cannot even parse never reaches Triton's code: grpc++ cancels the call with
+    # INTERNAL "Unable to parse request" (include/grpcpp/server_interface.h,
+    # PayloadAsyncRequest::FinalizeResult; Triton's ModelInfer is an async-API method,
+    # src/grpc/infer_handler.cc). grpc-go answers INTERNAL too ("grpc: error unmarshalling request").
+    Unparseable: grpc.StatusCode.INTERNAL,
+    # A failed RepositoryModelLoad is INVALID_ARG in Triton, whatever the cause: "load failed for
+    # model 'x': <reason>" (triton-inference-server/core,
+    # src/model_repository_manager/model_repository_manager.cc, LoadUnloadModels).
+    ModelLoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
