@@ -5,7 +5,8 @@ One gRPC port carries the KServe v2 service, the standard health service (grpc.h
 the server as "" and "inference.GRPCInferenceService", each model under its own name) and
 server reflection, so `grpcurl` and load balancers' health checks work out of the box.
 Optionally TLS on that port, a bearer token on every RPC but health checks, and Prometheus
-metrics over HTTP on another port.
+metrics over HTTP on another port. Every service is registered through `server.handlers`, so a
+request that is not even protobuf is answered like any other error, not with a traceback.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import optimize
 from server.config import ServerConfig
 from server.errors import ConfigError, ServerError
+from server.handlers import abort, add_service
+from server.logs import Throttled
 from server.metrics import MetricsServer, registry_for
-from server.proto import POOL, grpc_service_pb2, grpc_service_pb2_grpc
+from server.proto import POOL, grpc_service_pb2
 from server.repository import EngineLoader, Repository
 from server.scheduler import ModelScheduler
 from server.service import InferenceService
@@ -39,6 +42,8 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # gRPC cancels what is left; stop() returns as soon as every RPC is done, so it costs nothing
 # when the drain finishes early.
 _RESPONSE_FLUSH_S = 5.0
+# Anyone who can reach the port can be refused: a flood of refusals is a few lines.
+_refusals = Throttled(log)
 
 
 class Server:
@@ -121,8 +126,8 @@ def _start_metrics(service: InferenceService, host: str, port: int) -> MetricsSe
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
     """Every RPC must carry `authorization: Bearer <token>`; others are answered
-    UNAUTHENTICATED before reaching the service. grpc.health.v1 stays open, because load
-    balancers and Kubernetes probes cannot send credentials."""
+    UNAUTHENTICATED before their request is parsed or reaches the service. grpc.health.v1 stays
+    open, because load balancers and Kubernetes probes cannot send credentials."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
@@ -146,15 +151,16 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED. It never parses the
+    request (no deserializer: the bytes are dropped), so an unauthenticated client costs no
+    parsing and, garbage or not, gets UNAUTHENTICATED."""
     message = f"{method} needs the metadata 'authorization: Bearer <token>' with this server's token"
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        log.info("refused an unauthenticated call to %s", method, extra={"rpc": method, "code": "UNAUTHENTICATED"})
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        _refusals.log("refused an unauthenticated call to %s", method, extra={"rpc": method, "code": "UNAUTHENTICATED"})
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, message)
 
-    serializers = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
+    serializers = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
     if handler.unary_stream:
@@ -203,8 +209,8 @@ def create_server(config: ServerConfig, repository: Repository | None = None,
         control_mode=config.model_control_mode, set_health=set_health, unload_grace_s=config.shutdown_grace_s,
         loader=loader,
     )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
-    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    add_service(grpc_server, grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"], service)
+    add_service(grpc_server, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     # Reflection answers from kiln's private descriptor pool, so the health and reflection
     # services' own descriptors are added there too (once per process).
     for module in (health_pb2, reflection_pb2):
@@ -212,7 +218,8 @@ def create_server(config: ServerConfig, repository: Repository | None = None,
             POOL.FindFileByName(module.DESCRIPTOR.name)
         except KeyError:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], grpc_server, pool=POOL)
+    add_service(grpc_server, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+                reflection.aio.ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], pool=POOL))
     try:
         if config.tls:
             assert config.tls_cert_file is not None and config.tls_key_file is not None

@@ -160,7 +160,8 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model, truncate: bool = 
     For a model with a text pipeline, a request may instead carry only the BYTES input
     `model.text_input`; it decodes to `{"text": <object array of str, one per sample>}`,
     within the model's `text_limits` (texts over the per-text limit cut to it when `truncate`).
-    Raises `InvalidArgument`."""
+    A request carries its data either in raw_input_contents or in typed contents, never both
+    (Triton refuses the mix rather than pick one). Raises `InvalidArgument`."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -173,6 +174,9 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model, truncate: bool = 
     for index, tensor in enumerate(request.inputs):
         if tensor.name in arrays:
             raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        if raw and tensor.HasField("contents"):  # Triton's words (src/grpc/infer_handler.cc)
+            raise InvalidArgument(f"contents field must not be specified when using raw_input_contents for "
+                                  f"'{tensor.name}' for model '{model.name}'")
         if text is not None and tensor.name == text:
             assert model.text_limits is not None
             arrays[text] = _decode_text(tensor, raw[index] if raw else None, model.text_limits, truncate)

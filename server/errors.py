@@ -52,12 +52,36 @@ class Internal(ServerError):
     """The engine failed while running an accepted request."""
 
 
+class Unparseable(ServerError):
+    """The request's bytes are not a protobuf message of the RPC's request type. Raised by the
+    request parser (`server.handlers`) before any servicer code runs."""
+
+    def __init__(self, message_type: str, size: int) -> None:
+        # Triton's clients see grpc++'s words; the rest says which message and how big.
+        super().__init__(f"Unable to parse request: {size} bytes are not a valid {message_type} message")
+
+
+class ModelLoadFailed(InvalidArgument):
+    """RepositoryModelLoad found the model but could not load it (bad config.toml, no version
+    directory, an engine that does not load, whatever the loader raised)."""
+
+
 class Unimplemented(ServerError):
     """The RPC exists in the protocol but this server does not implement it."""
 
 
 # Triton answers these conditions with the same codes (its server's src/grpc/infer_handler.cc).
 _STATUS: dict[type[ServerError], grpc.StatusCode] = {
+    # A request body that is not a protobuf message is the client's error: INVALID_ARGUMENT, so
+    # clients and retry policies do not take it for a server fault. (Triton never sees such a
+    # body: grpc++ cancels the call with INTERNAL "Unable to parse request" before Triton's code
+    # runs — include/grpcpp/server_interface.h, PayloadAsyncRequest::FinalizeResult. We keep
+    # its words, not its status.)
+    Unparseable: grpc.StatusCode.INVALID_ARGUMENT,
+    # A failed RepositoryModelLoad is INVALID_ARG in Triton, whatever the cause: "load failed for
+    # model 'x': <reason>" (triton-inference-server/core,
+    # src/model_repository_manager/model_repository_manager.cc, LoadUnloadModels).
+    ModelLoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,

@@ -2,6 +2,12 @@
 meanings (Triton's `docs/user_guide/metrics.md`), labels `model` and
 `version`, plus kiln's batch-size histogram.
 
+Only `/metrics` (and `/metrics/`, as Triton's `/metrics/?`) is served; every other path is 404.
+prometheus-client's own server answers the metrics on any path, and Triton's metrics port answers
+200 with an empty body (src/http_server.cc, HTTPMetricsServer::Handle), so on either a readiness
+probe aimed at `/v2/health/ready` there, by Triton habit, reads 200 and calls a server ready that
+is not. Here it fails.
+
 Triton's counters are exposed untyped, so their names are exactly Triton's (prometheus-client
 would append `_total` to a counter's). Nothing is counted twice: a custom collector reads each
 served model's `ModelStats` and queue
@@ -11,10 +17,14 @@ when Prometheus scrapes, so the metrics always agree with the ModelStatistics RP
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric, UnknownMetricFamily
 
 from server.stats import BACKEND, CANCELED, OTHER, REJECTED, ModelStats
@@ -23,6 +33,9 @@ log = logging.getLogger(__name__)
 
 FAILURE_REASONS = (REJECTED, CANCELED, BACKEND, OTHER)
 LABELS = ["model", "version"]
+METRICS_PATH = "/metrics"
+_SERVED_PATHS = (METRICS_PATH, METRICS_PATH + "/")
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class InferenceCollector:
@@ -92,24 +105,56 @@ def _histogram(stats: ModelStats, max_batch: int) -> tuple[list[tuple[str, int]]
     return buckets, sum(size * n for size, n in counts.items())
 
 
+def only_metrics_path(app: WsgiApp) -> WsgiApp:
+    """`app` at `/metrics` (or `/metrics/`); 404 everywhere else."""
+
+    def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") in _SERVED_PATHS:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found: this port serves only {METRICS_PATH}\n".encode()]
+
+    return routed
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Nothing: a scrape per few seconds is not worth a line, and paths come from anyone."""
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up shutdown
+
+
 class MetricsServer:
-    """The HTTP endpoint, in a daemon thread. `port` is the bound port (also when 0 was asked)."""
+    """The HTTP endpoint, in a daemon thread. `port` is the bound port (also when 0 was asked).
+    Raises `OSError` when the address cannot be bound."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._httpd: Any
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        family, address = _family(host, port)
+        server_class = type("MetricsHTTPServer", (_ThreadingServer,), {"address_family": family})
+        self._httpd = make_server(address, port, only_metrics_path(make_wsgi_app(registry)), server_class,
+                                  handler_class=_Quiet)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="kiln-metrics", daemon=True)
+        self._thread.start()
         self.host = host
         self.port = int(self._httpd.server_address[1])
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"http://{host}:{self.port}{METRICS_PATH}"
 
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+def _family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The address family of `host` (IPv6 for '::1'), and the address to bind."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, str(sockaddr[0])
 
 
 def registry_for(models: Callable[[], Mapping[str, tuple[ModelStats, int, int]]]) -> CollectorRegistry:

@@ -184,8 +184,7 @@ class Repository:
             try:
                 model = _load_model(model_dir, loader)
             except Exception as exc:  # one broken model must not keep the others from being served
-                expected = isinstance(exc, (ConfigError, OptimizeError))
-                reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+                reason = load_failure_reason(exc)
                 repo.failures[model_dir.name] = reason
                 log.error("model '%s' is not served: %s", model_dir.name, reason, extra={"model": model_dir.name})
                 continue
@@ -241,6 +240,14 @@ class Repository:
                 f"Request for unknown model: '{name}' version {version} is not found (serving version {model.version})"
             )
         return model
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """Why a model did not load, in one line: the message of the errors loading is expected to
+    raise (`ConfigError`, `OptimizeError`), the type and message of anything else."""
+    expected = isinstance(exc, (ConfigError, OptimizeError))
+    reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+    return " ".join(reason.split()) or type(exc).__name__
 
 
 def _versions(model_dir: Path) -> list[int]:

@@ -30,24 +30,25 @@ from typing import Any, TypeVar
 import grpc
 
 import optimize
-from optimize.errors import OptimizeError
 from optimize.specs import Dim, TensorSpec
 from server import codec, memory
 from server.errors import (
-    ConfigError,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    ModelLoadFailed,
+    NotFound,
     Rejected,
     ServerError,
     Unavailable,
     status_code,
 )
+from server.handlers import abort
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.proto import model_config_pb2 as mc
-from server.repository import Model, Repository
+from server.repository import Model, Repository, load_failure_reason
 from server.scheduler import ModelScheduler
 from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
 from server.text import TokenizerPool
@@ -101,7 +102,7 @@ def _rpc(method: Handler) -> Handler:
         except Exception as exc:
             code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             log.exception("%s failed unexpectedly", method.__name__, extra=_context(method.__name__, request, code))
-        await context.abort(code, details)
+        await abort(context, code, details)  # the client's deadline or cancel may have ended the call first
 
     return wrapper
 
@@ -402,14 +403,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def load_model(self, name: str) -> Model:
         """(Re)load model `name` from the repository directory and serve it; a model already
         served keeps answering until the new version is ready, then drains. Raises
-        `InvalidArgument`/`NotFound` for a bad name, `Unavailable` when it cannot be loaded."""
+        `InvalidArgument`/`NotFound` for a bad name, `ModelLoadFailed` (Triton's "load failed
+        for model ...") whatever keeps the model from loading; the reason also goes to
+        RepositoryIndex. A model already served stays served."""
         self.repository.model_dir(name)  # a bad name never reaches the disk or the lock table
         async with self._model_locks.setdefault(name, asyncio.Lock()):
             try:
                 model = await asyncio.to_thread(self.repository.read_model, name, self._loader)
-            except (ConfigError, OptimizeError) as exc:
-                self.repository.failures.setdefault(name, str(exc))
-                raise Unavailable(f"failed to load model '{name}': {exc}") from None
+            except NotFound:  # its directory went away meanwhile
+                raise
+            except Exception as exc:  # whatever the engine's loader raises is this model's failure
+                reason = load_failure_reason(exc)
+                if name not in self.schedulers:  # a served model keeps serving its loaded version
+                    self.repository.failures[name] = reason
+                raise ModelLoadFailed(f"load failed for model '{name}': {reason}") from None
             scheduler = ModelScheduler(model)
             await scheduler.start()
             old = self.schedulers.get(name)

@@ -141,6 +141,18 @@ def test_raw_contents_must_cover_every_input_or_none(model: Model):
         codec.decode_inputs(request, model)
 
 
+@pytest.mark.parametrize("field, values", [("int64_contents", [1, 2]), ("int64_contents", []),
+                                           ("fp32_contents", [1.0])])
+def test_typed_contents_next_to_raw_contents_are_refused_in_tritons_words(model: Model, field: str, values: list):
+    request = raw_request(**ids_and_mask())
+    getattr(request.inputs[1].contents, field).extend(values)
+    if not values:
+        request.inputs[1].contents.SetInParent()  # present though empty: still a second source of data
+    with pytest.raises(InvalidArgument, match="^contents field must not be specified when using raw_input_contents "
+                                              "for 'attention_mask' for model 'fake'$"):
+        codec.decode_inputs(request, model)
+
+
 def test_shape_value_range_and_batch_limits_are_checked_against_the_engine(model: Model):
     ok = ids_and_mask(batch=2, seq=5)
     with pytest.raises(InvalidArgument, match=r"input 'input_ids' dim 1 \(seq\) is 17, allowed range is \[1, 16\]"):

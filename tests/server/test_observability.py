@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -87,6 +88,21 @@ def test_pending_request_count_shows_the_queue_while_the_engine_is_busy():
         for t in threads:
             t.join(RPC_TIMEOUT_S)
     assert pending == 2
+
+
+def test_the_metrics_port_answers_404_for_every_path_but_metrics():
+    """A readiness probe aimed at the metrics port by Triton habit must fail, not read 200."""
+    with running_server(fake_repository(FakeEngine(), max_batch_size=8), metrics_port=0) as running:
+        base = running.server.metrics.url.removesuffix("/metrics")
+        for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/fake/ready", "/", "/metricsx", "/metrics/x",
+                     "/favicon.ico", "/%0a%00"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(base + path, timeout=RPC_TIMEOUT_S)
+            assert info.value.code == 404, path
+            assert "nv_inference" not in info.value.read().decode()
+        for path in ("/metrics", "/metrics/", "/metrics?debug=1"):  # Triton's /metrics/?, any query
+            with urllib.request.urlopen(base + path, timeout=RPC_TIMEOUT_S) as ok:
+                assert ok.status == 200 and "nv_inference_count" in ok.read().decode()
 
 
 def test_request_logs_carry_the_request_id_as_a_field(caplog: pytest.LogCaptureFixture):

@@ -184,9 +184,47 @@ def test_explicit_control_loads_only_what_is_asked_then_loads_and_unloads_on_req
         assert info.value.status() == "StatusCode.NOT_FOUND"
         index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
         assert index["alpha"] == {"name": "alpha", "state": "UNAVAILABLE", "reason": "unloaded"}
-        with pytest.raises(InferenceServerException, match="failed to load model 'broken'") as info:
+        with pytest.raises(InferenceServerException, match="load failed for model 'broken'") as info:
             client.load_model("broken")
-        assert info.value.status() == "StatusCode.UNAVAILABLE"
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"  # as Triton's failed load
+
+
+def test_every_load_failure_is_invalid_argument_with_its_reason_also_in_the_index(repo_dir: Path):
+    """Triton answers a failed RepositoryModelLoad INVALID_ARGUMENT "load failed for model ...",
+    whatever the cause; RepositoryIndex then gives the same reason."""
+    (repo_dir / "misconfigured" / "1").mkdir(parents=True)
+    (repo_dir / "misconfigured" / "1" / "engine").write_text("")
+    (repo_dir / "misconfigured" / "config.toml").write_text('instances = "two"\n')
+    (repo_dir / "exploding" / "1").mkdir(parents=True)
+    failing = {"exploding"}
+
+    def loader(path: Path) -> FakeEngine:
+        if path.parent.name in failing:
+            raise RuntimeError("onnxruntime exploded\nwith a second line")
+        return fake_loader(path)
+
+    causes = {"broken": "manifest.json not found", "empty": "has no version directory",
+              "misconfigured": "instances must be an integer", "exploding": "RuntimeError: onnxruntime exploded"}
+    with running_server(repo_dir, loader=loader, model_control_mode="explicit", startup_models=("alpha",)) as running:
+        client = running.client()
+        for name, cause in causes.items():
+            with pytest.raises(InferenceServerException, match=f"load failed for model '{name}': .*{cause}") as info:
+                client.load_model(name)
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT", name
+        client.unload_model("beta")  # an unloaded model that then fails to load shows why, not "unloaded"
+        failing.add("beta")
+        with pytest.raises(InferenceServerException, match="load failed for model 'beta'"):
+            client.load_model("beta")
+        failing.add("alpha")  # a served model whose reload fails keeps serving the loaded version
+        with pytest.raises(InferenceServerException, match="load failed for model 'alpha'"):
+            client.load_model("alpha")
+        assert client.infer("alpha", token_inputs(ids())).as_numpy("lengths").tolist() == [6]
+        index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    for name, cause in causes.items():
+        assert index[name]["state"] == "UNAVAILABLE" and cause in index[name]["reason"], index[name]
+    assert index["exploding"]["reason"] == "RuntimeError: onnxruntime exploded with a second line"  # one line
+    assert index["beta"]["reason"] == "RuntimeError: onnxruntime exploded with a second line"
+    assert index["alpha"]["state"] == "READY"
 
 
 def test_a_text_request_tokenizing_while_its_model_is_reloaded_is_served_by_the_new_version(repo_dir: Path):
@@ -285,6 +323,19 @@ def test_bad_request_parameters_are_invalid_argument(fake_server: RunningServer,
         with pytest.raises(grpc.RpcError) as info:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+
+
+def test_raw_and_typed_contents_together_are_invalid_argument_in_tritons_words(fake_server: RunningServer,
+                                                                               fake_engine: FakeEngine):
+    request = raw_request()
+    request.inputs[0].contents.int64_contents.extend(range(6))  # the same data, twice: which would count?
+    with grpc.insecure_channel(fake_server.url) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=RPC_TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("contents field must not be specified when using raw_input_contents for "
+                                    "'input_ids' for model 'fake'")
+    assert fake_engine.calls == []
 
 
 def test_a_full_queue_answers_unavailable_at_once_and_the_server_recovers():

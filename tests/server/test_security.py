@@ -3,6 +3,7 @@ certificate made by the `openssl` command for each test session."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -99,3 +100,25 @@ def test_streams_need_the_token_too(token_server: RunningServer):
         with pytest.raises(grpc.RpcError) as info:
             list(stub.ModelStreamInfer(iter([service_pb2.ModelInferRequest(model_name="fake")]), timeout=RPC_TIMEOUT_S))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_token_is_checked_before_the_body_is_parsed(token_server: RunningServer, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    from server import app
+    from server.logs import Throttled
+
+    monkeypatch.setattr(app, "_refusals", Throttled(app.log))  # no earlier test's refusals count
+    garbage = b"\xff\xff\xff\xff"
+    with caplog.at_level(logging.INFO), grpc.insecure_channel(token_server.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError) as info:
+                infer(garbage, timeout=RPC_TIMEOUT_S)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:  # with the token, the body is parsed (and refused)
+            infer(garbage, timeout=RPC_TIMEOUT_S, metadata=[("authorization", f"Bearer {TOKEN}")])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("Unable to parse request")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    refusals = [r for r in caplog.records if "refused an unauthenticated call" in r.getMessage()]
+    assert len(refusals) == 1  # 30 refusals, one line: unauthenticated clients cannot flood the log
