@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import optimize
+from server.auth import bearer_token_matches
 from server.config import ServerConfig
 from server.errors import ConfigError, ServerError
 from server.metrics import MetricsServer, registry_for
@@ -128,14 +128,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         self._token = token.encode()
 
     def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key != "authorization":
-                continue
-            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-            scheme, _, credential = text.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), self._token):
-                return True
-        return False
+        return any(key == "authorization" and bearer_token_matches(value, self._token) for key, value in metadata or ())
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
