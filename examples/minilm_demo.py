@@ -90,7 +90,7 @@ def write_serving_config(repository: Path, max_batch: int) -> None:
 
 def start_server(repository: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "server", "--repository", str(repository), "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "0"]
+           "--http-port", "0", "--metrics-port", "0"]
     console.rule("[bold]2. serve")
     console.print("$ python " + " ".join(cmd[1:]) + f"   [dim](log: {log})[/]", highlight=False)
     # A file, not a pipe: a server that logs every request would block on a full pipe.

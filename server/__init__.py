@@ -1,7 +1,7 @@
 """kiln's server: a model repository served over the KServe v2 / Triton gRPC protocol with
-dynamic batching.
+dynamic batching, and over HTTP (KServe v2 REST, OpenAI's embeddings API) from the same batchers.
 
-    python -m server --repository engines --port 8001
+    python -m server --repository engines --port 8001 --http-port 8000
 
 or from Python (inside a running event loop):
 

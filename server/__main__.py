@@ -1,5 +1,5 @@
-"""`python -m server --repository DIR [--host 127.0.0.1] [--port 8001]`: serve a model repository
-until SIGINT or SIGTERM, then drain and exit 0."""
+"""`python -m server --repository DIR [--host 127.0.0.1] [--port 8001] [--http-port 8000]`: serve a
+model repository until SIGINT or SIGTERM, then drain and exit 0."""
 
 from __future__ import annotations
 
@@ -25,20 +25,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="HTTP port: KServe v2 REST at /v2 and OpenAI's embeddings API at /v1; 0 picks a free "
+                             "one (default: 8000, as Triton)")
+    parser.add_argument("--no-http", action="store_true", help="serve no HTTP port (gRPC only)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="largest gRPC message received or sent; larger ones are refused with RESOURCE_EXHAUSTED "
-                             f"(default: {DEFAULT_MAX_MESSAGE_BYTES} = 64 MiB; at most 2147483647)")
+                        help="largest gRPC message received or sent, and largest HTTP request body; larger ones are "
+                             f"refused (RESOURCE_EXHAUSTED, HTTP 413) (default: {DEFAULT_MAX_MESSAGE_BYTES} = 64 MiB; "
+                             "at most 2147483647)")
     parser.add_argument("--shutdown-grace-s", type=float, default=30.0,
                         help="on SIGTERM, seconds for queued and running requests to finish (default: 30)")
     parser.add_argument("--metrics-port", type=int, default=8002,
                         help="Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (default: 8002, "
                              "as Triton)")
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    parser.add_argument("--tls-cert", type=Path,
+                        help="PEM certificate chain: serve gRPC over TLS and HTTPS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mTLS)")
     parser.add_argument("--auth-token-file", type=Path,
-                        help="file holding a bearer token every RPC but health checks must carry "
+                        help="file holding a bearer token every RPC and HTTP request but health checks must carry "
                              "(or set KILN_AUTH_TOKEN; a token is never taken from the command line)")
     parser.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
                         help="explicit: clients load/unload models (RepositoryModelLoad/Unload) (default: none)")
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(args.log_level, args.log_format)
         config = ServerConfig(
             repository=args.repository, host=args.host, port=args.port,
+            http_port=None if args.no_http else args.http_port,
             max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace_s,
             metrics_port=None if args.no_metrics else args.metrics_port,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca,

@@ -4,16 +4,16 @@
 One gRPC port carries the KServe v2 service, the standard health service (grpc.health.v1:
 the server as "" and "inference.GRPCInferenceService", each model under its own name) and
 server reflection, so `grpcurl` and load balancers' health checks work out of the box.
-Optionally TLS on that port, a bearer token on every RPC but health checks, and Prometheus
-metrics over HTTP on another port. Every service is registered through `server.handlers`, so a
-request that is not even protobuf is answered like any other error, not with a traceback.
+Optionally an HTTP port with KServe v2 REST and OpenAI's embeddings API over the same service
+(`server.http`), TLS on both, a bearer token on every call but health checks, and Prometheus
+metrics over HTTP on another port. Every gRPC service is registered through `server.handlers`,
+so a request that is not even protobuf is answered like any other error, not with a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,10 +24,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import optimize
+from server.auth import bearer_token_matches
 from server.config import ServerConfig
 from server.errors import ConfigError, ServerError
 from server.handlers import abort, add_service
 from server.logs import Throttled
+from server.http import HttpServer
 from server.metrics import MetricsServer, registry_for
 from server.proto import POOL, grpc_service_pb2
 from server.repository import EngineLoader, Repository
@@ -47,14 +49,16 @@ _refusals = Throttled(log)
 
 
 class Server:
-    """A kiln server: the gRPC server plus one scheduler per model. Made by `create_server`."""
+    """A kiln server: the gRPC server, the HTTP server when configured, and one scheduler per
+    model. Made by `create_server`."""
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, service: InferenceService,
-                 health: health_aio.HealthServicer, port: int) -> None:
+                 health: health_aio.HealthServicer, port: int, http: HttpServer | None = None) -> None:
         self.config = config
         self.port = port
         self.service = service
         self.metrics: MetricsServer | None = None
+        self.http = http
         self._grpc = grpc_server
         self._health = health
         self._stopping: asyncio.Task[None] | None = None
@@ -69,10 +73,15 @@ class Server:
         return dataclasses.replace(self.config, port=self.port, tls_cert_file=None, tls_key_file=None,
                                    tls_client_ca_file=None).address
 
-    async def start(self) -> None:
-        """Start the model schedulers and the metrics endpoint, then serve.
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (also when the config asked for 0); None without HTTP."""
+        return self.http.port if self.http is not None else None
 
-        Raises `ServerError` when the metrics port cannot be bound."""
+    async def start(self) -> None:
+        """Start the model schedulers and the metrics endpoint, then serve gRPC and HTTP.
+
+        Raises `ServerError` when the metrics port cannot be bound or HTTP cannot start."""
         for name, scheduler in self.service.schedulers.items():
             await scheduler.start()
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -80,6 +89,9 @@ class Server:
             self.metrics = _start_metrics(self.service, self.config.host, self.config.metrics_port)
             log.info("metrics on %s", self.metrics.url)
         await self._grpc.start()
+        if self.http is not None:
+            await self.http.start()
+            log.info("HTTP on %s: KServe v2 REST at /v2, OpenAI API at /v1", self.http.url)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d model(s) on %s%s: %s", len(self.service.schedulers), self.address,
                  " (TLS)" if self.config.tls else "", ", ".join(sorted(self.service.schedulers)) or "none")
@@ -98,11 +110,14 @@ class Server:
         log.info("shutting down: %d request(s) queued, %.1f s grace period", queued, grace_s)
         self.service.accepting = False
         await self._health.enter_graceful_shutdown()
-        # gRPC stops taking RPCs at once and waits for the running ones, which the schedulers
-        # answer (or fail) within the grace period.
+        # gRPC and HTTP stop taking calls at once and wait for the running ones, which the
+        # schedulers answer (or fail) within the grace period.
         grpc_stopped = asyncio.ensure_future(self._grpc.stop(grace_s + _RESPONSE_FLUSH_S))
+        http_stopped = asyncio.ensure_future(self.http.stop(grace_s + _RESPONSE_FLUSH_S)) if self.http else None
         await self.service.stop_models(grace_s)
         await grpc_stopped
+        if http_stopped is not None:
+            await http_stopped
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         log.info("server stopped")
@@ -133,14 +148,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         self._token = token.encode()
 
     def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key != "authorization":
-                continue
-            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-            scheme, _, credential = text.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), self._token):
-                return True
-        return False
+        return any(key == "authorization" and bearer_token_matches(value, self._token) for key, value in metadata or ())
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -172,7 +180,8 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
 
 def create_server(config: ServerConfig, repository: Repository | None = None,
                   loader: EngineLoader = optimize.load) -> tuple[Server, int]:
-    """Build a server for `config` and bind its port; `port` 0 picks a free one, returned here.
+    """Build a server for `config` and bind its ports; `port` 0 picks a free one, returned here
+    (likewise `http_port`, see `Server.http_port`).
 
     Loads `config.repository` unless a `repository` is given (tests pass one holding fake
     engines); with model control mode "explicit", only `config.startup_models`. `loader` turns
@@ -235,4 +244,5 @@ def create_server(config: ServerConfig, repository: Repository | None = None,
         raise ServerError(f"cannot listen on {config.address}: {exc}") from None
     if port == 0:  # older grpcio reports a failed bind this way
         raise ServerError(f"cannot listen on {config.address}")
-    return Server(config, grpc_server, service, health, port), port
+    http = HttpServer(service, config) if config.http_port is not None else None
+    return Server(config, grpc_server, service, health, port, http), port

@@ -252,17 +252,22 @@ class ServerConfig:
 
     - `repository`: the model repository directory (`<repo>/<model>/<version>/`).
     - `host`, `port`: where to listen; port 0 picks a free port (`create_server` returns it).
-    - `max_message_bytes`: the largest gRPC message received or sent; gRPC refuses larger ones
-      with RESOURCE_EXHAUSTED. Default 64 MiB: gRPC's 4 MiB is too small for batched outputs,
-      and Triton's INT32_MAX lets one client make the server buffer 2 GiB per request.
+    - `http_port`: KServe v2 REST and OpenAI's embeddings API over HTTP on this port of `host`
+      (0 picks a free port; `Server.http_port` tells which); None serves no HTTP.
+    - `max_message_bytes`: the largest gRPC message received or sent, and the largest HTTP
+      request body; gRPC refuses larger ones with RESOURCE_EXHAUSTED, HTTP with 413. Default
+      64 MiB: gRPC's 4 MiB is too small for batched outputs, and Triton's INT32_MAX lets one
+      client make the server buffer 2 GiB per request.
     - `shutdown_grace_s`: on SIGTERM, how long queued and running requests may take to finish
       before the rest are failed with UNAVAILABLE.
     - `metrics_port`: Prometheus metrics over HTTP at `http://host:metrics_port/metrics`
       (0 picks a free port); None serves none.
-    - `tls_cert_file`, `tls_key_file`: PEM files; with both, the gRPC port speaks TLS only.
+    - `tls_cert_file`, `tls_key_file`: PEM files; with both, the gRPC and HTTP ports speak TLS
+      only (HTTPS).
       `tls_client_ca_file` additionally requires client certificates signed by that CA.
     - `auth_token`: when set, every RPC except grpc.health.v1 needs the metadata
-      `authorization: Bearer <token>`; others are answered UNAUTHENTICATED.
+      `authorization: Bearer <token>`; others are answered UNAUTHENTICATED. Over HTTP every
+      request but the health routes needs that header; others are answered 401.
     - `model_control_mode`: "none" serves what the repository holds at startup; "explicit"
       (Triton's) lets clients load and unload models with RepositoryModelLoad/Unload and, at
       startup, loads only `startup_models` ("*": all).
@@ -271,6 +276,7 @@ class ServerConfig:
     repository: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8001
+    http_port: int | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_grace_s: float = 30.0
     metrics_port: int | None = None
@@ -288,6 +294,8 @@ class ServerConfig:
         _check_int("port", self.port, 0, 65535)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)
+        if self.http_port is not None:
+            _check_int("http_port", self.http_port, 0, 65535)
         _check_int("max_message_bytes", self.max_message_bytes, 1024, INT32_MAX)
         grace = self.shutdown_grace_s
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:

@@ -1,8 +1,10 @@
-"""One exception root for the server, and the one place that maps errors to gRPC status codes.
+"""One exception root for the server, and the one place that maps errors to gRPC status codes
+and HTTP status codes.
 
-Raise the subclass that says what went wrong; the service turns it into a status with
-`status_code(exc)` and the exception's message as details. Messages are one line and name the
-thing at fault (the model, the input, the config field).
+Raise the subclass that says what went wrong; the gRPC service turns it into a status with
+`status_code(exc)` and the HTTP front end into a response with `http_status(exc)`, the
+exception's message as details. Messages are one line and name the thing at fault (the model,
+the input, the config field).
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ class ConfigError(ServerError, ValueError):
 
 class InvalidArgument(ServerError):
     """The request is malformed or does not match the model's inputs."""
+
+
+class MalformedRequest(InvalidArgument):
+    """An HTTP request body the front end cannot read as its route's request: not JSON, or not
+    the route's schema (a missing, unknown or mistyped field). Requests that parse but break the
+    model's rules are plain `InvalidArgument`s, as over gRPC."""
+
+
+class PayloadTooLarge(ServerError):
+    """A request is larger than the server accepts (`max_message_bytes`)."""
 
 
 class NotFound(ServerError):
@@ -84,6 +96,7 @@ _STATUS: dict[type[ServerError], grpc.StatusCode] = {
     ModelLoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -100,3 +113,35 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         if cls in _STATUS:
             return _STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+# Triton's HTTP codes (its server's src/http_server.cc, HttpCodeFromError) for what it shares
+# with gRPC; kiln's own for what only HTTP has: 422 for a body that is not the route's JSON
+# (FastAPI's convention), 413 for one over the size limit. Deadlines exist over gRPC only.
+_HTTP_STATUS: dict[type[ServerError], int] = {
+    ConfigError: 400,
+    InvalidArgument: 400,
+    MalformedRequest: 422,
+    PayloadTooLarge: 413,
+    NotFound: 404,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+    FailedPrecondition: 400,
+    Unauthenticated: 401,
+    Internal: 500,
+    Unimplemented: 501,
+}
+
+
+def http_status(exc: BaseException, *, openai: bool = False) -> int:
+    """The HTTP status code for `exc`: its class's entry (or its nearest base's), else 500.
+
+    `openai`: for OpenAI's API, a request the queue policy turned away (`Rejected`: queue full,
+    queue timeout) is 429, which OpenAI's clients back off from and retry; KServe v2 answers
+    503 there, as Triton does."""
+    if openai and isinstance(exc, Rejected):
+        return 429
+    for cls in type(exc).__mro__:
+        if cls in _HTTP_STATUS:
+            return _HTTP_STATUS[cls]
+    return 500

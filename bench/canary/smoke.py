@@ -74,7 +74,7 @@ def served_embeddings(repository: Path, log: Path) -> np.ndarray:
 
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "server", "--repository", str(repository), "--port", "0",
-                                    "--no-metrics"], stdout=sink, stderr=subprocess.STDOUT)
+                                    "--no-metrics", "--no-http"], stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         url = None

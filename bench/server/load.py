@@ -239,7 +239,8 @@ class ServerProcess:
         self.log = log
         with log.open("wb") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "server", "--repository", str(repository), "--port", "0", "--no-metrics"],
+                [sys.executable, "-m", "server", "--repository", str(repository), "--port", "0", "--no-metrics",
+                 "--no-http"],
                 cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + START_TIMEOUT_S

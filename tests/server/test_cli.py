@@ -20,6 +20,9 @@ START_TIMEOUT_S = 60.0
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m server ARGS` on ephemeral ports only (the HTTP port would default to 8000)."""
+    if "--http-port" not in args and "--no-http" not in args:
+        args = [*args, "--http-port", "0"]
     with log.open("wb") as sink:  # a file, not a pipe: a chatty server never blocks on it
         return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT,
                                 stdout=sink, stderr=subprocess.STDOUT)
