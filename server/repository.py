@@ -55,6 +55,13 @@ class Model:
         self._inputs = {spec.name: spec for spec in self.engine.inputs}
         self._outputs = {spec.name: spec for spec in self.engine.outputs}
         self.pipeline = self.engine.pipeline
+        if self.pipeline is not None and self.pipeline.pair:
+            # one `text` input cannot say which text is which of a pair: sentence-pair engines
+            # take token ids (and token types) from their clients
+            if self.config.interface == "text":
+                raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine scores sentence "
+                                  "pairs, which are sent as token ids (input_ids, attention_mask[, token_type_ids])")
+            self.pipeline = None
         if self.config.interface == "text" and self.pipeline is None:
             raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine has no text pipeline "
                               "(compile it from a directory with a tokenizer)")
