@@ -18,6 +18,7 @@ from rich.table import Table
 
 from optimize.config import CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
 from optimize.errors import OptimizeError
+from optimize.sources.tasks import TASKS
 
 console = Console(stderr=True)
 
@@ -57,6 +58,10 @@ def _summary(engine_dir: Path) -> Table:
     table.add_column()
     table.add_row("backend", f"{m.backend} ({m.config.precision})")
     table.add_row("source", escape(f"{m.source.get('kind')}: {m.source.get('location')}"))
+    if m.source.get("task"):
+        labels = m.source.get("labels") or []
+        shown = f" — labels {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''}" if labels else ""
+        table.add_row("task", escape(f"{m.source['task']} ({m.source.get('architecture')}){shown}"))
     for spec in m.inputs:
         table.add_row(f"input {spec.name}", escape(f"{spec.dtype} {spec.shape_str()}"))
     for spec in m.outputs:
@@ -159,6 +164,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         passes=passes,
         verify_passes=args.verify_passes,
         seed=args.seed,
+        task=args.task,
     )
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -210,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="onnxruntime", choices=[*available_backends(), "auto"],
                    help="engine backend; auto builds every candidate here and keeps the fastest accurate one")
     c.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    c.add_argument("--task", metavar="TASK",
+                   help="which head of a Hugging Face model to build: " + ", ".join(TASKS)
+                        + " (default: the one the directory describes; an unknown head is refused)")
     c.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts (default 32)")
     c.add_argument("--max-seq", type=int, default=256, help="longest sequence the engine accepts (default 256)")
     c.add_argument("--min-seq", type=int, default=1, help="shortest sequence the engine accepts (default 1)")

@@ -79,6 +79,9 @@ class CompileConfig:
     calibration_method: str = "percentile"
     calibration_samples: int = 256
     backend_options: dict[str, Any] = field(default_factory=dict)
+    # Which head of a Hugging Face model to build (optimize.sources.tasks); None: the one the
+    # directory describes.
+    task: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

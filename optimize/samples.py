@@ -147,16 +147,15 @@ def text_batches(
 
 
 def _tokenizer(source: Source, config: CompileConfig) -> tuple[Callable[[list[str]], dict[str, np.ndarray]], int]:
+    """The source's tokenizer, capped at `config.max_seq`. Pair models get each text paired
+    with the next one, so real samples exercise both segments."""
     from optimize.pipeline import Pipeline
 
     assert source.pipeline is not None and source.pipeline_dir is not None
-    entry = source.pipeline
-    pipeline = Pipeline(
-        tokenizer_path=source.pipeline_dir / entry["tokenizer"],
-        max_length=min(int(entry["max_length"]), config.max_seq),
-        pad_id=int(entry.get("pad_id", 0)),
-        output=entry["output"],
-    )
+    entry = dict(source.pipeline, max_length=min(int(source.pipeline["max_length"]), config.max_seq))
+    pipeline = Pipeline.from_manifest(source.pipeline_dir, entry, directory="")
+    if pipeline.pair:
+        return (lambda texts: pipeline.tokenize_pairs(texts, texts[1:] + texts[:1])), pipeline.pad_id
     return pipeline.tokenize, pipeline.pad_id
 
 

@@ -53,6 +53,13 @@ class Model:
 
     def __post_init__(self) -> None:
         self.pipeline = self.engine.pipeline
+        if self.pipeline is not None and getattr(self.pipeline, "pair", False):
+            # one `text` input cannot say which text is which of a pair: sentence-pair engines
+            # take token ids (and token types) from their clients
+            if self.config.interface == "text":
+                raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine scores sentence "
+                                  "pairs, which are sent as token ids (input_ids, attention_mask[, token_type_ids])")
+            self.pipeline = None
         max_tokens = self.pipeline.max_length if self.pipeline is not None else None
         self.config = self.config.resolve(self.engine.max_batch_size, source=f"model '{self.name}'",
                                           max_tokens=max_tokens)
@@ -88,6 +95,12 @@ class Model:
     def advertises_text(self) -> bool:
         """True when ModelMetadata/ModelConfig list the text interface instead of the engine's."""
         return self.text_input is not None and self.config.interface == "text"
+
+    @property
+    def task(self) -> str | None:
+        """What the engine's pipeline computes ("feature-extraction", "text-classification", ...;
+        optimize.sources.tasks), None without a text pipeline."""
+        return getattr(self.pipeline, "task", "feature-extraction") if self.pipeline is not None else None
 
     @property
     def text_output(self) -> str | None:

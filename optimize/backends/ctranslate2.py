@@ -95,6 +95,10 @@ class CTranslate2Backend(Backend):
         if source is None or source.kind != "huggingface":
             raise ConfigError("backend 'ctranslate2' converts Hugging Face model directories; "
                               f"this source is {source.kind if source else 'unknown'}")
+        task = source.metadata.get("task", "feature-extraction")
+        if task != "feature-extraction":
+            raise ConfigError(f"backend 'ctranslate2' builds feature-extraction engines only; task {task} needs "
+                              "onnxruntime, openvino, eager or triton")
         names = {s.name for s in ctx.outputs}
         if not {s.name for s in ctx.inputs} == {"input_ids", "attention_mask"} or not names <= {"last_hidden_state", "sentence_embedding"}:
             raise ConfigError("backend 'ctranslate2' runs encoders with inputs input_ids/attention_mask")

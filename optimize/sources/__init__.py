@@ -18,6 +18,9 @@ def load_source(source: str | Path, config: CompileConfig) -> Source:
     """Load `source`; raises `SourceError` with one line naming what was expected."""
     text = str(source)
     path = Path(text)
+    if config.task is not None and not is_hf_directory(path):
+        raise SourceError(f"{text}: --task applies to Hugging Face model directories; "
+                          "a .pt2 program or a factory already fixes its outputs")
     if path.exists():
         if is_hf_directory(path):
             return load_hf_directory(path, config)

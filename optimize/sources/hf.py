@@ -1,10 +1,13 @@
 """Source: a Hugging Face model directory (config.json + safetensors weights).
 
-Loaded offline with `transformers.AutoModel`. Inputs are `input_ids` and `attention_mask`
-([batch, seq] int64); outputs `last_hidden_state`, plus `sentence_embedding` when the directory
-is a sentence-transformers model (its Pooling / Normalize modules are folded into the graph so
-clients get the embedding the model card promises). A `tokenizer.json` becomes the engine's
-text pipeline.
+Loaded offline with the transformers class of its task (`optimize.sources.tasks`): the head the
+directory's `architectures` names, or the task `--task` names. Inputs are `input_ids` and
+`attention_mask` ([batch, seq] int64), plus `token_type_ids` for sentence pairs on models that
+have token types. Outputs: `last_hidden_state` and, when the directory declares a pooling
+(sentence-transformers `modules.json`), `sentence_embedding` for feature extraction (pooling and
+normalization folded into the graph so clients get the embedding the model card promises);
+`logits` for every head. A `tokenizer.json` becomes the engine's text pipeline, which records
+the task, its labels and the function that turns logits into scores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from optimize.config import CompileConfig
 from optimize.errors import ConfigError, SourceError
 from optimize.sources.base import Source, digest_files
+from optimize.sources.tasks import Task, classifier_activation, detect_task, labels_of
 from optimize.specs import TensorSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -26,6 +30,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def is_hf_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+# sentence-transformers Pooling flags -> kiln's pooling names
+POOLING_MODES = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max", "lasttoken": "last"}
 
 
 def read_sentence_transformers(path: Path) -> dict[str, Any]:
@@ -38,10 +46,11 @@ def read_sentence_transformers(path: Path) -> dict[str, Any]:
     for m in modules:
         if m["type"].endswith(".Pooling"):
             pooling = json.loads((path / m["path"] / "config.json").read_text())
-            modes = [k for k in ("cls_token", "mean_tokens", "max_tokens") if pooling.get(f"pooling_mode_{k}")]
+            modes = [k for k in POOLING_MODES if pooling.get(f"pooling_mode_{k}")]
             if len(modes) != 1:
-                raise SourceError(f"{path}: pooling {modes or 'none'} is not supported; expected exactly one of cls/mean/max")
-            info["pooling"] = modes[0].split("_")[0]
+                raise SourceError(f"{path}: pooling {modes or 'none'} is not supported; "
+                                  "expected exactly one of cls/mean/max/lasttoken")
+            info["pooling"] = POOLING_MODES[modes[0]]
     st_config = path / "sentence_bert_config.json"
     if st_config.is_file():
         info["max_seq_length"] = json.loads(st_config.read_text()).get("max_seq_length")
@@ -49,7 +58,8 @@ def read_sentence_transformers(path: Path) -> dict[str, Any]:
 
 
 class SentenceEncoder(torch.nn.Module):
-    """A transformers model with named outputs and, optionally, sentence-transformers pooling."""
+    """Feature extraction: a transformers base model with named outputs and, optionally,
+    sentence-transformers pooling."""
 
     def __init__(self, model: torch.nn.Module, pooling: str | None, normalize: bool) -> None:
         super().__init__()
@@ -66,12 +76,30 @@ class SentenceEncoder(torch.nn.Module):
         return out
 
 
+class HeadModel(torch.nn.Module):
+    """A transformers model with a task head: `logits` in fp32, whatever the compute dtype."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return {"logits": self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()}
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     """sentence-transformers pooling of [batch, seq, hidden] token states over the real tokens
-    (`attention_mask` 1): "mean", "max" or "cls" (the first token); fp32, L2-normalized when
+    (`attention_mask` 1): "mean", "max", "cls" (the first token) or "last" (the last real token,
+    wherever padding is: decoders used as embedders pad left or right); fp32, L2-normalized when
     `normalize`. Engines that cannot compile the pooling into their graph apply it with this."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "mean":
+    if pooling == "last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(dim=1)  # index of the last 1 in each row
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    elif pooling == "mean":
         # clamp: an all-padding row pools to zeros instead of NaN
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
     elif pooling == "max":
@@ -83,7 +111,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, norma
 
 
 def load_hf_directory(path: Path, config: CompileConfig) -> Source:
-    """Load a Hugging Face model directory as a `Source`; raises `SourceError` / `ConfigError`."""
+    """Load a Hugging Face model directory as a `Source` for its task (`config.task`, else the
+    one the directory describes); raises `SourceError` / `ConfigError` with one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -95,13 +124,25 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
         pickled = [p.name for p in path.glob("*.bin")]
         hint = f" (found {', '.join(pickled)}: pickle weights are never loaded; convert them to safetensors)" if pickled else ""
         raise SourceError(f"{path}: no *.safetensors weights{hint}")
+    raw_config = json.loads((path / "config.json").read_text())
+    architecture = (raw_config.get("architectures") or [""])[0]
+    st = read_sentence_transformers(path)
+    task = detect_task(architecture, raw_config, config.task)
     try:
         hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(
-            str(path), config=hf_config, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        auto_class = getattr(transformers, task.auto_class)
+        model, loading = auto_class.from_pretrained(
+            str(path), config=hf_config, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise SourceError(f"{path}: cannot load with transformers: {str(exc).splitlines()[0]}") from None
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    missing = [k for k in loading.get("missing_keys", []) if not _derivable(k, tied)]
+    if missing:  # transformers would fill them with random numbers: an engine answering noise
+        raise SourceError(f"{path}: {architecture or type(model).__name__} has no weights for "
+                          f"{', '.join(sorted(missing)[:3])}{' ...' if len(missing) > 3 else ''} "
+                          f"needed by task {task.name}")
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
@@ -111,26 +152,40 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
         raise ConfigError(f"max_seq {config.max_seq} exceeds the model's {max_positions} positions")
     vocab = int(hf_config.vocab_size)
     pad_id = getattr(hf_config, "pad_token_id", None) or 0
+    type_vocab = int(getattr(hf_config, "type_vocab_size", 0) or 0)
+    token_types = task.name == "sentence-pair" and type_vocab > 1
 
-    st = read_sentence_transformers(path)
-    module = SentenceEncoder(model, st.get("pooling"), bool(st.get("normalize")))
+    if task.name == "feature-extraction":
+        module: torch.nn.Module = SentenceEncoder(model, st.get("pooling"), bool(st.get("normalize")))
+    else:
+        module = HeadModel(model)
     dims = config.dims
     token_shape = (dims["batch"], dims["seq"])
     inputs = [
         TensorSpec("input_ids", "int64", token_shape, value_range=(0, vocab - 1), description="token ids"),
         TensorSpec("attention_mask", "int64", token_shape, value_range=(0, 1), description="1 = token, 0 = padding"),
     ]
+    if token_types:
+        inputs.append(TensorSpec("token_type_ids", "int64", token_shape, value_range=(0, 1),
+                                 description="0 = first text of the pair, 1 = second"))
 
     def make_inputs(sizes: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Padded batches as a tokenizer makes them: row 0 full length, others random lengths."""
+        """Padded batches as a tokenizer makes them: row 0 full length, others random lengths;
+        for pairs, the second text starts at a random point of each row."""
         batch, seq = sizes["batch"], sizes["seq"]
         ids = torch.randint(0, vocab, (batch, seq), generator=generator)
         lengths = torch.randint(1, seq + 1, (batch,), generator=generator)
         lengths[0] = seq
-        mask = (torch.arange(seq).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        positions = torch.arange(seq).unsqueeze(0)
+        mask = (positions < lengths.unsqueeze(1)).long()
         ids = ids.masked_fill(mask == 0, pad_id)
-        return {"input_ids": ids, "attention_mask": mask}
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if token_types:
+            split = (torch.rand(batch, generator=generator) * lengths).long().unsqueeze(1)
+            feeds["token_type_ids"] = ((positions >= split) & (mask == 1)).long()
+        return feeds
 
+    labels = labels_of(raw_config) if task.name in ("text-classification", "token-classification", "sentence-pair") else []
     pipeline = None
     if (path / "tokenizer.json").is_file():
         max_length = min(config.max_seq, st.get("max_seq_length") or config.max_seq)
@@ -138,9 +193,14 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
             "tokenizer": "tokenizer.json",
             "max_length": int(max_length),
             "pad_id": int(pad_id),
-            "output": "sentence_embedding" if st.get("pooling") else "last_hidden_state",
+            "task": task.name,
+            "output": _pipeline_output(task, st),
             "pooling": st.get("pooling"),
             "normalize": bool(st.get("normalize")),
+            "labels": labels,
+            "activation": classifier_activation(raw_config, task) if labels else None,
+            "pair": task.name == "sentence-pair",
+            "token_types": token_types,
         }
     files = [p for p in path.iterdir() if p.is_file() and (p.suffix in (".json", ".safetensors", ".txt"))]
     return Source(
@@ -154,9 +214,26 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
         metadata={
             "model_type": hf_config.model_type,
             "architecture": type(model).__name__,
+            "task": task.name,
+            "labels": labels,
             "pooling": st.get("pooling"),
             "normalize": bool(st.get("normalize")),
         },
         pipeline=pipeline,
         pipeline_dir=path if pipeline else None,
     )
+
+
+def _derivable(key: str, tied: bool) -> bool:
+    """Missing weights transformers recreates exactly: buffers such as position ids, and the
+    output embeddings when they are tied to the input embeddings."""
+    if key.endswith(("position_ids", "token_type_ids", "masked_bias", "attn.bias")):
+        return True
+    return tied and key.endswith(("lm_head.weight", "decoder.weight", "decoder.bias"))
+
+
+def _pipeline_output(task: Task, st: dict[str, Any]) -> str:
+    """The output a text request is answered with."""
+    if task.name == "feature-extraction":
+        return "sentence_embedding" if st.get("pooling") else "last_hidden_state"
+    return "logits"

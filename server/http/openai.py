@@ -165,6 +165,10 @@ class OpenAIRoutes:
                 f"model '{name}' makes no embeddings over this API: its engine has no text pipeline (compile it from "
                 f"a directory with a tokenizer); send its inputs ({', '.join(model.inputs)}) to "
                 f"/v2/models/{name}/infer"), "model")
+        if model.task != "feature-extraction":
+            raise _about(InvalidArgument(
+                f"model '{name}' is a {model.task} engine, not an embedding model; send its inputs to "
+                f"/v2/models/{name}/infer"), "model")
         return model
 
     async def embeddings(self, request: Request) -> Response:
@@ -247,7 +251,8 @@ class OpenAIRoutes:
         return sum(len(ids) for ids in token_ids)
 
     async def models(self, request: Request) -> Response:
-        models = [m for _, m in sorted(self.service.repository.models.items()) if m.text_output is not None]
+        models = [m for _, m in sorted(self.service.repository.models.items())
+                  if m.text_output is not None and m.task == "feature-extraction"]
         return json_response({"object": "list", "data": [_card(m) for m in models]})
 
     async def model(self, request: Request) -> Response:
