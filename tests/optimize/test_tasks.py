@@ -8,7 +8,6 @@ the all-MiniLM-L6-v2 tokenizer shipped with the test model tokenizes real senten
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,47 +22,19 @@ from optimize.config import CompileConfig
 from optimize.errors import ConfigError, SourceError
 from optimize.pipeline import Pipeline
 from optimize.sources import load_source
+from tests.optimize.task_models import task_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-BERT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2,
-        "vocab_size": 30522, "max_position_embeddings": 128}
 SENTENCES = ["A man is playing a guitar.", "The new movie is awesome, I loved every minute of it!",
              "How do I reset my password?"]
 CONFIG = CompileConfig(backend="onnxruntime", max_batch=4, max_seq=32)
-
-
-def save(model: torch.nn.Module, path: Path, tokenizer_from: Path, extra_config: dict[str, Any] | None = None) -> Path:
-    model.save_pretrained(path, safe_serialization=True)
-    shutil.copy(tokenizer_from / "tokenizer.json", path / "tokenizer.json")
-    if extra_config:
-        config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**config, **extra_config}))
-    return path
+KINDS = ("classifier", "multilabel", "ner", "cross_encoder", "fill_mask", "qa", "gpt2")
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir: Path) -> dict[str, Path]:
-    import transformers
-
     root = tmp_path_factory.mktemp("tasks")
-    torch.manual_seed(0)
-    labels = {0: "negative", 1: "neutral", 2: "positive"}
-    made = {
-        "classifier": transformers.BertForSequenceClassification(transformers.BertConfig(
-            **BERT, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})),
-        "multilabel": transformers.BertForSequenceClassification(transformers.BertConfig(
-            **BERT, num_labels=4, problem_type="multi_label_classification")),
-        "ner": transformers.BertForTokenClassification(transformers.BertConfig(
-            **BERT, num_labels=5, id2label={0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"},
-            label2id={"O": 0, "B-PER": 1, "I-PER": 2, "B-LOC": 3, "I-LOC": 4})),
-        "cross_encoder": transformers.BertForSequenceClassification(transformers.BertConfig(**BERT, num_labels=1)),
-        "fill_mask": transformers.BertForMaskedLM(transformers.BertConfig(**BERT)),
-        "qa": transformers.BertForQuestionAnswering(transformers.BertConfig(**BERT)),
-        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_embd=32, n_head=2, n_layer=2, vocab_size=30522, n_positions=128, bos_token_id=101, eos_token_id=102)),
-    }
-    extra = {"cross_encoder": {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"}}}
-    return {name: save(model.eval(), root / name, minilm_model_dir, extra.get(name)) for name, model in made.items()}
+    return {kind: task_dir(kind, root, minilm_model_dir) for kind in KINDS}
 
 
 def hf_model(path: Path) -> torch.nn.Module:

@@ -1,0 +1,50 @@
+"""Tiny random-weight Hugging Face directories, one per task head, built from transformers
+configs with BERT's vocabulary so the all-MiniLM-L6-v2 tokenizer shipped with the test model
+tokenizes real sentences for them (GPT-2 gets the same vocabulary size)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BERT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2,
+        "vocab_size": 30522, "max_position_embeddings": 128}
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+SENTIMENT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+CROSS_ENCODER = {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"}}
+
+
+def save(model: torch.nn.Module, path: Path, tokenizer_from: Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """`model` saved as a Hugging Face directory (safetensors) with `tokenizer_from`'s tokenizer."""
+    model.save_pretrained(path, safe_serialization=True)
+    shutil.copy(tokenizer_from / "tokenizer.json", path / "tokenizer.json")
+    if extra_config:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **extra_config}))
+    return path
+
+
+def task_dir(kind: str, root: Path, tokenizer_from: Path) -> Path:
+    """A directory of `kind`: classifier, multilabel, ner, cross_encoder, fill_mask, qa, gpt2."""
+    import transformers
+
+    torch.manual_seed(0)
+    made = {
+        "classifier": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+            **BERT, num_labels=3, id2label=SENTIMENT_LABELS, label2id={v: k for k, v in SENTIMENT_LABELS.items()})),
+        "multilabel": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+            **BERT, num_labels=4, problem_type="multi_label_classification")),
+        "ner": lambda: transformers.BertForTokenClassification(transformers.BertConfig(
+            **BERT, num_labels=5, id2label=NER_LABELS, label2id={v: k for k, v in NER_LABELS.items()})),
+        "cross_encoder": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**BERT, num_labels=1)),
+        "fill_mask": lambda: transformers.BertForMaskedLM(transformers.BertConfig(**BERT)),
+        "qa": lambda: transformers.BertForQuestionAnswering(transformers.BertConfig(**BERT)),
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_head=2, n_layer=2, vocab_size=30522, n_positions=128, bos_token_id=101, eos_token_id=102)),
+    }
+    extra = CROSS_ENCODER if kind == "cross_encoder" else None
+    return save(made[kind]().eval(), root / kind, tokenizer_from, extra)
