@@ -5,7 +5,8 @@
 2. start `python -m server` on 127.0.0.1 as a separate process, as a deployment would;
 3. send real sentences as text through `tritonclient` (the standard KServe v2 / Triton client):
    the server tokenizes them with the tokenizer stored in the engine, so the client needs no
-   tokenizer. Print the embeddings' shape, their cosine-similarity matrix and request latencies;
+   tokenizer. Print the embeddings' shape, their cosine-similarity matrix and request latencies,
+   and make one call with the official `openai` SDK to the server's OpenAI-compatible HTTP route;
 4. stop the server with SIGTERM and check it exits cleanly.
 
 Run it with `./kiln demo` (which sets up the environment first) or `python -m examples.minilm_demo`.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,6 +105,31 @@ def metrics_url(log: Path) -> str | None:
 
     match = re.search(r"metrics on (\S+)", log.read_text(errors="replace")) if log.exists() else None
     return match.group(1) if match else None
+
+
+def http_url(log: Path) -> str | None:
+    import re
+
+    match = re.search(r"HTTP on (\S+?):? ", log.read_text(errors="replace")) if log.exists() else None
+    return match.group(1) if match else None
+
+
+def openai_call(base_url: str, expected: np.ndarray) -> bool:
+    """One call of the official `openai` SDK against the server's OpenAI-compatible route (the
+    SDK asks for base64 by default); True when it answers what gRPC answered."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    console.print(escape(f'$ OpenAI(base_url="{base_url}/v1").embeddings.create(model="{MODEL}", input=[s0, s1])'),
+                  highlight=False)
+    reply = client.embeddings.create(model=MODEL, input=SENTENCES[:2])
+    vectors = np.array([d.embedding for d in reply.data], dtype=np.float32)
+    cosine = float(np.min(np.sum(vectors * expected[:2], axis=1)
+                          / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected[:2], axis=1))))
+    same = cosine > 0.9999
+    console.print(f"{'[green]✓[/]' if same else '[red]✗[/]'} {len(reply.data)} embeddings of {vectors.shape[1]} dims, "
+                  f"{reply.usage.prompt_tokens} prompt tokens; cosine to the gRPC answers {cosine:.6f}")
+    return same
 
 
 def log_tail(log: Path, lines: int = 20) -> str:
@@ -216,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         paired = all(int(np.argmax(sims[i])) == i ^ 1 for i in range(len(SENTENCES)))
         console.print("[green]✓[/] every sentence's nearest neighbour is its paraphrase" if paired
                        else "[red]✗ nearest neighbours do not match the paraphrase pairs[/]")
+        base_url = http_url(log)
+        answered = openai_call(base_url, embeddings) if base_url else False
         console.print(latency_report(client, args.requests, args.concurrency))
         stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
         inferences, executions = int(stats["inference_count"]), int(stats["execution_count"])
         console.print(f"server statistics: {inferences} sentences in {executions} engine runs "
                       f"(average batch {inferences / max(1, executions):.1f}); Prometheus metrics at "
                       f"{metrics_url(log) or '(not found in the log)'}", highlight=False)
-        code = 0 if paired else 1
+        code = 0 if paired and answered else 1
     finally:
         console.rule("[bold]4. shut down")
         server.send_signal(signal.SIGTERM)
