@@ -13,12 +13,13 @@ import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
-from server.repository import Model
+from server.repository import TEXT_INPUT, Model
 from server.text import TextLimits
 
 # KServe v2 datatype → numpy dtype name (optimize.specs' canonical names). BYTES is a numpy
@@ -157,32 +158,39 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model, truncate: bool = 
     """The request's inputs as numpy arrays, checked for names, datatypes and data sizes
     against `model` (shapes and value ranges are the model's `check_inputs`' job).
 
-    For a model with a text pipeline, a request may instead carry only the BYTES input
-    `model.text_input`; it decodes to `{"text": <object array of str, one per sample>}`,
-    within the model's `text_limits` (texts over the per-text limit cut to it when `truncate`).
-    A request carries its data either in raw_input_contents or in typed contents, never both
-    (Triton refuses the mix rather than pick one). Raises `InvalidArgument`."""
+    For a model that takes text, a request may instead carry only its BYTES inputs
+    `model.text_inputs` (`text`, and `text_pair` for sentence pairs); each decodes to an object
+    array of str, one per sample, within the model's `text_limits` (texts over the per-text
+    limit cut to it when `truncate`). A request carries its data either in raw_input_contents
+    or in typed contents, never both (Triton refuses the mix rather than pick one). Raises
+    `InvalidArgument`."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
             "give raw contents for every input or for none"
         )
-    text = model.text_input
-    expected = ", ".join(model.inputs) + (f" (or '{text}' alone)" if text else "")
+    texts = model.text_inputs
+    alternative = " and ".join(f"'{t}'" for t in texts)
+    expected = ", ".join(model.inputs) + (f" (or {alternative} alone)" if texts else "")
     arrays: dict[str, np.ndarray] = {}
+    counted = 0  # bytes of the request's texts so far: its limit covers both texts of a pair
     for index, tensor in enumerate(request.inputs):
         if tensor.name in arrays:
             raise InvalidArgument(f"input '{tensor.name}' is given twice")
         if raw and tensor.HasField("contents"):  # Triton's words (src/grpc/infer_handler.cc)
             raise InvalidArgument(f"contents field must not be specified when using raw_input_contents for "
                                   f"'{tensor.name}' for model '{model.name}'")
-        if text is not None and tensor.name == text:
+        if tensor.name in texts:
             assert model.text_limits is not None
-            arrays[text] = _decode_text(tensor, raw[index] if raw else None, model.text_limits, truncate)
+            arrays[tensor.name], size = _decode_text(tensor, raw[index] if raw else None, model.text_limits,
+                                                     truncate, counted)
+            counted += size
             continue
         spec = model.inputs.get(tensor.name)
         if spec is None:
+            if model.text_refusal is not None and tensor.name == TEXT_INPUT:
+                raise InvalidArgument(f"model '{model.name}' takes no text: {model.text_refusal}")
             raise InvalidArgument(f"unknown input '{tensor.name}' for model '{model.name}'; expected {expected}")
         want = datatype(spec.dtype)
         if tensor.datatype != want:
@@ -192,10 +200,15 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model, truncate: bool = 
             raw[index] if raw else None,
             tensor.contents if tensor.HasField("contents") else None,
         )
-    if text is not None and text in arrays:
-        if len(arrays) > 1:
-            others = ", ".join(repr(n) for n in arrays if n != text)
-            raise InvalidArgument(f"input '{text}' cannot be combined with {others}: send texts or tokens, not both")
+    sent = [name for name in texts if name in arrays]
+    if sent:
+        others = ", ".join(repr(n) for n in arrays if n not in texts)
+        if others:
+            raise InvalidArgument(f"input '{sent[0]}' cannot be combined with {others}: send texts or tokens, not both")
+        missing = [name for name in texts if name not in arrays]
+        if missing:
+            raise InvalidArgument(f"model '{model.name}' is a {model.task} engine: it takes pairs of texts, as the "
+                                  f"inputs {alternative} (one of each per pair); input '{missing[0]}' is missing")
         return arrays
     missing = [name for name in model.inputs if name not in arrays]
     if missing:
@@ -205,9 +218,10 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model, truncate: bool = 
 
 
 def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: TextLimits,
-                 truncate: bool) -> np.ndarray:
+                 truncate: bool, counted: int = 0) -> tuple[np.ndarray, int]:
     """A text input: BYTES of shape [n] or [n, 1], UTF-8, within `limits` (checked on the bytes,
-    before anything decodes a text too long to keep); an object array of n str."""
+    before anything decodes a text too long to keep; `counted` bytes of the request's other
+    text inputs count towards its limit); an object array of n str, and their bytes."""
     name = tensor.name
     if tensor.datatype != "BYTES":
         raise InvalidArgument(f"input '{name}' has datatype {tensor.datatype or '(none)'}, expected BYTES")
@@ -216,14 +230,14 @@ def _decode_text(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
         raise InvalidArgument(
             f"input '{name}' has shape {_shape_str(shape)}, expected [n] or [n, 1] (one text per row)")
     elements = decode_tensor(name, "BYTES", shape, raw, tensor.contents if tensor.HasField("contents") else None)
-    bounded = limits.apply(name, list(elements.reshape(-1)), truncate)
+    bounded = limits.apply(name, list(elements.reshape(-1)), truncate, counted)
     texts = np.empty(len(bounded), dtype=object)
     for i, element in enumerate(bounded):
         try:
             texts[i] = element.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidArgument(f"input '{name}' element {i} is not valid UTF-8 text") from None
-    return texts
+    return texts, sum(len(b) for b in bounded)
 
 
 _INT_PARAMETER = ("int64_param", "uint64_param")
@@ -279,17 +293,31 @@ def request_options(request: pb.ModelInferRequest) -> RequestOptions:
     return RequestOptions(priority, timeout_us, truncate)
 
 
+def parameter_values(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """The request's parameters as Python values (bool, int, float or str), by name."""
+    values = {}
+    for name, parameter in request.parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is not None:
+            values[name] = getattr(parameter, kind)
+    return values
+
+
 def requested_outputs(request: pb.ModelInferRequest, model: Model, text: bool = False) -> list[str]:
     """Names of the outputs to return, in the request's order; when none is named, every
-    output (or, for a `text` request, the pipeline's output). Raises `InvalidArgument` for an
-    output the model does not have."""
+    output (or, for a `text` request, those of the model's text interface: `label` and `score`
+    for a classifier, ...). A text request may also name the engine's own outputs. Raises
+    `InvalidArgument` for an output the model does not have."""
     if not request.outputs:
-        return [model.text_output] if text and model.text_output else list(model.outputs)
+        return list(model.text_outputs) if text and model.text_outputs else list(model.outputs)
+    known = [*model.text_outputs, *(n for n in model.outputs if n not in model.text_outputs)] if text \
+        else list(model.outputs)
     names: list[str] = []
     for output in request.outputs:
-        if output.name not in model.outputs:
+        if output.name not in known:
             raise InvalidArgument(
-                f"unknown output '{output.name}' requested from model '{model.name}'; it has {', '.join(model.outputs)}"
+                f"unknown output '{output.name}' requested from model '{model.name}'; "
+                f"{'a text request gets' if text else 'it has'} {', '.join(known)}"
             )
         if output.name not in names:
             names.append(output.name)

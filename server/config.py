@@ -95,14 +95,16 @@ class ModelConfig:
       loop instead of an instance thread (the thread hand-off costs more than a tiny engine
       computes); 0 always uses threads.
     - `interface`: which inputs ModelMetadata and ModelConfig list for an engine with a text
-      pipeline: "tokens" (default: the engine's own inputs) or "text" (one BYTES input `text`
-      and the pipeline's output). Both kinds of request are always accepted; one is listed so
-      that tools which send every listed input (perf_analyzer) send a valid request.
+      pipeline: "tokens" (default: the engine's own inputs and outputs) or "text" (the BYTES
+      inputs and the outputs of its task's text interface: `text` → `label` and `score` for a
+      classifier, ...). Both kinds of request are always accepted; one is listed so that tools
+      which send every listed input (perf_analyzer) send a valid request.
     - `max_text_bytes`: largest text (UTF-8 bytes) a request may send; larger ones are refused,
       or cut to it when the request sets the parameter `truncate`. Default (None): the
       pipeline's maximum tokens × `server.text.BYTES_PER_TOKEN` (32).
     - `max_request_text_bytes`: largest sum of a request's texts (after truncation). Default
-      (None): `max_text_bytes` × the most texts a request may hold (never binding).
+      (None): `max_text_bytes` × the most texts a request may hold, both texts of a pair
+      counted (never binding).
 
     Priorities and queue policy (Triton's `priority_levels` and `ModelQueuePolicy`):
     - `priority_levels` (0: none), `default_priority_level` (0: the lowest level) for requests
@@ -199,11 +201,12 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
     def resolve(self, engine_max_batch_size: int, source: str = "model config",
-                max_tokens: int | None = None) -> ModelConfig:
+                max_tokens: int | None = None, text_inputs: int = 1) -> ModelConfig:
         """This config with `max_batch_size` made concrete for an engine whose largest batch is
         `engine_max_batch_size` (0: the engine has no batch dim), and, for an engine with a text
-        pipeline that keeps `max_tokens` tokens, the text byte limits. Raises `ConfigError` when
-        the config asks for more than the engine accepts."""
+        pipeline that keeps `max_tokens` tokens and takes `text_inputs` texts per sample (2 for
+        sentence pairs), the text byte limits. Raises `ConfigError` when the config asks for
+        more than the engine accepts."""
         if self.max_batch_size is None:
             resolved = dataclasses.replace(self, max_batch_size=engine_max_batch_size)
         elif self.max_batch_size > engine_max_batch_size:
@@ -222,7 +225,8 @@ class ModelConfig:
             per_text = resolved.max_text_bytes or default_max_text_bytes(max_tokens)
             texts = resolved.max_texts(engine_max_batch_size)
             resolved = dataclasses.replace(resolved, max_text_bytes=per_text,
-                                           max_request_text_bytes=resolved.max_request_text_bytes or per_text * texts)
+                                           max_request_text_bytes=resolved.max_request_text_bytes
+                                           or per_text * texts * text_inputs)
         return resolved
 
     def max_texts(self, engine_max_batch_size: int) -> int:

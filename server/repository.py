@@ -29,7 +29,7 @@ from optimize.specs import Dim, TensorSpec
 from server import layout as layouts
 from server.config import CONFIG_FILE, ModelConfig
 from server.errors import ConfigError, InvalidArgument, NotFound
-from server.text import TextLimits
+from server.text import TextLimits, TextTask
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,30 @@ class Model:
 
     def __post_init__(self) -> None:
         self.pipeline = self.engine.pipeline
-        if self.pipeline is not None and getattr(self.pipeline, "pair", False):
-            # one `text` input cannot say which text is which of a pair: sentence-pair engines
-            # take token ids (and token types) from their clients
-            if self.config.interface == "text":
-                raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine scores sentence "
-                                  "pairs, which are sent as token ids (input_ids, attention_mask[, token_type_ids])")
-            self.pipeline = None
-        max_tokens = self.pipeline.max_length if self.pipeline is not None else None
+        # The text interface of the engine's task (optimize.pipeline.TextInterface): its BYTES
+        # inputs, its outputs, the options its requests take and the post-processing. None
+        # without a pipeline, or for a task the pipeline has no text interface for
+        # (`text_refusal` says why; its token inputs are still served).
+        self.text: TextTask | None = None
+        self.text_refusal: str | None = None
+        if self.pipeline is not None:
+            try:
+                self.text = self.pipeline.text_interface(self.engine.outputs)
+            except ValueError as exc:
+                self.text_refusal = str(exc)
+        text_inputs = len(self.text.inputs) if self.text is not None else 1
+        max_tokens = self.pipeline.max_length if self.text is not None else None
         self.config = self.config.resolve(self.engine.max_batch_size, source=f"model '{self.name}'",
-                                          max_tokens=max_tokens)
+                                          max_tokens=max_tokens, text_inputs=text_inputs)
         self._inputs = {spec.name: spec for spec in self.engine.inputs}
         self._outputs = {spec.name: spec for spec in self.engine.outputs}
-        if self.config.interface == "text" and self.pipeline is None:
-            raise ConfigError(f"model '{self.name}': interface = \"text\" but the engine has no text pipeline "
-                              "(compile it from a directory with a tokenizer)")
+        if self.config.interface == "text" and self.text is None:
+            reason = self.text_refusal or "the engine has no text pipeline (compile it from a directory with a tokenizer)"
+            raise ConfigError(f"model '{self.name}': interface = \"text\" but {reason}")
         self.layout = self._token_layout()
         self.text_layout: layouts.Layout | None = None
         self.text_limits: TextLimits | None = None
-        if self.pipeline is not None and TEXT_INPUT not in self._inputs:
+        if self.text is not None and not {t.name for t in self.text.inputs} & set(self._inputs):
             self.text_layout = layouts.Text(self.layout, self.engine.outputs, pad_id=self.pipeline.pad_id)
             assert self.config.max_text_bytes is not None and self.config.max_request_text_bytes is not None
             self.text_limits = TextLimits(self.name, self.config.max_text_bytes, self.config.max_request_text_bytes)
@@ -86,9 +91,15 @@ class Model:
         return layouts.Concatenate()
 
     @property
+    def text_inputs(self) -> tuple[str, ...]:
+        """Names of the BYTES inputs a text request sends: ("text",), or ("text", "text_pair")
+        for a sentence-pair engine; () when the model takes no text."""
+        return tuple(t.name for t in self.text.inputs) if self.text is not None and self.text_layout else ()
+
+    @property
     def text_input(self) -> str | None:
-        """Name of the BYTES input that takes texts ("text"), None when the engine has no
-        text pipeline."""
+        """Name of the (first) BYTES input that takes texts ("text"), None when the model takes
+        no text."""
         return TEXT_INPUT if self.text_layout is not None else None
 
     @property
@@ -103,10 +114,15 @@ class Model:
         return getattr(self.pipeline, "task", "feature-extraction") if self.pipeline is not None else None
 
     @property
+    def text_outputs(self) -> tuple[str, ...]:
+        """The outputs a text request gets by default (`label` and `score` for a classifier, the
+        sentence embedding for an embedder, ...); () when the model takes no text."""
+        return tuple(t.name for t in self.text.outputs) if self.text is not None and self.text_layout else ()
+
+    @property
     def text_output(self) -> str | None:
-        """The output a text request gets back by default (the pipeline's, e.g. the sentence
-        embedding)."""
-        return self.pipeline.output if self.text_layout is not None else None
+        """The first of `text_outputs` (the embedding, for a feature-extraction engine)."""
+        return self.text_outputs[0] if self.text_outputs else None
 
     @property
     def max_batch_size(self) -> int:
@@ -153,19 +169,24 @@ class Model:
                         f"but input '{first_name}' has {first_size}")
         return int(inputs[first.name].shape[0]) if self.max_batch_size > 0 else 1
 
-    def check_text(self, texts: np.ndarray) -> int:
-        """Validate a request's decoded texts (an object array of str, one text per sample);
-        return its size in samples. Raises `InvalidArgument`. (Their byte lengths were checked
-        against `text_limits` while decoding.)"""
+    def check_text(self, texts: Mapping[str, np.ndarray]) -> int:
+        """Validate a request's decoded texts (for each of `text_inputs`, an object array of
+        str, one text per sample); return its size in samples. Raises `InvalidArgument`.
+        (Their byte lengths were checked against `text_limits` while decoding.)"""
+        first = texts[TEXT_INPUT]
         limit = self.config.max_texts(self.engine.max_batch_size)
-        if texts.size == 0:
+        if first.size == 0:
             raise InvalidArgument(f"input '{TEXT_INPUT}' holds no text")
-        if texts.size > limit:
+        if first.size > limit:
             raise InvalidArgument(
-                f"input '{TEXT_INPUT}' has {texts.size} texts, more than model '{self.name}' accepts "
+                f"input '{TEXT_INPUT}' has {first.size} texts, more than model '{self.name}' accepts "
                 f"(max_batch_size {limit})"
             )
-        return int(texts.size) if self.max_batch_size > 0 else 1
+        for name, other in texts.items():
+            if other.size != first.size:
+                raise InvalidArgument(f"input '{name}' has {other.size} texts and input '{TEXT_INPUT}' {first.size}; "
+                                      f"model '{self.name}' scores pairs: one '{name}' per '{TEXT_INPUT}'")
+        return int(first.size) if self.max_batch_size > 0 else 1
 
 
 @dataclass

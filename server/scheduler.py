@@ -238,8 +238,12 @@ class ModelScheduler:
         else:
             self._inline.observe(sum(durations))
             self.stats.record_execution(samples, *durations)
+            input_ns, infer_ns, output_ns = durations
             for work, part in zip(works, parts, strict=True):
-                work.timings.compute_input_ns, work.timings.compute_infer_ns, work.timings.compute_output_ns = durations
+                # added to what the service counted before queueing (tokenization) and after
+                work.timings.compute_input_ns += input_ns
+                work.timings.compute_infer_ns += infer_ns
+                work.timings.compute_output_ns += output_ns
                 self._settle(work, part, None)
             if log.isEnabledFor(logging.DEBUG):
                 shapes = [list(next(iter(w.inputs.values())).shape) for w in works]

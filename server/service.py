@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import os
 import time
@@ -137,20 +138,42 @@ def _wire_shape(spec: TensorSpec) -> list[int]:
 @dataclass(frozen=True)
 class _Prepared:
     """A request decoded and checked for one model: its `inputs` (texts, or tokens once
-    tokenized), `size` in samples, whether it is a `text` request, and the `outputs` to return."""
+    tokenized), `size` in samples, whether it is a `text` request, the `outputs` to return, the
+    `task_options` of its text interface (top_k, dimensions, ...) and, once tokenized, its
+    texts' `encoded` form (offsets for post-processing)."""
 
     inputs: Mapping[str, Any]
     size: int
     text: bool
     outputs: list[str]
+    task_options: Any = None
+    encoded: Any = None
 
 
 def _decode(request: pb.ModelInferRequest, model: Model, options: codec.RequestOptions) -> _Prepared:
-    """Decode and validate `request` for `model`. Raises `InvalidArgument`."""
+    """Decode and validate `request` for `model`, its task options included. Raises
+    `InvalidArgument`."""
     inputs = codec.decode_inputs(request, model, truncate=options.truncate)
     text = model.text_input is not None and model.text_input in inputs
-    size = model.check_text(inputs[model.text_input]) if text else model.check_inputs(inputs)
-    return _Prepared(inputs, size, text, codec.requested_outputs(request, model, text=text))
+    size = model.check_text(inputs) if text else model.check_inputs(inputs)
+    task_options = None
+    if model.text is not None:
+        try:
+            task_options = model.text.check_options(codec.parameter_values(request), text=text)
+        except ValueError as exc:
+            raise InvalidArgument(f"model '{model.name}': {exc}") from None
+    return _Prepared(inputs, size, text, codec.requested_outputs(request, model, text=text), task_options)
+
+
+def _answer_text(model: Model, outputs: Mapping[str, Any], prepared: _Prepared, timings: Timings) -> Mapping[str, Any]:
+    """The outputs a text request asked for, made by its task's post-processing from the
+    engine's outputs (on the event loop: see `server.text`); counted as compute output, as
+    Triton counts a backend's output processing."""
+    assert model.text is not None
+    started = time.perf_counter_ns()
+    answer = model.text.postprocess(outputs, prepared.encoded, prepared.task_options, prepared.outputs)
+    timings.compute_output_ns += time.perf_counter_ns() - started
+    return answer
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -223,8 +246,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return [tensor(name=s.name, datatype=codec.datatype(s.dtype), shape=_wire_shape(s)) for s in specs.values()]
 
         if model.advertises_text:  # one text per sample: [batch, 1], as Triton's string inputs
-            inputs = [tensor(name=model.text_input, datatype="BYTES", shape=[-1, 1] if model.max_batch_size else [-1])]
-            outputs = tensors({model.text_output: model.outputs[model.text_output]})
+            assert model.text is not None
+            inputs = [tensor(name=t.name, datatype="BYTES", shape=[-1, 1] if model.max_batch_size else [-1])
+                      for t in model.text.inputs]
+            outputs = [tensor(name=t.name, datatype=codec.datatype(t.dtype), shape=[-1, *t.shape])
+                       for t in model.text.outputs]
         else:
             inputs, outputs = tensors(model.inputs), tensors(model.outputs)
         return pb.ModelMetadataResponse(
@@ -264,6 +290,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 prepared.inputs, prepared.size, request_id, text=prepared.text, priority=options.priority,
                 timeout_us=options.timeout_us, timings=timings,
                 deadline_in_s=deadline_s - time.monotonic() if deadline_s is not None else None)
+            if prepared.text:
+                outputs = _answer_text(model, outputs, prepared, timings)
             response = codec.encode_response(request, model, outputs, prepared.outputs)
         except asyncio.CancelledError:
             scheduler.stats.record_failure(time.perf_counter_ns() - started, CANCELED)
@@ -294,13 +322,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             prepared = _decode(request, model, options)
             if not prepared.text:
                 return scheduler, prepared
-            assert model.pipeline is not None and model.text_input is not None
+            assert model.pipeline is not None
+            texts = [prepared.inputs[name] for name in model.text_inputs]
             started = time.perf_counter_ns()
-            tokens = await self._tokenizer.tokenize(model.pipeline, prepared.inputs[model.text_input])
+            encoded = await self._tokenizer.encode(model.pipeline, *texts)
             timings.compute_input_ns += time.perf_counter_ns() - started  # preparing inputs, as Triton counts it
             served = self._served(request.model_name, request.model_version)
             if served is scheduler:
-                return scheduler, dataclasses.replace(prepared, inputs=tokens)
+                return scheduler, dataclasses.replace(prepared, inputs=encoded.feeds, encoded=encoded)
             scheduler = served
         raise Unavailable(f"model '{scheduler.model.name}' was reloaded {_PREPARE_ATTEMPTS} times while the "
                           "request's texts were tokenized; try again")
@@ -513,12 +542,16 @@ def model_config(model: Model) -> mc.ModelConfig:
         return shape[1:] if batching and spec.batched else shape
 
     if model.advertises_text:
-        inputs = [mc.ModelInput(name=model.text_input, data_type=mc.TYPE_STRING, dims=[1] if batching else [-1])]
-        outputs = [model.outputs[model.text_output]]
+        assert model.text is not None
+        inputs = [mc.ModelInput(name=t.name, data_type=mc.TYPE_STRING, dims=[1] if batching else [-1])
+                  for t in model.text.inputs]
+        outputs = [mc.ModelOutput(name=t.name, data_type=codec.config_datatype(t.dtype),
+                                  dims=list(t.shape) if batching else [-1, *t.shape]) for t in model.text.outputs]
     else:
         inputs = [mc.ModelInput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
                   for s in model.inputs.values()]
-        outputs = list(model.outputs.values())
+        outputs = [mc.ModelOutput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
+                   for s in model.outputs.values()]
     result = mc.ModelConfig(
         name=model.name,
         platform=f"kiln_{model.engine.backend}",
@@ -526,7 +559,7 @@ def model_config(model: Model) -> mc.ModelConfig:
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
         max_batch_size=model.max_batch_size,
         input=inputs,
-        output=[mc.ModelOutput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s)) for s in outputs],
+        output=outputs,
         # The Engine API does not say which device an engine runs on, hence KIND_AUTO.
         instance_group=[
             mc.ModelInstanceGroup(name=model.name, kind=mc.ModelInstanceGroup.KIND_AUTO, count=config.instances)
@@ -550,4 +583,10 @@ def model_config(model: Model) -> mc.ModelConfig:
     if model.text_limits is not None:
         result.parameters["max_text_bytes"].string_value = str(model.text_limits.max_text_bytes)
         result.parameters["max_request_text_bytes"].string_value = str(model.text_limits.max_request_text_bytes)
+    if model.text is not None:  # what a client needs to read the text interface's answers
+        result.parameters["task"].string_value = model.text.task
+        if model.text.options:
+            result.parameters["text_options"].string_value = ",".join(model.text.options)
+        if model.text.labels:
+            result.parameters["labels"].string_value = json.dumps(list(model.text.labels), ensure_ascii=False)
     return result

@@ -180,8 +180,9 @@ class OpenAIRoutes:
             raise _about(InvalidArgument(f"'dimensions' is {params.dimensions}, more than the {width} of model "
                                          f"'{model.name}'"), "dimensions")
         vectors, tokens = await until_disconnect(request, self._embed(model, params))
-        if params.dimensions is not None:
-            vectors = _truncate(vectors, params.dimensions, model.name)
+        if params.dimensions is not None:  # the truncation text requests' `dimensions` parameter applies
+            assert model.pipeline is not None
+            vectors = model.pipeline.truncate_embeddings(vectors, params.dimensions)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, params.encoding_format)}
                 for i, v in enumerate(vectors)]
         return json_response({"object": "list", "data": data, "model": params.model,
@@ -268,16 +269,6 @@ def _vectors(response: pb.ModelInferResponse, count: int, name: str) -> np.ndarr
                        f"floats of shape [{count}, width]")
     dtype = np.dtype(codec.DTYPE_OF[output.datatype]).newbyteorder("<")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
-
-
-def _truncate(vectors: np.ndarray, dimensions: int, name: str) -> np.ndarray:
-    """The first `dimensions` of each vector, scaled back to unit length (zero stays zero)."""
-    if dimensions > vectors.shape[1]:
-        raise _about(InvalidArgument(f"'dimensions' is {dimensions}, more than the {vectors.shape[1]} of model "
-                                     f"'{name}'"), "dimensions")
-    kept = vectors[:, :dimensions].astype(np.float64)
-    norms = np.linalg.norm(kept, axis=1, keepdims=True)
-    return np.divide(kept, norms, out=np.zeros_like(kept), where=norms > 0).astype(np.float32)
 
 
 def _card(model: Model) -> dict[str, Any]:

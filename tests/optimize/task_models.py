@@ -16,6 +16,11 @@ BERT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "n
 NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 SENTIMENT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 CROSS_ENCODER = {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"}}
+# Weights spread wider than BERT's initializer_range (0.02), so that sentences get
+# answers of their own: with 0.02 every sentence ranks a classifier's labels alike (near-uniform
+# scores) and top-k orders go untested; 0.1 gives the token classifier entities of both kinds,
+# over several tokens, word pieces and `B-` splits.
+SPREAD = {"classifier": 0.2, "multilabel": 0.2, "cross_encoder": 0.2, "ner": 0.1}
 
 
 def save(model: torch.nn.Module, path: Path, tokenizer_from: Path, extra_config: dict[str, Any] | None = None) -> Path:
@@ -33,16 +38,17 @@ def task_dir(kind: str, root: Path, tokenizer_from: Path) -> Path:
     import transformers
 
     torch.manual_seed(0)
+    bert = {**BERT, "initializer_range": SPREAD.get(kind, 0.02)}
     made = {
         "classifier": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
-            **BERT, num_labels=3, id2label=SENTIMENT_LABELS, label2id={v: k for k, v in SENTIMENT_LABELS.items()})),
+            **bert, num_labels=3, id2label=SENTIMENT_LABELS, label2id={v: k for k, v in SENTIMENT_LABELS.items()})),
         "multilabel": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
-            **BERT, num_labels=4, problem_type="multi_label_classification")),
+            **bert, num_labels=4, problem_type="multi_label_classification")),
         "ner": lambda: transformers.BertForTokenClassification(transformers.BertConfig(
-            **BERT, num_labels=5, id2label=NER_LABELS, label2id={v: k for k, v in NER_LABELS.items()})),
-        "cross_encoder": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**BERT, num_labels=1)),
-        "fill_mask": lambda: transformers.BertForMaskedLM(transformers.BertConfig(**BERT)),
-        "qa": lambda: transformers.BertForQuestionAnswering(transformers.BertConfig(**BERT)),
+            **bert, num_labels=5, id2label=NER_LABELS, label2id={v: k for k, v in NER_LABELS.items()})),
+        "cross_encoder": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**bert, num_labels=1)),
+        "fill_mask": lambda: transformers.BertForMaskedLM(transformers.BertConfig(**bert)),
+        "qa": lambda: transformers.BertForQuestionAnswering(transformers.BertConfig(**bert)),
         "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_embd=32, n_head=2, n_layer=2, vocab_size=30522, n_positions=128, bos_token_id=101, eos_token_id=102)),
     }

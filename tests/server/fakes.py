@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from optimize.config import CompileConfig
 from optimize.engine import Engine
 from optimize.manifest import Manifest
+from optimize.pipeline import Encoded, Pipeline
 from optimize.specs import Dim, TensorSpec
 
 VOCAB = 100
@@ -102,17 +104,16 @@ class EchoEngine(Engine):
         return {"y": inputs["x"] * 2}
 
 
-class FakePipeline:
-    """The part of optimize's Pipeline the server uses: batched `tokenize` (one token per word:
-    its length, capped below VOCAB; at most `max_length`, the engine's longest sequence), `pad_id`
-    and the output a text request gets. `calls` records the texts of every tokenize call;
-    `delay_s` makes each call take that long."""
+class FakePipeline(Pipeline):
+    """optimize's Pipeline with a tokenizer of its own (one token per word: its length, capped
+    below VOCAB; at most `max_length`, the engine's longest sequence): a feature-extraction
+    pipeline whose text requests get `output`. `calls` records the texts of every tokenize
+    call; `delay_s` makes each call take that long."""
 
-    max_length = 16
-    pad_id = 0
-
-    def __init__(self, output: str = "features", delay_s: float = 0.0) -> None:
-        self.output = output
+    def __init__(self, output: str = "features", delay_s: float = 0.0) -> None:  # no tokenizer file to load
+        self.tokenizer_path, self.max_length, self.pad_id, self.output = Path("fake-tokenizer"), 16, 0, output
+        self.pooling, self.normalize, self.task, self.labels = None, False, "feature-extraction", ()
+        self.activation, self.pair, self.token_types, self.unk_id = None, False, False, None
         self.delay_s = delay_s
         self.calls: list[list[str]] = []
 
@@ -127,6 +128,11 @@ class FakePipeline:
         for row, w in enumerate(words):
             ids[row, :len(w)], mask[row, :len(w)] = w, 1
         return {"input_ids": ids, "attention_mask": mask}
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
+        feeds = self.tokenize(list(texts))
+        mask = feeds["attention_mask"]
+        return Encoded(feeds, tuple(texts), None, np.zeros((*mask.shape, 2), np.int64), mask == 0)
 
 
 class FakeTextEngine(FakeEngine):

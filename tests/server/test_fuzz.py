@@ -119,7 +119,7 @@ def tensor_data(draw, datatype: str, shape: list[int]) -> tuple[bytes | None, di
 def parameters(draw) -> dict:  # type: ignore[no-untyped-def]
     keys = st.sampled_from(["priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
                             "triton_enable_empty_final_response", "truncate", "binary_data_output", "whatever",
-                            "", "timeout\n"])
+                            "", "timeout\n", "top_k", "all_scores", "dimensions"])
     values = st.one_of(
         st.builds(lambda v: ("bool_param", v), st.booleans()),
         st.builds(lambda v: ("int64_param", v), st.integers(-2**63, 2**63 - 1)),
@@ -313,7 +313,7 @@ def test_decoding_any_request_either_succeeds_or_raises_invalid_argument(models:
         codec.request_options(request)
         inputs = codec.decode_inputs(request, model)
         if model.text_input in inputs:
-            size = model.check_text(inputs[model.text_input])
+            size = model.check_text(inputs)
         else:
             size = model.check_inputs(inputs)
         codec.requested_outputs(request, model)

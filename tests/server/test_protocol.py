@@ -86,6 +86,14 @@ def test_model_statistics_count_requests_samples_executions_and_durations():
     assert int(model["last_inference"]) > 1_700_000_000_000  # ms since the epoch
 
 
+def test_a_text_requests_tokenization_counts_as_compute_input():
+    engine = FakeTextEngine(tokenize_delay_s=0.1)
+    with running_server(fake_repository(engine, max_batch_size=8)) as running:
+        running.client().infer("fake", [text_input([b"x yy"])], client_timeout=RPC_TIMEOUT_S)
+        infer = running.client().get_inference_statistics("fake", as_json=True)["model_stats"][0]["inference_stats"]
+    assert int(infer["compute_input"]["ns"]) >= 90_000_000  # Triton counts preparing the inputs there
+
+
 def test_statistics_of_an_unknown_model_are_not_found(fake_server: RunningServer):
     with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope'") as info:
         fake_server.client().get_inference_statistics("nope")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,16 +56,26 @@ class RecordingPipeline:
     def __init__(self) -> None:
         self.threads: list[str] = []
 
-    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> SimpleNamespace:
         self.threads.append(threading.current_thread().name)
-        return {"input_ids": np.array([[len(t)] for t in texts]), "attention_mask": np.ones((len(texts), 1))}
+        lengths = [len(t) + len(p) for t, p in zip(texts, pairs or [""] * len(texts), strict=True)]
+        return SimpleNamespace(feeds={"input_ids": np.array([[n] for n in lengths])})
 
 
 def test_the_pool_tokenizes_in_threads_of_its_own():
     pipeline, pool = RecordingPipeline(), TokenizerPool(threads=2)
     try:
-        tokens = asyncio.run(pool.tokenize(pipeline, np.array(["ab", "cde"], dtype=object)))
+        encoded = asyncio.run(pool.encode(pipeline, np.array(["ab", "cde"], dtype=object)))
+        pairs = asyncio.run(pool.encode(pipeline, ["ab", "cde"], np.array(["x", "yz"], dtype=object)))
     finally:
         pool.close()
-    assert tokens["input_ids"].tolist() == [[2], [3]]
-    assert pipeline.threads and pipeline.threads[0].startswith("kiln-tokenize")
+    assert encoded.feeds["input_ids"].tolist() == [[2], [3]]
+    assert pairs.feeds["input_ids"].tolist() == [[3], [5]]
+    assert pipeline.threads and all(name.startswith("kiln-tokenize") for name in pipeline.threads)
+
+
+def test_both_texts_of_a_pair_count_towards_the_request_limit():
+    assert LIMITS.apply("text_pair", [b"0123456789"], counted=15) == [b"0123456789"]
+    with pytest.raises(InvalidArgument, match=r"the request's text inputs hold 26 bytes of text, more than model "
+                                              r"'minilm' accepts per request \(max_request_text_bytes 25\)"):
+        LIMITS.apply("text_pair", [b"0123456789", b"x"], counted=15)
