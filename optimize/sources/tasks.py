@@ -105,9 +105,12 @@ def classifier_activation(hf_config: dict[str, Any], task: Task) -> str:
         activation = (hf_config.get("sentence_transformers") or {}).get("activation_fn") or ""
         if activation.endswith("Identity"):
             return "none"
-        if activation.endswith("Sigmoid") or num_labels == 1:
+        if activation.endswith("Sigmoid"):
             return "sigmoid"
-        return "softmax"
+        if activation.endswith("Softmax"):
+            return "softmax"
+        # CrossEncoder's default: sigmoid for one score, the raw logits for more
+        return "sigmoid" if num_labels == 1 else "none"
     if problem == "regression":
         return "none"
     if problem == "multi_label_classification" or num_labels == 1:
