@@ -48,8 +48,12 @@ class Pipeline:
 
     @classmethod
     def from_manifest(cls, engine_dir: Path, entry: dict[str, Any]) -> Pipeline:
+        """The pipeline of the engine in `engine_dir`; raises `EngineError` when its tokenizer
+        path leads outside the engine directory."""
+        from optimize.manifest import engine_file
+
         return cls(
-            tokenizer_path=Path(engine_dir) / PIPELINE_DIR / entry["tokenizer"],
+            tokenizer_path=engine_file(engine_dir, f"{PIPELINE_DIR}/{entry['tokenizer']}", "pipeline tokenizer"),
             max_length=int(entry["max_length"]),
             pad_id=int(entry.get("pad_id", 0)),
             output=entry["output"],
