@@ -9,26 +9,19 @@ CTranslate2 each win somewhere: bench/results/), so kiln measures instead of gue
    the int8 modes and every backend's variants);
 2. each is compiled and verified like any engine, all against the tolerance of the precision
    asked for — a candidate that fails is rejected with the verifier's reason;
-3. each passing engine is timed on the configured shapes **in its own process**: engines'
-   thread pools slow one another down when they share a process on a small machine. Timing
-   runs after every build, in rounds of alternating order (see `_time_candidates`). The shapes
-   are the `opt` shape, or the option `shapes` (e.g. ["8x128", "1x32"]); candidates are ranked
-   by the geometric mean of their per-shape medians, so no one shape dominates;
+3. the passing engines are timed after every build, by `optimize.timing` (each in its own
+   worker process, in short rounds of rotating order, each ranked by its fastest run, with the
+   machine's load measured alongside: a busy spell cannot fall on one candidate alone). The
+   shapes are the `opt` shape, or the option `shapes` (e.g. ["8x128", "1x32"]); with several,
+   candidates are ranked by the geometric mean over shapes, so no one shape dominates;
 4. the fastest becomes the engine; the table of all candidates (times, the accuracy they were
-   judged on, rejection reasons) is stored in its manifest (`build.auto`) and printed by the CLI.
-
-`python -m optimize.auto time ENGINE_DIR --shape BxS [--shape BxS ...]` is the timing subprocess.
+   judged on, rejection reasons), the machine's load while timing and how sure the choice is
+   are stored in its manifest (`build.auto`) and printed by the CLI.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +29,7 @@ from typing import Any
 
 from optimize.config import CompileConfig
 from optimize.errors import ConfigError, OptimizeError
+from optimize.timing import ROUNDS, EngineTimes, Timings, time_engines
 
 # The precisions admitted as candidates when a precision is asked for: that one and every more
 # accurate one (all are judged against the tolerance of the one asked for).
@@ -47,9 +41,6 @@ ADMITTED = {
     "int8": ("fp32", "fp16", "bf16", "int8-weight", "int8"),
     "fp8": ("fp32", "fp16", "bf16", "int8-weight", "int8", "fp8"),
 }
-TIMING_WARMUP = 3
-TIMING_RUNS = 15
-TIMING_ROUNDS = 2
 
 
 @dataclass
@@ -59,8 +50,7 @@ class Candidate:
     options: dict[str, Any] = field(default_factory=dict)
     status: str = "pending"  # chosen | passed | rejected
     reason: str = ""
-    median_ms: float | None = None  # geometric mean over the timed shapes of each shape's median
-    times_ms: dict[str, float] = field(default_factory=dict)  # per shape ("8x128")
+    timing: EngineTimes | None = None  # time_ms (ranks candidates), median_ms, spread, per shape, CPU time
     accuracy: dict[str, Any] = field(default_factory=dict)
     build_s: float = 0.0
 
@@ -70,9 +60,9 @@ class Candidate:
         return f"{self.backend}/{self.precision}" + (f"[{opts}]" if opts else "")
 
     def to_json(self) -> dict[str, Any]:
+        timing = self.timing.to_json() if self.timing is not None else {"time_ms": None, "median_ms": None}
         return {"candidate": self.label, "backend": self.backend, "precision": self.precision, "options": self.options,
-                "status": self.status, "reason": self.reason, "median_ms": self.median_ms, "times_ms": self.times_ms,
-                "accuracy": self.accuracy,
+                "status": self.status, "reason": self.reason, **timing, "accuracy": self.accuracy,
                 "build_s": round(self.build_s, 1)}
 
 
@@ -136,20 +126,6 @@ def timing_shapes(config: CompileConfig) -> list[tuple[int, int]]:
     return shapes
 
 
-def time_engine(path: Path, shapes: list[tuple[int, int]]) -> dict[str, float]:
-    """Median milliseconds of one `run` at each (batch, seq) shape, keyed "BxS", measured in a
-    fresh process."""
-    args = [sys.executable, "-m", "optimize.auto", "time", str(path)]
-    for batch, seq in shapes:
-        args += ["--shape", f"{batch}x{seq}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
-    if result.returncode != 0:
-        lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-        raise OptimizeError(f"timing failed: {lines[-1] if lines else 'exit ' + str(result.returncode)}")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    return {shape: float(entry["median_ms"]) for shape, entry in report.items()}
-
-
 def judged_accuracy(accuracy: dict[str, Any]) -> dict[str, Any]:
     """The worst error and cosine over the reports an engine was judged on (random inputs,
     real samples or both: quantized engines are judged on real samples only)."""
@@ -160,33 +136,23 @@ def judged_accuracy(accuracy: dict[str, Any]) -> dict[str, Any]:
 
 
 def _time_candidates(passed: list[Candidate], found: list[Candidate], workdir: Path, shapes: list[tuple[int, int]],
-                     reporter: Any) -> None:
-    """Time every verified candidate, in TIMING_ROUNDS rounds whose order alternates (forward,
-    then backward), keeping each shape's fastest round: a slow spell of a shared machine then
-    cannot fall on one candidate alone."""
-    order = list(passed)
-    if reporter is not None and passed:
-        reporter.start(f"time {len(passed)} engines x {TIMING_ROUNDS} rounds", len(passed) * TIMING_ROUNDS)
+                     reporter: Any) -> Timings:
+    """Time the verified candidates together (`optimize.timing.time_engines`); one that cannot
+    be timed is rejected with the reason."""
+    paths = {c.label: workdir / str(found.index(c)) for c in passed}
+    stage = f"time {len(passed)} engines x {ROUNDS} rounds"
+    if reporter is not None:
+        reporter.start(stage, len(passed) * ROUNDS * len(shapes))
     t0 = time.perf_counter()
-    for round_ in range(TIMING_ROUNDS):
-        for candidate in order:
-            if candidate.status != "passed":
-                continue
-            try:
-                times = time_engine(workdir / str(found.index(candidate)), shapes)
-            except OptimizeError as exc:
-                candidate.status, candidate.reason = "rejected", str(exc)
-                continue
-            finally:
-                if reporter is not None:
-                    reporter.advance()
-            candidate.times_ms = {k: min(v, candidate.times_ms.get(k, v)) for k, v in times.items()}
-        order.reverse()
+    timings = time_engines(paths, shapes, progress=reporter.advance if reporter is not None else None)
     for candidate in passed:
-        if candidate.times_ms:
-            candidate.median_ms = math.exp(sum(math.log(t) for t in candidate.times_ms.values()) / len(candidate.times_ms))
-    if reporter is not None and passed:
-        reporter.finish(f"time {len(passed)} engines x {TIMING_ROUNDS} rounds", round(time.perf_counter() - t0, 3))
+        if candidate.label in timings.failed:
+            candidate.status, candidate.reason = "rejected", timings.failed[candidate.label]
+        else:
+            candidate.timing = timings.engines[candidate.label]
+    if reporter is not None:
+        reporter.finish(f"{stage}: {timings.confidence()['verdict']}", round(time.perf_counter() - t0, 3))
+    return timings
 
 
 def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig, *, name: str | None = None,
@@ -222,20 +188,21 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
                 reporter.finish(f"candidate {candidate.label}: " + (
                     "verified" if candidate.status == "passed" else f"rejected ({candidate.reason[:80]})"
                 ), round(time.perf_counter() - t0, 3))
-        _time_candidates([c for c in found if c.status == "passed"], found, workdir, shapes, reporter)
-        passed = [c for c in found if c.status == "passed"]
-        if not passed:
+        verified = [c for c in found if c.status == "passed"]
+        timings = _time_candidates(verified, found, workdir, shapes, reporter) if verified else None
+        if timings is None or not timings.engines:
             reasons = "; ".join(f"{c.label}: {c.reason}" for c in found)
-            raise OptimizeError(f"no candidate passed the accuracy guard: {reasons}"[:2000])
-        best = min(passed, key=lambda c: c.median_ms or float("inf"))
+            raise OptimizeError(f"no candidate passed the accuracy guard and timing: {reasons}"[:2000])
+        best = next(c for c in found if c.label == timings.ranking()[0])
         best.status = "chosen"
         chosen_dir = workdir / str(found.index(best))
         manifest = Manifest.read(chosen_dir)
+        record = timings.to_json()
         manifest.build["auto"] = {
-            "shapes": [f"{b}x{s}" for b, s in shapes],
-            "timing": (f"median of {TIMING_RUNS} runs after {TIMING_WARMUP} warm-up per shape, best of "
-                       f"{TIMING_ROUNDS} alternating rounds"
-                       + (", geometric mean over shapes" if len(shapes) > 1 else "") + "; each engine in its own process"),
+            "shapes": record.pop("shapes"),
+            "timing": record.pop("method"),
+            "confidence": record.pop("confidence"),
+            "machine": record,  # CPUs, other processes' share of them, load average, seconds spent timing
             "asked": {"precision": config.precision, "tolerance": tolerance.to_json() if tolerance else None},
             "candidates": [c.to_json() for c in found],
             "chosen": best.label,
@@ -247,55 +214,3 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return optimize.load(out_dir)
-
-
-def _time_main(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    import optimize
-    from optimize.specs import torch_dtype
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    engine = optimize.load(args.engine)
-    report = {}
-    for text in args.shape:
-        batch, seq = (int(v) for v in text.lower().split("x"))
-        sizes = {"batch": batch, "seq": seq}
-        generator = torch.Generator().manual_seed(0)
-        feeds = {}
-        for spec in engine.inputs:
-            shape = spec.concrete(sizes)
-            dtype = torch_dtype(spec.dtype)
-            if spec.name == "attention_mask":  # no padding: padding-free engines do the full work too
-                feeds[spec.name] = torch.ones(shape, dtype=dtype)
-            elif dtype.is_floating_point:
-                feeds[spec.name] = torch.randn(shape, generator=generator).to(dtype)
-            else:  # values do not change the time of a dense engine
-                lo, hi = spec.value_range or (0, 100)
-                feeds[spec.name] = torch.randint(lo, hi + 1, shape, generator=generator, dtype=dtype)
-        for _ in range(TIMING_WARMUP):
-            engine.run(feeds)
-        times = []
-        for _ in range(TIMING_RUNS):
-            t0 = time.perf_counter()
-            engine.run(feeds)
-            times.append((time.perf_counter() - t0) * 1e3)
-        report[f"{batch}x{seq}"] = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
-    print(json.dumps(report))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optimize.auto")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("time", help="time one engine (run by --backend auto in a subprocess)")
-    t.add_argument("engine", type=Path)
-    t.add_argument("--shape", action="append", required=True, help="BATCHxSEQ, e.g. 8x128 (repeatable)")
-    t.set_defaults(func=_time_main)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

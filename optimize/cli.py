@@ -115,23 +115,39 @@ def _passes_table(engine_dir: Path) -> Table:
 
 
 def _auto_table(engine_dir: Path) -> Table | None:
-    """The candidates `--backend auto` tried, fastest first, with why any was rejected."""
+    """The candidates `--backend auto` tried, fastest first, with why any was rejected, and
+    underneath how sure the choice is and how busy the machine was while timing."""
     from optimize.manifest import Manifest
 
     auto = Manifest.read(engine_dir).build.get("auto")
     if not auto:
         return None
     shapes = auto.get("shapes") or [f"{auto['shape']['batch']}x{auto['shape']['seq']}"]  # older manifests: one shape
+
+    def time_of(c: dict) -> float | None:  # manifests before `time_ms` ranked by `median_ms`
+        return c.get("time_ms", c.get("median_ms"))
+
+    confidence = auto.get("confidence")
+    caption = None
+    if confidence:
+        colour = "green" if confidence["sure"] and not confidence.get("busy") else "yellow"
+        caption = f"[{colour}]{escape(confidence['verdict'])}[/]"
     table = Table(title=f"backend auto: candidates at batch × seq {', '.join(shapes)} ({auto['timing']})",
-                  title_justify="left")
-    for column in ("candidate", "median" if len(shapes) == 1 else "geomean", "max abs err", "min cosine", "result"):
+                  title_justify="left", caption=caption, caption_justify="left")
+    several = len(shapes) > 1
+    for column in ("candidate", "time (geomean)" if several else "time", "median run", "cpu/run", "spread",
+                   "max abs err", "min cosine", "result"):
         table.add_column(column)
-    rows = sorted(auto["candidates"], key=lambda c: (c["median_ms"] is None, c["median_ms"] or 0.0))
+    rows = sorted(auto["candidates"], key=lambda c: (time_of(c) is None, time_of(c) or 0.0))
     for c in rows:
         acc = c.get("accuracy") or {}
         result = {"chosen": "[green]chosen[/]", "passed": "passed"}.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
+        cpu = c.get("cpu_ms") or {}
         table.add_row(
-            escape(c["candidate"]), f"{c['median_ms']:.3g} ms" if c["median_ms"] is not None else "-",
+            escape(c["candidate"]), f"{time_of(c):.3g} ms" if time_of(c) is not None else "-",
+            f"{c['median_ms']:.3g} ms" if c.get("median_ms") is not None and "time_ms" in c else "-",
+            ", ".join(f"{v:.3g} ms" for v in cpu.values()) or "-",
+            f"{c['spread']:.0%}" if c.get("spread") is not None else "-",
             f"{acc['max_abs_error']:.1e}" if acc.get("max_abs_error") is not None else "-",
             f"{acc['min_cosine']:.6f}" if acc.get("min_cosine") is not None else "-", result,
         )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from optimize.errors import EngineError
-from optimize.manifest import MANIFEST_FILE, Manifest
+from optimize.manifest import MANIFEST_FILE, Manifest, check_links, engine_file
 from optimize.specs import Dim, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
@@ -211,15 +211,18 @@ def load(directory: str | Path) -> Engine:
     """Load the engine stored in `directory` (a directory holding `manifest.json`).
 
     Raises `EngineError` when the directory is not an engine, was written by an incompatible
-    kiln, names an unknown backend, or misses payload files.
+    kiln, names an unknown backend, misses payload files, or names a file (or holds a
+    symlink) outside itself.
     """
     from optimize.backends import get_backend
 
     path = Path(directory)
+    if path.is_dir():
+        check_links(path)
     manifest = Manifest.read(path)
-    for rel in manifest.payload:
-        if not (path / rel).exists():
-            raise EngineError(f"engine {path} is incomplete: payload file {rel} is missing")
+    for what, rel in manifest.files():
+        if not engine_file(path, rel, what).exists():
+            raise EngineError(f"engine {path} is incomplete: {what} {rel} is missing")
     backend = get_backend(manifest.backend, error=EngineError)
     return backend.load(path, manifest)
 

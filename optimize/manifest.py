@@ -7,10 +7,11 @@ a reader needs nothing but this file to know the engine's tensors, backend and a
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from optimize.config import CompileConfig
@@ -44,6 +45,16 @@ class Manifest:
     build: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    def files(self) -> list[tuple[str, str]]:
+        """Every file this manifest names, as (what it is, path relative to the engine
+        directory): the payload, and the text pipeline's tokenizer."""
+        from optimize.pipeline import PIPELINE_DIR
+
+        named = [("payload file", rel) for rel in self.payload]
+        if self.pipeline is not None:
+            named.append(("pipeline tokenizer", f"{PIPELINE_DIR}/{self.pipeline.get('tokenizer')}"))
+        return named
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
@@ -73,6 +84,7 @@ class Manifest:
         path = Path(directory) / MANIFEST_FILE
         if not path.is_file():
             raise EngineError(f"{directory} is not an engine directory: {MANIFEST_FILE} not found")
+        path = engine_file(directory, MANIFEST_FILE, "manifest")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -97,12 +109,45 @@ class Manifest:
                 accuracy=data.get("accuracy", {}),
                 passes=data.get("passes", []),
                 environment=data.get("environment", {}),
-                pipeline=data.get("pipeline"),
+                pipeline=_pipeline_entry(data.get("pipeline")),
                 timings_s=data.get("timings_s", {}),
                 build=data.get("build", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{path} is malformed: {exc}") from None
+
+
+def _pipeline_entry(entry: Any) -> dict[str, Any] | None:
+    if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("tokenizer"), str)):
+        raise ValueError(f"pipeline must be an object with a 'tokenizer' file name, not {entry!r}"[:200])
+    return entry
+
+
+def engine_file(directory: str | Path, name: str, what: str) -> Path:
+    """`directory / name` for a file an engine names (`name` relative, '/'-separated, as the
+    manifest records it), once it is known to stay inside the engine directory with every
+    symlink resolved. Raises `EngineError` naming `what` when `name` is absolute, has a `..`
+    component, or resolves outside; whether the file exists is the caller's question."""
+    root = Path(directory)
+    parts = name.split("/") if isinstance(name, str) else [""]
+    # Every component a plain name: no absolute path, no "..", no "." or empty component that
+    # would hide one (pipeline/ + "/etc/x"), no backslash (a separator elsewhere).
+    if any(part in ("", ".", "..") or "\\" in part for part in parts):
+        raise EngineError(f"engine {root}: {what} {name!r} is not a relative path inside the engine directory")
+    target = root / PurePosixPath(*parts)
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise EngineError(f"engine {root}: {what} {name!r} resolves to {target.resolve()}, outside the engine directory")
+    return target
+
+
+def check_links(directory: str | Path) -> None:
+    """Raise `EngineError` when any symlink inside the engine directory (at any depth, whether
+    the manifest names it or a backend opens it by its own name) resolves outside it."""
+    root = Path(directory)
+    for parent, dirs, files in os.walk(root):  # does not descend into linked directories
+        for entry in (*dirs, *files):
+            if os.path.islink(os.path.join(parent, entry)):
+                engine_file(root, Path(parent, entry).relative_to(root).as_posix(), "link")
 
 
 def build_environment() -> dict[str, Any]:

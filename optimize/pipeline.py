@@ -296,9 +296,17 @@ class Pipeline:
     @classmethod
     def from_manifest(cls, engine_dir: Path, entry: dict[str, Any], directory: str = PIPELINE_DIR) -> Pipeline:
         """The pipeline a manifest's `pipeline` entry describes; its files lie in
-        `engine_dir/directory` (a source directory holds them at its top: directory "")."""
+        `engine_dir/directory` (a source directory holds them at its top: directory "").
+        Raises `EngineError` when an engine's tokenizer path leads outside `engine_dir`. (A
+        source directory is the user's own and may link elsewhere, as Hugging Face's cache does.)"""
+        from optimize.manifest import engine_file
+
+        if directory:
+            tokenizer = engine_file(engine_dir, f"{directory}/{entry['tokenizer']}", "pipeline tokenizer")
+        else:
+            tokenizer = Path(engine_dir) / entry["tokenizer"]
         return cls(
-            tokenizer_path=Path(engine_dir) / directory / entry["tokenizer"],
+            tokenizer_path=tokenizer,
             max_length=int(entry["max_length"]),
             pad_id=int(entry.get("pad_id", 0)),
             output=entry["output"],

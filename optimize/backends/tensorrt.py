@@ -292,6 +292,10 @@ class TensorRTEngine(Engine):
         self._trt = trt
         self._logger = _logger(trt)
         self._runtime = trt.Runtime(self._logger)
+        # A plan can carry host code (a lean runtime, plugin libraries) that deserializing would
+        # load; kiln builds plans without any, so none is let in whatever TensorRT's default.
+        if hasattr(self._runtime, "engine_host_code_allowed"):
+            self._runtime.engine_host_code_allowed = False
         plan = (path / PLAN_FILE).read_bytes()
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:

@@ -1,7 +1,9 @@
 """Source: a program exported with `torch.export.save` (`.pt2`).
 
 Its inputs, dtypes and dynamic dims come from the program itself; the compile config's batch
-and sequence ranges must lie inside the ranges the program was exported with.
+and sequence ranges must lie inside the ranges the program was exported with. The archive is
+read by `optimize.program.read_archive`: pickled weights or objects and evaluated code are
+refused, the pickled example inputs every `torch.export.save` writes are dropped unread.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from optimize.config import CompileConfig
 from optimize.errors import ConfigError, SourceError
+from optimize.program import read_archive
 from optimize.sources.base import NamedOutputs, Source, digest_files, random_like_spec
 from optimize.specs import Dim, TensorSpec, dtype_name
 
@@ -38,7 +41,10 @@ class _ProgramModule(torch.nn.Module):
 def load_pt2(path: Path, config: CompileConfig) -> Source:
     """Load an exported program as a `Source`; raises `SourceError` or `ConfigError`."""
     try:
-        program = torch.export.load(str(path))
+        # Nothing the archive carries is unpickled or evaluated; its pickled example inputs are dropped.
+        program = read_archive(path, error=SourceError, drop_sample_inputs=True)
+    except SourceError:
+        raise
     except Exception as exc:  # torch raises several types for a corrupt archive
         raise SourceError(f"{path}: not a torch.export program ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 

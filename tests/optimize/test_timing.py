@@ -1,0 +1,113 @@
+"""`optimize.timing`: engines timed in rotating rounds, each by its fastest run, with the
+machine's load and how sure the ranking is said beside the times.
+
+The method is tested on a simulated machine (a clock, engines of known speed, spells of load
+from other processes) so that a spell can be put exactly where it did harm; one test runs the
+real worker processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import optimize
+from optimize.errors import OptimizeError
+from optimize.timing import BUSY_FRACTION, ROUNDS, RUNS_PER_ROUND, measure, time_engines
+
+SLOWDOWN = 3.0  # a run during a spell takes this much longer
+
+
+class Machine:
+    """Engines of known speed (ms per run) on this machine's CPUs; during each spell (start, end
+    in ms of simulated time) other processes use every CPU and runs take SLOWDOWN times longer."""
+
+    def __init__(self, speeds: dict[str, float], spells: list[tuple[float, float]] = (), broken: str = "",
+                 hit: tuple[str, int] | None = None) -> None:
+        self.speeds, self.spells, self.broken = speeds, list(spells), broken
+        self.hit = hit  # (engine, parity): a spell falls on each of that engine's batches of that round parity
+        self.now_ms = 0.0
+        self.busy_cpu_ms = 0.0  # CPU time used on the machine by anyone
+        self.order: list[str] = []
+
+    def busy(self, name: str = "") -> bool:
+        if self.hit is not None and name == self.hit[0] and self.order.count(name) % 2 != self.hit[1]:
+            return True  # order already holds this batch: count - 1 is its round
+        return any(start <= self.now_ms < end for start, end in self.spells)
+
+    def run(self, name: str, shape: str, runs: int) -> tuple[list[float], list[float]]:
+        if name == self.broken:
+            raise OptimizeError("timing failed: the worker died")
+        self.order.append(name)
+        walls = []
+        for _ in range(runs):
+            busy = self.busy(name)
+            wall = self.speeds[name] * (SLOWDOWN if busy else 1.0)
+            if busy:
+                self.busy_cpu_ms += wall * (os.cpu_count() or 1) - self.speeds[name]  # others fill the rest
+            self.busy_cpu_ms += self.speeds[name]
+            self.now_ms += wall
+            walls.append(wall)
+        return walls, [self.speeds[name]] * runs
+
+    def measure(self, names: list[str] | None = None):
+        ticks = os.sysconf("SC_CLK_TCK")
+        return measure(names or list(self.speeds), ["8x64"], self.run, clock=lambda: self.now_ms / 1e3,
+                       sleep=lambda s: None, jiffies=lambda: (self.busy_cpu_ms / 1e3 * ticks, 0))
+
+
+@pytest.mark.parametrize("spell", [(0, 250), (150, 400), (300, 550), (450, 5000)])
+def test_a_busy_spell_cannot_fall_on_one_engine_alone(spell: tuple[float, float]):
+    # 250 ms is as long as all 24 runs of the fast engine one after another: timed in one block,
+    # a spell there makes it 30 ms against the slow one's 14 and the wrong engine wins.
+    machine = Machine({"fast": 10.0, "slow": 14.0}, spells=[spell])
+    timings = machine.measure()
+    assert timings.ranking() == ["fast", "slow"]
+    assert timings.engines["fast"].time_ms == 10.0 and timings.engines["slow"].time_ms == 14.0
+    assert timings.engines["fast"].median_ms >= 10.0 and timings.engines["fast"].runs == ROUNDS * RUNS_PER_ROUND
+
+
+def test_rounds_rotate_the_order_so_every_engine_is_timed_early_and_late():
+    machine = Machine({"a": 1.0, "b": 1.0, "c": 1.0})
+    machine.measure()
+    rounds = [machine.order[i:i + 3] for i in range(0, len(machine.order), 3)]
+    assert rounds[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]] and len(rounds) == ROUNDS
+
+
+def test_a_machine_busy_all_along_is_reported_busy_and_a_quiet_one_quiet():
+    busy = Machine({"fast": 10.0, "slow": 14.0}, spells=[(0, 1e9)]).measure()
+    assert busy.busy and busy.others_cpu > BUSY_FRACTION and busy.ranking() == ["fast", "slow"]
+    assert "machine busy: other processes used" in busy.confidence()["verdict"]
+    quiet = Machine({"fast": 10.0, "slow": 14.0}).measure()
+    assert not quiet.busy and quiet.others_cpu == 0.0 and "machine quiet" in quiet.confidence()["verdict"]
+
+
+def test_the_choice_is_sure_only_when_its_lead_exceeds_its_own_spread():
+    clear = Machine({"fast": 10.0, "slow": 14.0}).measure().confidence()
+    assert clear["sure"] and clear["margin"] == pytest.approx(0.4) and clear["spread"] == 0.0
+    assert clear["verdict"].startswith("sure: fast leads slow by 40%")
+    close = Machine({"fast": 10.0, "slow": 10.1}).measure().confidence()
+    assert not close["sure"] and close["verdict"].startswith("unsure: fast leads slow by 1%")
+    # Every batch of the fast engine in an odd round fell in a spell: its two halves disagree 3x.
+    shaky = Machine({"fast": 10.0, "slow": 14.0}, hit=("fast", 1)).measure()
+    assert shaky.ranking() == ["fast", "slow"] and shaky.engines["fast"].spread == pytest.approx(SLOWDOWN - 1)
+    assert not shaky.confidence()["sure"] and "its run-to-run spread is 200%" in shaky.confidence()["verdict"]
+
+
+def test_an_engine_that_fails_is_reported_and_the_others_still_timed():
+    timings = Machine({"ok": 5.0, "broken": 1.0}, broken="broken").measure()
+    assert timings.failed == {"broken": "timing failed: the worker died"}
+    assert timings.ranking() == ["ok"] and timings.engines["ok"].runs == ROUNDS * RUNS_PER_ROUND
+
+
+def test_workers_time_real_engines_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    engine = optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
+                              optimize.CompileConfig(backend="eager", max_batch=4))
+    monkeypatch.chdir(tmp_path)  # the worker imports the caller's kiln whatever the working directory
+    timings = time_engines({"eager": engine.path, "nothing": tmp_path / "missing"}, [(2, 1), (4, 1)])
+    assert "missing is not an engine directory" in timings.failed["nothing"]
+    result = timings.engines["eager"]
+    assert set(result.times_ms) == {"2x1", "4x1"} and result.runs == 2 * ROUNDS * RUNS_PER_ROUND
+    assert 0 < result.time_ms <= result.median_ms and all(v > 0 for v in result.cpu_ms.values())
+    assert timings.cpus == os.cpu_count() and timings.to_json()["confidence"]["verdict"].startswith("only one engine")
