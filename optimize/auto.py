@@ -9,9 +9,10 @@ CTranslate2 each win somewhere: bench/results/), so kiln measures instead of gue
    the int8 modes and every backend's variants);
 2. each is compiled and verified like any engine, all against the tolerance of the precision
    asked for — a candidate that fails is rejected with the verifier's reason;
-3. the passing engines are timed after every build, by `optimize.timing` (each in its own
-   worker process, in short rounds of rotating order, each ranked by its fastest run, with the
-   machine's load measured alongside: a busy spell cannot fall on one candidate alone). The
+3. once all are built, the passing engines are timed together by `optimize.timing` (each in
+   its own worker process, in short rounds of rotating order, each ranked by its fastest run,
+   with the machine's load measured alongside: a busy spell cannot fall on one candidate alone,
+   and an unsure choice gets more rounds of the two fastest). The
    shapes are the `opt` shape, or the option `shapes` (e.g. ["8x128", "1x32"]); with several,
    candidates are ranked by the geometric mean over shapes, so no one shape dominates;
 4. the fastest becomes the engine; the table of all candidates (times, the accuracy they were

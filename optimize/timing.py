@@ -22,8 +22,10 @@ keep the runs it did not touch:
 5. **How sure**: the rounds are split in two halves (even and odd rounds), each timed like the
    whole; an engine's spread is how much slower its slower half came out than its time. The
    fastest engine is "sure" when even its slower half beats the runner-up's time by more than
-   `MIN_MARGIN`, i.e. its margin exceeds its own run-to-run spread; otherwise "unsure", and
-   the two are about as fast on this machine.
+   `MIN_MARGIN`, i.e. its margin exceeds its own run-to-run spread. When it is unsure, the two
+   fastest get `EXTRA_ROUNDS` more rounds (more chances to be timed outside a busy spell) and
+   are judged again; "unsure" then means the two are about as fast, or the machine too busy
+   to tell.
 
 `time_engines(paths, shapes)` is the whole method; `--backend auto` (`optimize.auto`) calls it
 and records its `Timings` in the manifest.
@@ -51,6 +53,9 @@ from optimize.errors import OptimizeError
 TIMING_WARMUP = 3  # runs per shape before any timing: first runs allocate, compile kernels, fill caches
 ROUNDS = 8
 RUNS_PER_ROUND = 3
+# When the choice is unsure after ROUNDS, the two fastest engines get this many more rounds:
+# more chances for each to be timed outside a busy spell.
+EXTRA_ROUNDS = 8
 # Other processes using more than this share of all CPUs while timing make the machine "busy".
 BUSY_FRACTION = 0.25
 # The winner is "sure" when its slower half of the rounds still beats the runner-up by this much.
@@ -115,6 +120,7 @@ class Timings:
     cpus: int
     seconds: float
     batches: list[Batch] = field(default_factory=list)
+    extra_rounds: int = 0  # rounds the two fastest engines got beyond ROUNDS, the choice being unsure
 
     @property
     def busy(self) -> bool:
@@ -153,8 +159,9 @@ class Timings:
         return text
 
     def method(self) -> str:
-        return (f"fastest of {ROUNDS} rounds x {RUNS_PER_ROUND} runs per shape after {TIMING_WARMUP} warm-up runs; "
-                "rounds rotate the order of the engines; each engine in its own worker process"
+        extra = f" (+{self.extra_rounds} rounds for the two fastest, being unsure)" if self.extra_rounds else ""
+        return (f"fastest of {ROUNDS}{extra} rounds x {RUNS_PER_ROUND} runs per shape after {TIMING_WARMUP} warm-up "
+                "runs; rounds rotate the order of the engines; each engine in its own worker process"
                 + ("; geometric mean over shapes" if len(self.shapes) > 1 else ""))
 
     def to_json(self) -> dict[str, Any]:
@@ -331,35 +338,46 @@ def measure(names: Sequence[str], shapes: Sequence[str], run: Runner, *,
     cpus = os.cpu_count() or 1
     load_before = _loadavg()
     start = clock()
-    active = list(names)
     failed: dict[str, str] = {}
     batches: list[Batch] = []
-    for round_ in range(ROUNDS):
-        order = active[round_ % len(active):] + active[:round_ % len(active)] if active else []
-        for name in order:
-            if name in failed:
-                continue
-            for shape in shapes:
-                sleep(SETTLE_S)
-                before, t0 = jiffies(), clock()
-                try:
-                    wall, cpu = run(name, shape, RUNS_PER_ROUND)
-                except OptimizeError as exc:
-                    failed[name] = str(exc)
-                    break
-                finally:
-                    if progress is not None:
-                        progress()
-                others = _others_share(before, jiffies(), sum(cpu), clock() - t0, cpus)
-                batches.append(Batch(name, shape, round_, wall, cpu, others))
-        active = [n for n in active if n not in failed]
-    load_after = _loadavg()
-    engines = {name: _summarize([b for b in batches if b.engine == name], shapes) for name in active}
-    shares = [b.others_cpu for b in batches if b.others_cpu is not None]
-    return Timings(engines=engines, failed=failed, shapes=list(shapes),
-                   others_cpu=statistics.median(shares) if shares else None,
-                   loadavg=(load_before, load_after) if load_before is not None and load_after is not None else None,
-                   cpus=cpus, seconds=clock() - start, batches=batches)
+
+    def rounds(names: list[str], first: int, count: int) -> None:
+        for round_ in range(first, first + count):
+            active = [n for n in names if n not in failed]
+            order = active[round_ % len(active):] + active[:round_ % len(active)] if active else []
+            for name in order:
+                for shape in shapes:
+                    sleep(SETTLE_S)
+                    before, t0 = jiffies(), clock()
+                    try:
+                        wall, cpu = run(name, shape, RUNS_PER_ROUND)
+                    except OptimizeError as exc:
+                        failed[name] = str(exc)
+                        break
+                    finally:
+                        if progress is not None:
+                            progress()
+                    others = _others_share(before, jiffies(), sum(cpu), clock() - t0, cpus)
+                    batches.append(Batch(name, shape, round_, wall, cpu, others))
+
+    def result() -> Timings:
+        engines = {name: _summarize([b for b in batches if b.engine == name], shapes)
+                   for name in names if name not in failed}
+        shares = [b.others_cpu for b in batches if b.others_cpu is not None]
+        load_after = _loadavg()
+        return Timings(engines=engines, failed=dict(failed), shapes=list(shapes),
+                       others_cpu=statistics.median(shares) if shares else None,
+                       loadavg=(load_before, load_after) if load_before is not None and load_after is not None else None,
+                       cpus=cpus, seconds=clock() - start, batches=batches)
+
+    rounds(list(names), 0, ROUNDS)
+    timings = result()
+    if not timings.confidence()["sure"] and len(timings.engines) > 1:
+        leaders = timings.ranking()[:2]
+        rounds(leaders, ROUNDS, EXTRA_ROUNDS)
+        timings = result()
+        timings.extra_rounds = EXTRA_ROUNDS
+    return timings
 
 
 def _summarize(batches: list[Batch], shapes: Sequence[str]) -> EngineTimes:

@@ -8,13 +8,14 @@ real worker processes."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import optimize
 from optimize.errors import OptimizeError
-from optimize.timing import BUSY_FRACTION, ROUNDS, RUNS_PER_ROUND, measure, time_engines
+from optimize.timing import BUSY_FRACTION, EXTRA_ROUNDS, ROUNDS, RUNS_PER_ROUND, measure, time_engines
 
 SLOWDOWN = 3.0  # a run during a spell takes this much longer
 
@@ -24,16 +25,16 @@ class Machine:
     in ms of simulated time) other processes use every CPU and runs take SLOWDOWN times longer."""
 
     def __init__(self, speeds: dict[str, float], spells: list[tuple[float, float]] = (), broken: str = "",
-                 hit: tuple[str, int] | None = None) -> None:
+                 hit: Callable[[str, int], bool] | None = None) -> None:
         self.speeds, self.spells, self.broken = speeds, list(spells), broken
-        self.hit = hit  # (engine, parity): a spell falls on each of that engine's batches of that round parity
+        self.hit = hit  # (engine, its batch number) -> whether a spell falls on that batch
         self.now_ms = 0.0
         self.busy_cpu_ms = 0.0  # CPU time used on the machine by anyone
         self.order: list[str] = []
 
     def busy(self, name: str = "") -> bool:
-        if self.hit is not None and name == self.hit[0] and self.order.count(name) % 2 != self.hit[1]:
-            return True  # order already holds this batch: count - 1 is its round
+        if self.hit is not None and self.hit(name, self.order.count(name) - 1):  # order holds this batch already
+            return True
         return any(start <= self.now_ms < end for start, end in self.spells)
 
     def run(self, name: str, shape: str, runs: int) -> tuple[list[float], list[float]]:
@@ -69,7 +70,7 @@ def test_a_busy_spell_cannot_fall_on_one_engine_alone(spell: tuple[float, float]
 
 
 def test_rounds_rotate_the_order_so_every_engine_is_timed_early_and_late():
-    machine = Machine({"a": 1.0, "b": 1.0, "c": 1.0})
+    machine = Machine({"a": 1.0, "b": 2.0, "c": 3.0})
     machine.measure()
     rounds = [machine.order[i:i + 3] for i in range(0, len(machine.order), 3)]
     assert rounds[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]] and len(rounds) == ROUNDS
@@ -87,12 +88,24 @@ def test_the_choice_is_sure_only_when_its_lead_exceeds_its_own_spread():
     clear = Machine({"fast": 10.0, "slow": 14.0}).measure().confidence()
     assert clear["sure"] and clear["margin"] == pytest.approx(0.4) and clear["spread"] == 0.0
     assert clear["verdict"].startswith("sure: fast leads slow by 40%")
-    close = Machine({"fast": 10.0, "slow": 10.1}).measure().confidence()
-    assert not close["sure"] and close["verdict"].startswith("unsure: fast leads slow by 1%")
+    close = Machine({"fast": 10.0, "slow": 10.1, "third": 20.0}).measure()
+    assert not close.confidence()["sure"] and close.confidence()["verdict"].startswith("unsure: fast leads slow by 1%")
+    assert close.extra_rounds == EXTRA_ROUNDS and "+8 rounds for the two fastest" in close.method()
+    runs = ROUNDS * RUNS_PER_ROUND
+    assert [close.engines[n].runs for n in ("fast", "slow", "third")] == [2 * runs, 2 * runs, runs]
     # Every batch of the fast engine in an odd round fell in a spell: its two halves disagree 3x.
-    shaky = Machine({"fast": 10.0, "slow": 14.0}, hit=("fast", 1)).measure()
+    shaky = Machine({"fast": 10.0, "slow": 14.0}, hit=lambda name, batch: name == "fast" and batch % 2).measure()
     assert shaky.ranking() == ["fast", "slow"] and shaky.engines["fast"].spread == pytest.approx(SLOWDOWN - 1)
     assert not shaky.confidence()["sure"] and "its run-to-run spread is 200%" in shaky.confidence()["verdict"]
+
+
+def test_an_unsure_choice_gets_more_rounds_of_the_two_fastest_and_can_become_sure():
+    # Spells fall on the fast engine's odd rounds, but only while the first ROUNDS last.
+    machine = Machine({"fast": 10.0, "slow": 14.0, "third": 30.0},
+                      hit=lambda name, batch: name == "fast" and batch % 2 == 1 and batch < ROUNDS)
+    timings = machine.measure()
+    assert timings.extra_rounds == EXTRA_ROUNDS and set(machine.order[-2 * EXTRA_ROUNDS:]) == {"fast", "slow"}
+    assert timings.confidence()["sure"] and timings.engines["fast"].spread == 0.0
 
 
 def test_an_engine_that_fails_is_reported_and_the_others_still_timed():
