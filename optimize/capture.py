@@ -7,9 +7,13 @@ which dims are `batch` / `seq`) are read back from the program's symbolic shapes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -110,12 +114,37 @@ def export_module(module: torch.nn.Module, source: Source) -> ExportedProgram:
     module = with_keyword_signature(module, names)  # sources are in eval mode
     example = source.make_inputs(example_sizes(source.inputs), torch.Generator().manual_seed(0))
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_export_logs():
             warnings.simplefilter("ignore")
             return torch.export.export(module, (), example, dynamic_shapes=_dynamic_shapes(source.inputs), strict=False)
     except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependent, ...)
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        raise CaptureError(f"torch.export failed: {lines[0] if lines else type(exc).__name__}") from exc
+        raise CaptureError(f"torch.export cannot capture {model_family(source)}: "
+                           f"{lines[0] if lines else type(exc).__name__}") from exc
+
+
+def model_family(source: Source) -> str:
+    """How errors name the model: its family and class for Hugging Face sources
+    ("longformer (LongformerModel)"), else its name."""
+    family, architecture = source.metadata.get("model_type"), source.metadata.get("architecture")
+    if family and architecture:
+        return f"{family} ({architecture})"
+    return architecture or source.name
+
+
+@contextlib.contextmanager
+def _quiet_export_logs() -> Iterator[None]:
+    """Keep torch.export's own reports off the console: when a data-dependent guard fails it
+    logs a warning and prints the partial graph (hundreds of lines) to stderr; a failed capture
+    is reported as one `CaptureError` line instead."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def capture(source: Source, precision: str = "fp32") -> ExportedProgram:

@@ -21,6 +21,7 @@ import onnx
 import torch
 from torch.export import ExportedProgram
 
+from optimize.capture import model_family
 from optimize.errors import AccuracyError, ConfigError, OptimizeError
 from optimize.onnx.attention import AttentionCleanup
 from optimize.onnx.base import Feeds, OnnxPass, OnnxPassContext
@@ -52,6 +53,28 @@ Verifier = Callable[[onnx.ModelProto], dict[str, Any]]
 
 class InvalidModelError(OptimizeError):
     """A pass produced a model that fails `onnx.checker` (a kiln bug, reported with the pass)."""
+
+
+# ONNX Runtime contrib ops that ORT registers in the default ONNX domain, where onnx.checker
+# does not know them: onnxscript's RMSNorm fusion (Llama, Qwen2) emits ORT's
+# SimplifiedLayerNormalization there, because that is where ORT looks it up.
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model`, reading `ORT_DEFAULT_DOMAIN_OPS` as the contrib ops they are
+    (ONNX Runtime itself runs every fused graph before it is kept, see `onnx_ort_fusions`).
+    Raises `onnx.checker.ValidationError`."""
+    if any(n.op_type in ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        view = onnx.ModelProto()
+        view.CopyFrom(model)
+        for node in view.graph.node:
+            if node.op_type in ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+                node.domain = "com.microsoft"
+        if not any(o.domain == "com.microsoft" for o in view.opset_import):
+            view.opset_import.add(domain="com.microsoft", version=1)
+        model = view
+    onnx.checker.check_model(model, full_check=False)
 
 
 def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -86,7 +109,7 @@ def run_onnx_passes(
         model, matches = p.run(model, ctx)
         model = _tidy(model)
         try:
-            onnx.checker.check_model(model, full_check=False)
+            check_model(model)
         except onnx.checker.ValidationError as exc:
             raise InvalidModelError(f"ONNX pass {p.name} produced an invalid model: {str(exc).splitlines()[0]}") from exc
         result = PassResult(p.name, matches, time.perf_counter() - t0)
@@ -147,7 +170,8 @@ def prepare_onnx(
 ) -> onnx.ModelProto:
     """Export `program` and run `passes` on it; the results go to `ctx.passes` and the passes'
     details to `ctx.record` (both end up in the manifest). Returns the prepared model."""
-    model = export_program(program, ctx.inputs, ctx.outputs)
+    model = export_program(program, ctx.inputs, ctx.outputs,
+                           model_name=model_family(ctx.source) if ctx.source is not None else "")
     pctx = OnnxPassContext(
         config=ctx.config, inputs=ctx.inputs, outputs=ctx.outputs, backend=backend, workdir=workdir,
         samples=ctx.samples, reference=ctx.reference, reporter=ctx.reporter, options=dict(options or {}),

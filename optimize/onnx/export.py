@@ -50,10 +50,12 @@ def rename_dynamic_axes(model: onnx.ModelProto, specs: list[TensorSpec]) -> None
 
 
 def export_program(
-    program: ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int | None = None
+    program: ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int | None = None,
+    model_name: str = "",
 ) -> onnx.ModelProto:
     """Export `program`, check it and infer shapes; return the ONNX model (dynamic axes named).
-    Raises `CaptureError` with the exporter's first line when export fails."""
+    Raises `CaptureError` with the exporter's first line (and `model_name`, the family the
+    error names) when export fails."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -70,7 +72,7 @@ def export_program(
             )
     except Exception as exc:  # the exporter raises many types; report them as one error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"ONNX export failed: {first}") from exc
+        raise CaptureError(f"ONNX export failed{' for ' + model_name if model_name else ''}: {first}") from exc
     model = onnx_program.model_proto
     rename_dynamic_axes(model, inputs)
     onnx.checker.check_model(model, full_check=False)

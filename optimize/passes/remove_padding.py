@@ -16,6 +16,15 @@ weights that broadcast over features only, and its dims are feature dims; region
 no attention are left alone. Requires attention fused into `kiln.attention` with one key
 mask for all layers (see fuse_attention); a padding position of a token output is zero in the
 result, which is not part of the model's contract (see `optimize.verify`).
+
+A padding position that the model reads outside the packed region is computed, not zeroed:
+BERT's and RoBERTa's pooler (and CLS pooling) read token 0 (`select(h, 1, 0)`), which is
+padding in a left-padded row, and the eager model pools whatever the encoder computed there (a
+padded query attends to the row's real keys). Such positions are packed as extra query-only
+tokens after the real ones: every per-token op runs on them, and attention runs them as a
+second `attention_varlen` call against the real keys of their row, so they never act as keys.
+Right-padded batches have none; the second call then has no queries. Only for non-causal
+attention: a causal model that reads a fixed position is not packed.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ class RemovePadding(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         ops = kernel_ops()
         attention = call_nodes(gm, ops.attention.default)
-        counts = {"packed_attention": 0, "packed_ops": 0, "gathered": 0, "restored": 0}
+        counts = {"packed_attention": 0, "packed_ops": 0, "gathered": 0, "restored": 0, "read_positions": 0}
         if not attention:
             return counts
         ensure_meta(gm)
@@ -200,21 +209,58 @@ def _region(gm: fx.GraphModule, layout: _Layout, mask: fx.Node, ops: Any) -> set
     return region
 
 
+def _read_positions(region: set[fx.Node], layout: _Layout) -> set[int]:
+    """Token positions read outside the region at a fixed index (`h[:, 0]`: a pooler, CLS
+    pooling); negative indices count from the end of the sequence."""
+    reads = set()
+    for node in region:
+        if layout.token_dims(node) != 2:
+            continue
+        for user in node.users:
+            if user not in region and user.target is aten.select.int and user.args[0] is node \
+                    and user.args[1] in (1, 1 - len(shape_of(node) or ())) and isinstance(user.args[2], int):
+                reads.add(user.args[2])
+    return reads
+
+
 def _rewrite(gm: fx.GraphModule, region: set[fx.Node], layout: _Layout, mask: fx.Node, ops: Any,
              native: Any) -> dict[str, int]:
+    counts = {"packed_attention": 0, "packed_ops": 0, "gathered": 0, "restored": 0, "read_positions": 0}
     g = gm.graph
     order = [n for n in g.nodes if n in region]
+    reads = sorted(_read_positions(region, layout))
+    attention = [n for n in order if n.target is ops.attention.default]
+    if reads and any(len(a.args) > 4 and a.args[4] for a in attention):
+        return counts  # a causal padded query sees the real keys before it only: not one varlen call
     first = order[0]
     with g.inserting_before(first):
-        packing = g.call_function(native.pack_indices.default, (g.call_function(aten.contiguous.default, (mask,)),))
+        key_mask = g.call_function(aten.contiguous.default, (mask,))
+        packing = g.call_function(native.pack_indices.default, (key_mask,))
         token_index = g.call_function(operator.getitem, (packing, 0))
         cu_seqlens = g.call_function(operator.getitem, (packing, 1))
-        tokens = g.call_function(aten.sym_size.int, (token_index, 0))
         batch = g.call_function(aten.sym_size.int, (mask, 0))
         seq = g.call_function(aten.sym_size.int, (mask, 1))
+        real_tokens = g.call_function(aten.sym_size.int, (token_index, 0))
+        extra = None
+        if reads:
+            # padding positions read outside: query-only tokens packed after the real ones
+            positions = g.call_function(aten.arange.default, (seq,), {"device": value(mask).device})
+            wanted = None
+            for r in reads:
+                index = r if r >= 0 else g.call_function(operator.add, (seq, r))
+                at = g.call_function(aten.eq.Scalar, (positions, index))
+                wanted = at if wanted is None else g.call_function(aten.logical_or.default, (wanted, at))
+            padding = g.call_function(aten.eq.Scalar, (key_mask, 0))
+            read_padding = g.call_function(aten.logical_and.default, (padding, wanted))
+            extra = g.call_function(native.pack_indices.default, (read_padding,))
+            extra_index = g.call_function(operator.getitem, (extra, 0))
+            extra_cu = g.call_function(operator.getitem, (extra, 1))
+            extra_tokens = g.call_function(aten.sym_size.int, (extra_index, 0))
+            token_index = g.call_function(aten.cat.default, ([token_index, extra_index],))
+            counts["read_positions"] = len(reads)
+        tokens = g.call_function(aten.sym_size.int, (token_index, 0))
     packed: dict[fx.Node, fx.Node] = {}
     gathered: dict[fx.Node, fx.Node] = {}
-    counts = {"packed_attention": 0, "packed_ops": 0, "gathered": 0, "restored": 0}
 
     def pack_input(a: fx.Node) -> fx.Node:
         if a in packed:
@@ -239,8 +285,20 @@ def _rewrite(gm: fx.GraphModule, region: set[fx.Node], layout: _Layout, mask: fx
                 q, k, v = (g.call_function(aten.select.int, (pack_input(x), 0, 0)) for x in node.args[:3])
                 causal = node.args[4] if len(node.args) > 4 else False
                 scale = node.args[5] if len(node.args) > 5 else None
-                out = g.call_function(ops.attention_varlen.default,
-                                      (q, k, v, cu_seqlens, cu_seqlens, seq, seq, causal, scale))
+                if extra is None:
+                    out = g.call_function(ops.attention_varlen.default,
+                                          (q, k, v, cu_seqlens, cu_seqlens, seq, seq, causal, scale))
+                else:  # real queries and keys, then the read padding positions as queries only
+                    q, q_extra, k, v = (
+                        g.call_function(operator.getitem, (
+                            g.call_function(aten.split_with_sizes.default, (x, [real_tokens, extra_tokens])), i))
+                        for x, i in ((q, 0), (q, 1), (k, 0), (v, 0)))
+                    out = g.call_function(aten.cat.default, ([
+                        g.call_function(ops.attention_varlen.default,
+                                        (q, k, v, cu_seqlens, cu_seqlens, seq, seq, causal, scale)),
+                        g.call_function(ops.attention_varlen.default,
+                                        (q_extra, k, v, extra_cu, cu_seqlens, len(reads), seq, causal, scale)),
+                    ],))
                 new = g.call_function(aten.unsqueeze.default, (out, 0))
                 counts["packed_attention"] += 1
             elif node.target in _RESHAPES:

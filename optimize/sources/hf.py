@@ -147,9 +147,10 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 
-    max_positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    max_positions = _max_positions(hf_config, model)
     if max_positions is not None and config.max_seq > max_positions:
-        raise ConfigError(f"max_seq {config.max_seq} exceeds the model's {max_positions} positions")
+        raise ConfigError(f"max_seq {config.max_seq} exceeds the model's {max_positions} positions "
+                          f"({hf_config.model_type}, {type(model).__name__})")
     vocab = int(hf_config.vocab_size)
     pad_id = getattr(hf_config, "pad_token_id", None) or 0
     type_vocab = int(getattr(hf_config, "type_vocab_size", 0) or 0)
@@ -170,10 +171,14 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
                                  description="0 = first text of the pair, 1 = second"))
 
     def make_inputs(sizes: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Padded batches as a tokenizer makes them: row 0 full length, others random lengths;
-        for pairs, the second text starts at a random point of each row."""
+        """Padded batches as a tokenizer makes them: row 0 full length, others random lengths
+        (right padding with the pad id), no pad id among the real tokens; for pairs, the second
+        text starts at a random point of each row."""
         batch, seq = sizes["batch"], sizes["seq"]
-        ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+        # a tokenizer never puts the pad token inside a text, and RoBERTa-style models number
+        # their positions by counting non-pad ids: real tokens are drawn from the other ids
+        ids = torch.randint(0, max(vocab - 1, 1), (batch, seq), generator=generator)
+        ids = ids + (ids >= pad_id).long() if vocab > 1 else ids
         lengths = torch.randint(1, seq + 1, (batch,), generator=generator)
         lengths[0] = seq
         positions = torch.arange(seq).unsqueeze(0)
@@ -222,6 +227,20 @@ def load_hf_directory(path: Path, config: CompileConfig) -> Source:
         pipeline=pipeline,
         pipeline_dir=path if pipeline else None,
     )
+
+
+def _max_positions(hf_config: Any, model: torch.nn.Module) -> int | None:
+    """The longest sequence the model numbers positions for; None when it has no limit
+    (relative positions: XLNet says -1). RoBERTa-style models (RoBERTa, XLM-RoBERTa, MPNet)
+    start counting after the pad id, so `max_position_embeddings` 514 holds 512 tokens."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
+                and module.padding_idx is not None and module.num_embeddings == limit:
+            return limit - module.padding_idx - 1
+    return limit
 
 
 def _derivable(key: str, tied: bool) -> bool:

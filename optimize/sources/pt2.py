@@ -37,6 +37,11 @@ class _ProgramModule(torch.nn.Module):
         args, kwargs = pytree.tree_unflatten([inputs[n] for n in self.names], self.in_spec)
         return self.inner(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> _ProgramModule:
+        """A no-op: the program was exported in the mode it runs in, and an exported module
+        refuses `train()` and `eval()` (verification calls `eval()` on every reference)."""
+        return self
+
 
 def load_pt2(path: Path, config: CompileConfig) -> Source:
     """Load an exported program as a `Source`; raises `SourceError` or `ConfigError`."""

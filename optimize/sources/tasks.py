@@ -10,6 +10,7 @@ its head (a classifier answering hidden states) is the worst kind of wrong.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,9 @@ def head_of(architecture: str) -> str | None:
     for suffix in _OTHER_HEADS:
         if architecture.endswith(suffix):
             return suffix
-    marker = architecture.rfind("For")
-    return architecture[marker:] if marker > 0 else None
+    # "For" + a capital starts a head ("ForMaskedLM"), not a model name ("RoFormerModel")
+    heads = [m.start() for m in re.finditer(r"For[A-Z]", architecture) if m.start() > 0]
+    return architecture[heads[-1]:] if heads else None
 
 
 def buildable_tasks(architecture: str) -> list[str]:

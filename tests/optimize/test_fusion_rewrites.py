@@ -207,3 +207,66 @@ def test_fp32_engines_skip_the_precision_and_int8_passes():
     _, results, _ = run("pooler")
     assert results["precision"].skipped == "precision is fp32"
     assert "int8-weight" in results["quantize_int8"].skipped
+
+
+# --------------------------------------------------------------------------------- packing
+def roberta_pooler():
+    """RoBERTa with its pooler, which reads token 0 (`h[:, 0]`): padding in a left-padded row,
+    and the factory's random masks put padding anywhere. Positions come from the ids (cumsum
+    of ids that are not the pad id 1)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                        intermediate_size=64, vocab_size=100, max_position_embeddings=40)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    return transformers.RobertaModel(config), {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": mask}, \
+        {"input_ids": TOKENS, "attention_mask": TOKENS}
+
+
+def test_a_position_read_outside_the_packed_layers_is_computed_even_where_it_is_padding():
+    gm, results, src = run("roberta_pooler")
+    assert results["remove_padding"].matches["packed_attention"] == 2
+    assert results["remove_padding"].matches["read_positions"] == 1  # the pooler's token 0
+    lengths = torch.tensor([9, 4, 1])
+    right = (torch.arange(9)[None] < lengths[:, None]).long()
+    for mask in (right, right.flip(1)):  # right padding: no query-only token; left: one per short row
+        feeds = {"input_ids": torch.randint(2, 100, (3, 9), generator=torch.Generator().manual_seed(0)),
+                 "attention_mask": mask}
+        feeds["input_ids"] = feeds["input_ids"].masked_fill(mask == 0, 1)
+        with torch.inference_mode():
+            want, got = src.module(**feeds), gm(**feeds)
+        torch.testing.assert_close(got["pooler_output"], want["pooler_output"], atol=1e-5, rtol=1e-5)
+        stats = compare_real_tokens(feeds, want, got)
+        assert stats["last_hidden_state"]["max_abs_error"] < 1e-5
+    assert agreement(gm, src)["max_abs_error"] < 1e-5  # random masks: padding anywhere, token 0 too
+
+
+class FirstToken(torch.nn.Module):
+    """A causal decoder whose output reads token 0."""
+
+    def __init__(self) -> None:
+        import transformers
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=100,
+                                                                   n_positions=32))
+
+    def forward(self, input_ids, attention_mask):
+        return {"first": self.gpt2(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]}
+
+
+def first_token():
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    return FirstToken(), {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}, \
+        {"input_ids": TOKENS, "attention_mask": TOKENS}
+
+
+def test_a_causal_model_that_reads_a_fixed_position_is_not_packed():
+    gm, results, src = run("first_token")
+    assert results["fuse_attention"].matches["sdpa"] == 1
+    assert results["remove_padding"].matches["packed_attention"] == 0
+    assert agreement(gm, src)["max_abs_error"] < 1e-5

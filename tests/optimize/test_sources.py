@@ -96,6 +96,34 @@ def test_pt2_source_reads_dims_and_checks_the_config_range(tmp_path: Path):
         load_source(path, CompileConfig(max_batch=16))
 
 
+def test_a_pt2_program_compiles_into_a_verified_engine(tmp_path: Path):
+    import optimize
+    from tests.optimize.factories import TinyMLP
+
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(TinyMLP().eval(), (torch.randn(2, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "mlp.pt2"))
+    # verification calls eval() on the reference, which an exported module refuses
+    engine = optimize.compile(tmp_path / "mlp.pt2", tmp_path / "e", CompileConfig(backend="eager", max_batch=4))
+    assert engine.manifest.accuracy["max_abs_error"] == 0.0
+
+
+def test_position_limits_follow_how_the_family_numbers_positions():
+    from types import SimpleNamespace
+
+    from optimize.sources.hf import _max_positions
+
+    class Roberta(torch.nn.Module):  # positions start after the pad id (1)
+        def __init__(self) -> None:
+            super().__init__()
+            self.position_embeddings = torch.nn.Embedding(514, 4, padding_idx=1)
+
+    assert _max_positions(SimpleNamespace(max_position_embeddings=514), Roberta()) == 512
+    assert _max_positions(SimpleNamespace(max_position_embeddings=512), torch.nn.Module()) == 512
+    assert _max_positions(SimpleNamespace(n_positions=1024), torch.nn.Module()) == 1024
+    assert _max_positions(SimpleNamespace(max_position_embeddings=-1), torch.nn.Module()) is None  # XLNet
+
+
 def test_corrupt_pt2_is_a_source_error(tmp_path: Path):
     path = tmp_path / "broken.pt2"
     path.write_bytes(b"not a zip archive")

@@ -121,6 +121,15 @@ def test_a_head_kiln_cannot_build_is_refused_by_name(dirs):
     assert "feature-extraction" in message and "\n" not in message
 
 
+def test_a_model_name_containing_for_is_not_a_head():
+    from optimize.sources.tasks import detect_task, head_of
+
+    assert head_of("RoFormerModel") is None
+    assert head_of("RoFormerForMaskedLM") == "ForMaskedLM"
+    assert head_of("RoFormerForQuestionAnswering") == "ForQuestionAnswering"
+    assert detect_task("RoFormerModel", {}, None).name == "feature-extraction"
+
+
 def test_task_flag_picks_a_head_the_weights_have_and_refuses_others(dirs):
     encoder = load_source(dirs["classifier"], CompileConfig(max_batch=4, max_seq=32, task="feature-extraction"))
     assert encoder.metadata["task"] == "feature-extraction"
