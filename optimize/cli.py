@@ -116,7 +116,8 @@ def _passes_table(engine_dir: Path) -> Table:
 
 def _auto_table(engine_dir: Path) -> Table | None:
     """The candidates `--backend auto` tried, fastest first, with why any was rejected, and
-    underneath how sure the choice is and how busy the machine was while timing."""
+    underneath how sure the choice is and how busy the machine was while timing. A time marked
+    (cpu) is the CPU time of a run, shorter than any run was on the busy machine."""
     from optimize.manifest import Manifest
 
     auto = Manifest.read(engine_dir).build.get("auto")
@@ -144,7 +145,8 @@ def _auto_table(engine_dir: Path) -> Table | None:
         result = {"chosen": "[green]chosen[/]", "passed": "passed"}.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
         cpu = c.get("cpu_ms") or {}
         table.add_row(
-            escape(c["candidate"]), f"{time_of(c):.3g} ms" if time_of(c) is not None else "-",
+            escape(c["candidate"]),
+            f"{time_of(c):.3g} ms" + (" (cpu)" if c.get("cpu_bound") else "") if time_of(c) is not None else "-",
             f"{c['median_ms']:.3g} ms" if c.get("median_ms") is not None and "time_ms" in c else "-",
             ", ".join(f"{v:.3g} ms" for v in cpu.values()) or "-",
             f"{c['spread']:.0%}" if c.get("spread") is not None else "-",

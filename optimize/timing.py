@@ -15,17 +15,26 @@ keep the runs it did not touch:
 3. **An engine's time is its fastest run per shape** (the geometric mean over shapes when there
    are several): interference cannot make a run faster, so the minimum is the estimate least
    moved by other processes. The median of all runs is kept beside it.
-4. **CPU time beside wall time**: each run's process CPU time is recorded, and the machine's
-   CPU use (`/proc/stat`) is read around every batch of runs; what the workers did not use
-   was used by other processes. When they used more than `BUSY_FRACTION` of the machine the
-   result says "machine busy".
-5. **How sure**: the rounds are split in two halves (even and odd rounds), each timed like the
+4. **CPU time bounds it**: each run's process CPU time (all threads) is recorded too. On a
+   machine without a CUDA GPU every engine computes on the CPU and keeps at least one core
+   busy throughout a run, so alone it would take no longer than the CPU time a run needs:
+   the time is the fastest run or the least CPU time of a run, whichever is shorter. This is
+   what holds the ranking when the machine stays busy all along: an engine whose threads wait
+   on each other (OpenVINO, ONNX Runtime) can run 7x slower beside a spinning process while a
+   single-threaded one barely slows down, but the CPU time each needs hardly moves. An engine
+   that uses k cores alone is then credited at most k times its time, so on a busy machine a
+   lead smaller than that can still flip, and the verdict says "unsure".
+5. **The machine's load**: its CPU use (`/proc/stat`) is read around every batch of runs; what
+   the worker did not use was used by other processes. When they used more than
+   `BUSY_FRACTION` of the machine the result says "machine busy".
+6. **How sure**: the rounds are split in two halves (even and odd rounds), each timed like the
    whole; an engine's spread is how much slower its slower half came out than its time. The
    fastest engine is "sure" when even its slower half beats the runner-up's time by more than
-   `MIN_MARGIN`, i.e. its margin exceeds its own run-to-run spread. When it is unsure, the two
-   fastest get `EXTRA_ROUNDS` more rounds (more chances to be timed outside a busy spell) and
-   are judged again; "unsure" then means the two are about as fast, or the machine too busy
-   to tell.
+   `MIN_MARGIN`, i.e. its margin exceeds its own run-to-run spread, and, where the time of
+   either of the two is its CPU time, when it leads by more than the number of CPUs. When it
+   is unsure, the two fastest get `EXTRA_ROUNDS` more rounds (more chances to be timed outside
+   a busy spell) and are judged again; "unsure" then means the two are about as fast, or the
+   machine too busy to tell.
 
 `time_engines(paths, shapes)` is the whole method; `--backend auto` (`optimize.auto`) calls it
 and records its `Timings` in the manifest.
@@ -89,9 +98,11 @@ class Batch:
 
 @dataclass
 class EngineTimes:
-    """One engine's result: `time_ms` ranks engines (fastest run per shape, geometric mean over
-    shapes); `median_ms` is the median run (same aggregation); `spread` is how much slower the
-    slower half of the rounds (even or odd, timed the same way) came out, relative to `time_ms`."""
+    """One engine's result: `time_ms` ranks engines (per shape the fastest run, or the least CPU
+    time of a run where that is shorter and the bound applies; geometric mean over shapes);
+    `cpu_bound` lists the shapes where the CPU time was the shorter; `median_ms` is the median
+    run (same aggregation); `spread` is how much slower the slower half of the rounds (even or
+    odd, timed the same way) came out, relative to `time_ms`."""
 
     time_ms: float
     median_ms: float
@@ -100,11 +111,12 @@ class EngineTimes:
     medians_ms: dict[str, float]
     cpu_ms: dict[str, float]  # median process CPU time of a run, per shape (all threads)
     runs: int
+    cpu_bound: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"time_ms": _round(self.time_ms), "median_ms": _round(self.median_ms), "spread": round(self.spread, 3),
                 "times_ms": _round_all(self.times_ms), "medians_ms": _round_all(self.medians_ms),
-                "cpu_ms": _round_all(self.cpu_ms), "runs": self.runs}
+                "cpu_ms": _round_all(self.cpu_ms), "runs": self.runs, "cpu_bound": self.cpu_bound}
 
 
 @dataclass
@@ -121,6 +133,7 @@ class Timings:
     seconds: float
     batches: list[Batch] = field(default_factory=list)
     extra_rounds: int = 0  # rounds the two fastest engines got beyond ROUNDS, the choice being unsure
+    cpu_bound: bool = False  # whether a run's CPU time bounded the engines' times (no CUDA GPU)
 
     @property
     def busy(self) -> bool:
@@ -137,15 +150,21 @@ class Timings:
         ranked = self.ranking()
         load = self.load_text()
         if len(ranked) < 2:
-            return {"margin": None, "spread": None, "sure": bool(ranked), "busy": self.busy,
+            return {"margin": None, "spread": None, "sure": bool(ranked), "busy": self.busy, "cpu_bound": [],
                     "verdict": ("only one engine timed" if ranked else "nothing timed") + f"; {load}"}
         best, second = self.engines[ranked[0]], self.engines[ranked[1]]
         margin = second.time_ms / best.time_ms - 1.0
-        sure = 1.0 + margin > (1.0 + best.spread) * (1.0 + MIN_MARGIN)
+        # A CPU-time bound credits an engine that uses k cores alone with up to k times its time.
+        bounded = [name for name in ranked[:2] if self.engines[name].cpu_bound]
+        sure = (1.0 + margin > (1.0 + best.spread) * (1.0 + MIN_MARGIN)
+                and (not bounded or 1.0 + margin > self.cpus))
         verdict = (f"{'sure' if sure else 'unsure'}: {ranked[0]} leads {ranked[1]} by {margin:.0%}, "
-                   f"its run-to-run spread is {best.spread:.0%}; {load}")
+                   f"its run-to-run spread is {best.spread:.0%}")
+        if bounded:
+            verdict += (f", and the time of {' and '.join(bounded)} is CPU time (shorter than any run): "
+                        f"a lead under {self.cpus}x may be the other's use of {self.cpus} CPUs")
         return {"margin": round(margin, 3), "spread": round(best.spread, 3), "sure": sure, "busy": self.busy,
-                "verdict": verdict}
+                "cpu_bound": bounded, "verdict": f"{verdict}; {load}"}
 
     def load_text(self) -> str:
         if self.others_cpu is None:
@@ -160,8 +179,9 @@ class Timings:
 
     def method(self) -> str:
         extra = f" (+{self.extra_rounds} rounds for the two fastest, being unsure)" if self.extra_rounds else ""
-        return (f"fastest of {ROUNDS}{extra} rounds x {RUNS_PER_ROUND} runs per shape after {TIMING_WARMUP} warm-up "
-                "runs; rounds rotate the order of the engines; each engine in its own worker process"
+        bound = ", or least CPU time of a run where shorter," if self.cpu_bound else ""
+        return (f"fastest run{bound} of {ROUNDS}{extra} rounds x {RUNS_PER_ROUND} runs per shape after {TIMING_WARMUP} "
+                "warm-up runs; rounds rotate the order of the engines; each engine in its own worker process"
                 + ("; geometric mean over shapes" if len(self.shapes) > 1 else ""))
 
     def to_json(self) -> dict[str, Any]:
@@ -294,6 +314,13 @@ class _Worker:
 Runner = Callable[[str, str, int], tuple[list[float], list[float]]]
 
 
+def _has_cuda() -> bool:
+    """Whether engines here may compute on a GPU (then their CPU time says nothing of their time)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def time_engines(paths: Mapping[str, Path], shapes: Sequence[tuple[int, int]], *,
                  progress: Callable[[], None] | None = None) -> Timings:
     """Time every engine of `paths` (name -> engine directory) at each (batch, seq) shape, by
@@ -317,7 +344,7 @@ def time_engines(paths: Mapping[str, Path], shapes: Sequence[tuple[int, int]], *
         def run(name: str, shape: str, runs: int) -> tuple[list[float], list[float]]:
             return workers[name].run(shape, runs)
 
-        timings = measure(list(workers), keys, run, progress=progress)
+        timings = measure(list(workers), keys, run, progress=progress, cpu_bound=not _has_cuda())
     finally:
         for worker in started:
             worker.close()
@@ -328,12 +355,14 @@ def time_engines(paths: Mapping[str, Path], shapes: Sequence[tuple[int, int]], *
 def measure(names: Sequence[str], shapes: Sequence[str], run: Runner, *,
             progress: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
             sleep: Callable[[float], None] = time.sleep,
-            jiffies: Callable[[], tuple[float, float] | None] | None = None) -> Timings:
+            jiffies: Callable[[], tuple[float, float] | None] | None = None, cpu_bound: bool = True) -> Timings:
     """The rounds of the method over engines that are ready to run: `run(name, shape, runs)`
     returns the wall and CPU milliseconds of `runs` runs. An engine whose `run` raises
-    `OptimizeError` is dropped from later rounds and reported in `failed`. `clock` (seconds),
-    `sleep` and `jiffies` (the machine's busy and total CPU ticks, or None where unknown; by
-    default from /proc/stat) are the machine's, replaceable to simulate one."""
+    `OptimizeError` is dropped from later rounds and reported in `failed`. `cpu_bound`: every
+    engine computes on the CPU, so a run's CPU time bounds its time (item 4 of the module
+    docstring). `clock` (seconds), `sleep` and `jiffies` (the machine's busy and total CPU
+    ticks, or None where unknown; by default from /proc/stat) are the machine's, replaceable
+    to simulate one."""
     jiffies = jiffies or _cpu_jiffies
     cpus = os.cpu_count() or 1
     load_before = _loadavg()
@@ -361,14 +390,14 @@ def measure(names: Sequence[str], shapes: Sequence[str], run: Runner, *,
                     batches.append(Batch(name, shape, round_, wall, cpu, others))
 
     def result() -> Timings:
-        engines = {name: _summarize([b for b in batches if b.engine == name], shapes)
+        engines = {name: _summarize([b for b in batches if b.engine == name], shapes, cpu_bound)
                    for name in names if name not in failed}
         shares = [b.others_cpu for b in batches if b.others_cpu is not None]
         load_after = _loadavg()
         return Timings(engines=engines, failed=dict(failed), shapes=list(shapes),
                        others_cpu=statistics.median(shares) if shares else None,
                        loadavg=(load_before, load_after) if load_before is not None and load_after is not None else None,
-                       cpus=cpus, seconds=clock() - start, batches=batches)
+                       cpus=cpus, seconds=clock() - start, batches=batches, cpu_bound=cpu_bound)
 
     rounds(list(names), 0, ROUNDS)
     timings = result()
@@ -380,12 +409,17 @@ def measure(names: Sequence[str], shapes: Sequence[str], run: Runner, *,
     return timings
 
 
-def _summarize(batches: list[Batch], shapes: Sequence[str]) -> EngineTimes:
-    def fastest(parity: int | None) -> list[float]:
-        return [min(t for b in batches if b.shape == shape and parity in (None, b.round % 2) for t in b.wall_ms)
-                for shape in shapes]
+def _summarize(batches: list[Batch], shapes: Sequence[str], cpu_bound: bool) -> EngineTimes:
+    def fastest(parity: int | None, cpu: bool = cpu_bound) -> list[float]:
+        times = []
+        for shape in shapes:
+            mine = [b for b in batches if b.shape == shape and parity in (None, b.round % 2)]
+            wall = min(t for b in mine for t in b.wall_ms)
+            times.append(min(wall, min(t for b in mine for t in b.cpu_ms)) if cpu else wall)
+        return times
 
     best = fastest(None)
+    walls_best = fastest(None, cpu=False)
     halves = [fastest(parity) for parity in (0, 1)] if {b.round % 2 for b in batches} == {0, 1} else [best]
     walls = [[t for b in batches if b.shape == shape for t in b.wall_ms] for shape in shapes]
     cpus = [[t for b in batches if b.shape == shape for t in b.cpu_ms] for shape in shapes]
@@ -394,7 +428,8 @@ def _summarize(batches: list[Batch], shapes: Sequence[str]) -> EngineTimes:
                        spread=max(_geomean(h) for h in halves) / time_ms - 1.0,
                        times_ms=dict(zip(shapes, best)), medians_ms={s: statistics.median(w) for s, w in zip(shapes, walls)},
                        cpu_ms={s: statistics.median(c) for s, c in zip(shapes, cpus)},
-                       runs=sum(len(b.wall_ms) for b in batches))
+                       runs=sum(len(b.wall_ms) for b in batches),
+                       cpu_bound=[s for s, t, w in zip(shapes, best, walls_best) if t < w])
 
 
 # --- the worker side ---------------------------------------------------------------------------

@@ -17,17 +17,23 @@ import optimize
 from optimize.errors import OptimizeError
 from optimize.timing import BUSY_FRACTION, EXTRA_ROUNDS, ROUNDS, RUNS_PER_ROUND, measure, time_engines
 
-SLOWDOWN = 3.0  # a run during a spell takes this much longer
+SLOWDOWN = 3.0  # a run during a spell takes this much longer, unless the engine says otherwise
 
 
 class Machine:
-    """Engines of known speed (ms per run) on this machine's CPUs; during each spell (start, end
-    in ms of simulated time) other processes use every CPU and runs take SLOWDOWN times longer."""
+    """Engines of known speed (ms per run alone) on this machine's CPUs, each using `threads`
+    cores fully (2 unless told: its CPU time per run is threads x speed); during each spell
+    (start, end in ms of simulated time) other processes use every CPU and runs take `slowdown`
+    (SLOWDOWN unless told) times longer."""
 
     def __init__(self, speeds: dict[str, float], spells: list[tuple[float, float]] = (), broken: str = "",
-                 hit: Callable[[str, int], bool] | None = None) -> None:
+                 hit: Callable[[str, int], bool] | None = None, threads: dict[str, int] | None = None,
+                 slowdown: dict[str, float] | None = None, cpu_bound: bool = True) -> None:
         self.speeds, self.spells, self.broken = speeds, list(spells), broken
         self.hit = hit  # (engine, its batch number) -> whether a spell falls on that batch
+        self.threads = {name: (threads or {}).get(name, 2) for name in speeds}
+        self.slowdown = {name: (slowdown or {}).get(name, SLOWDOWN) for name in speeds}
+        self.cpu_bound = cpu_bound
         self.now_ms = 0.0
         self.busy_cpu_ms = 0.0  # CPU time used on the machine by anyone
         self.order: list[str] = []
@@ -44,18 +50,20 @@ class Machine:
         walls = []
         for _ in range(runs):
             busy = self.busy(name)
-            wall = self.speeds[name] * (SLOWDOWN if busy else 1.0)
+            wall = self.speeds[name] * (self.slowdown[name] if busy else 1.0)
+            cpu = self.speeds[name] * self.threads[name]
             if busy:
-                self.busy_cpu_ms += wall * (os.cpu_count() or 1) - self.speeds[name]  # others fill the rest
-            self.busy_cpu_ms += self.speeds[name]
+                self.busy_cpu_ms += max(0.0, wall * (os.cpu_count() or 1) - cpu)  # others fill the rest
+            self.busy_cpu_ms += cpu
             self.now_ms += wall
             walls.append(wall)
-        return walls, [self.speeds[name]] * runs
+        return walls, [self.speeds[name] * self.threads[name]] * runs
 
     def measure(self, names: list[str] | None = None):
         ticks = os.sysconf("SC_CLK_TCK")
         return measure(names or list(self.speeds), ["8x64"], self.run, clock=lambda: self.now_ms / 1e3,
-                       sleep=lambda s: None, jiffies=lambda: (self.busy_cpu_ms / 1e3 * ticks, 0))
+                       sleep=lambda s: None, jiffies=lambda: (self.busy_cpu_ms / 1e3 * ticks, 0),
+                       cpu_bound=self.cpu_bound)
 
 
 @pytest.mark.parametrize("spell", [(0, 250), (150, 400), (300, 550), (450, 5000)])
@@ -80,6 +88,7 @@ def test_a_machine_busy_all_along_is_reported_busy_and_a_quiet_one_quiet():
     busy = Machine({"fast": 10.0, "slow": 14.0}, spells=[(0, 1e9)]).measure()
     assert busy.busy and busy.others_cpu > BUSY_FRACTION and busy.ranking() == ["fast", "slow"]
     assert "machine busy: other processes used" in busy.confidence()["verdict"]
+    assert not busy.confidence()["sure"], "both times are CPU times: a 1.4x lead may be parallelism"
     quiet = Machine({"fast": 10.0, "slow": 14.0}).measure()
     assert not quiet.busy and quiet.others_cpu == 0.0 and "machine quiet" in quiet.confidence()["verdict"]
 
@@ -94,9 +103,26 @@ def test_the_choice_is_sure_only_when_its_lead_exceeds_its_own_spread():
     runs = ROUNDS * RUNS_PER_ROUND
     assert [close.engines[n].runs for n in ("fast", "slow", "third")] == [2 * runs, 2 * runs, runs]
     # Every batch of the fast engine in an odd round fell in a spell: its two halves disagree 3x.
-    shaky = Machine({"fast": 10.0, "slow": 14.0}, hit=lambda name, batch: name == "fast" and batch % 2).measure()
+    shaky = Machine({"fast": 10.0, "slow": 14.0}, threads={"fast": 4},  # CPU time 40 ms: no bound
+                    hit=lambda name, batch: name == "fast" and batch % 2).measure()
     assert shaky.ranking() == ["fast", "slow"] and shaky.engines["fast"].spread == pytest.approx(SLOWDOWN - 1)
     assert not shaky.confidence()["sure"] and "its run-to-run spread is 200%" in shaky.confidence()["verdict"]
+
+
+def test_on_a_machine_busy_all_along_cpu_time_keeps_the_parallel_engine_ahead():
+    # The issue's case: OpenVINO bf16 (two threads that wait on each other) ran 3.5x faster than
+    # CTranslate2 alone, and 4x slower beside a spinning process; CTranslate2 hardly slowed down.
+    engines = {"openvino": 25.0, "ctranslate2": 89.0}
+    machine = {"threads": {"openvino": 2, "ctranslate2": 1}, "slowdown": {"openvino": 4.4, "ctranslate2": 1.1},
+               "spells": [(0, 1e12)]}
+    assert Machine(engines, cpu_bound=False, **machine).measure().ranking()[0] == "ctranslate2", "wall time alone"
+    timings = Machine(engines, **machine).measure()
+    assert timings.ranking() == ["openvino", "ctranslate2"]
+    assert timings.engines["openvino"].time_ms == 50.0 and timings.engines["openvino"].cpu_bound == ["8x64"]
+    confidence = timings.confidence()
+    assert timings.engines["ctranslate2"].time_ms == 89.0, "its CPU time too is shorter than its runs here"
+    assert "the time of openvino and ctranslate2 is CPU time" in confidence["verdict"]
+    assert confidence["sure"] == (89 / 50 > timings.cpus), "1.78x is sure only with fewer CPUs than that"
 
 
 def test_an_unsure_choice_gets_more_rounds_of_the_two_fastest_and_can_become_sure():
