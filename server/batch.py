@@ -64,11 +64,12 @@ DEFAULT_BATCH_SIZE = 256
 INPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json",
                  ".csv": "csv"}
 _RAY_MISSING = "server.batch needs Ray Data: pip install 'kiln[ray]'"
-# Logical CPUs of the read and write tasks. The actors hold the engines and reserve the CPUs
-# (cpus_per_actor each); reading and writing Parquet/JSON are light next to inference, and tasks
-# that asked for a CPU could never start once the actors held all of them (seen: --actors 2 on
-# a 2-CPU Ray waited forever for a CPU to read with).
+# Logical CPUs of the read and write tasks: reading and writing Parquet/JSON are light next to
+# inference, and the actors reserve the CPUs (cpus_per_actor each). Ray Data still runs a few
+# tasks of 1 CPU of its own (listing a directory's files), so the actors must leave one CPU of
+# the cluster free: --actors 2 on a 2-CPU Ray waited forever for a CPU to list the input with.
 IO_TASK_CPUS = 0
+FREE_CPUS = 1.0
 
 
 class BatchError(ValueError):
@@ -455,6 +456,7 @@ def run(args: argparse.Namespace) -> Summary:
     done = prepare_output(output, run_identity(engine, columns, args.id_column, args.text_column), args.id_column,
                           args.overwrite)
     del engine  # the actors load their own
+    _check_room(args.actors, args.cpus_per_actor, joined=bool(args.address))
     ds = read_input(args.input, args.input_format)
     if len(done):
         log.info("resuming: %d id(s) already in %s are skipped", len(done), output)
@@ -473,6 +475,23 @@ def run(args: argparse.Namespace) -> Summary:
     # counted from the files, which a task run twice cannot inflate
     total, duplicates = deduplicate(output, args.id_column)
     return Summary(written=total - len(done), resumed=len(done), total=total, duplicates=duplicates, seconds=seconds)
+
+
+def _check_room(actors: int, cpus_per_actor: float, joined: bool) -> None:
+    """Refuse a pool that would leave Ray Data no CPU for its own tasks (the job would wait
+    forever); on a joined cluster only warn, since an autoscaling one adds nodes."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if actors * cpus_per_actor <= total - FREE_CPUS:
+        return
+    fitting = max(total - FREE_CPUS, 0.0) / actors
+    message = (f"{actors} actor(s) x {cpus_per_actor:g} CPU leave less than {FREE_CPUS:g} of this Ray's {total:g} "
+               f"CPUs for reading and writing; use --cpus-per-actor {fitting:.2g} or fewer --actors "
+               "(the engines use the cores they find either way)")
+    if not joined or total <= FREE_CPUS:
+        raise BatchError(message)
+    log.warning("%s, unless the cluster adds nodes", message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,7 +186,7 @@ def test_every_id_gets_one_row_though_a_worker_is_killed_mid_run(ray_address, mi
                                                                  tmp_path):
     rows = texts(600, seed=4)
     source, output = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
-    job = start_batch(ray_address, minilm_engine_dir, source, output, "--actors", "2")
+    job = start_batch(ray_address, minilm_engine_dir, source, output, "--actors", "2", "--cpus-per-actor", "0.5")
     before = wait_for_parts(output, job)
     workers = engine_workers()
     assert workers, "no engine actor found among this cluster's processes"
