@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      description="Serve /mnt/models as a KServe ServingRuntime container.")
 
     def option(name: str, **kwargs: object) -> None:
-        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kwargs)  # type: ignore[arg-type]
+        spellings = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))  # KServe's, and kiln's
+        parser.add_argument(*spellings, dest=name, **kwargs)  # type: ignore[arg-type]
 
     option("model_name", default="model", help="the name the model is served under (KServe: {{.Name}})")
     option("model_dir", type=Path, default=Path(DEFAULT_MODEL_DIR),
