@@ -126,3 +126,26 @@ def test_serve_answers_tritonclient_http_over_kserve_v2(serve_url: str, minilm_e
     text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
     result = client.infer("minilm", [text], outputs=[httpclient.InferRequestedOutput("sentence_embedding")])
     np.testing.assert_allclose(result.as_numpy("sentence_embedding"), reference(minilm_engine_dir, texts), atol=2e-5)
+
+
+@pytest.mark.slow
+def test_token_requests_of_different_lengths_in_one_serve_batch_each_get_their_own_answer(serve_url: str,
+                                                                                         minilm_engine_dir: Path):
+    import optimize
+
+    engine = optimize.load(minilm_engine_dir)
+    requests = [engine.pipeline.tokenize([t]) for t in TEXTS[:12]]  # lengths differ: one layout key each
+    client = httpclient.InferenceServerClient(serve_url.removeprefix("http://"), concurrency=12)
+
+    def send(feeds: dict[str, np.ndarray]) -> Any:
+        inputs = []
+        for name, array in feeds.items():
+            tensor = httpclient.InferInput(name, list(array.shape), "INT64")
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return client.async_infer("minilm", inputs, outputs=[httpclient.InferRequestedOutput("sentence_embedding")])
+
+    pending = [send(feeds) for feeds in requests]  # concurrently: Serve batches them together
+    for feeds, answer in zip(requests, pending, strict=True):
+        np.testing.assert_allclose(answer.get_result().as_numpy("sentence_embedding"),
+                                   engine.run(feeds)["sentence_embedding"], atol=2e-5)
