@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,6 +20,9 @@ from rich.table import Table
 from optimize.config import CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
 from optimize.errors import OptimizeError
 from optimize.sources.tasks import TASKS
+
+if TYPE_CHECKING:
+    from optimize.manifest import Manifest
 
 console = Console(stderr=True)
 
@@ -88,10 +92,25 @@ def _summary(engine_dir: Path) -> Table:
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     table.add_row("size on disk", f"{size / 2**20:.1f} MiB")
     if m.pipeline:
-        table.add_row("text pipeline", f"tokenizer → {m.pipeline['output']} (max_length {m.pipeline['max_length']})")
+        table.add_row("text pipeline", escape(_text_interface(engine_dir, m)))
     if m.timings_s:
         table.add_row("build time", ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
     return table
+
+
+def _text_interface(engine_dir: Path, m: Manifest) -> str:
+    """What a text request to the engine sends and gets back: "text → label, score (options
+    top_k, all_scores; max_length 32)"."""
+    from optimize.pipeline import Pipeline
+
+    limit = f"max_length {m.pipeline['max_length']}"
+    try:
+        interface = Pipeline.from_manifest(engine_dir, m.pipeline).text_interface(m.outputs)
+    except ValueError as exc:  # a task this version serves as tokens only
+        return f"tokenizer → {m.pipeline['output']} ({limit}); {exc}"
+    options = f"options {', '.join(interface.options)}; " if interface.options else ""
+    return (f"{', '.join(t.name for t in interface.inputs)} → {', '.join(t.name for t in interface.outputs)} "
+            f"({options}{limit})")
 
 
 def _passes_table(engine_dir: Path) -> Table:
