@@ -124,7 +124,9 @@ def trained_tokenizer(kind: str) -> str:
 
     if kind == "sentencepiece":  # XLM-RoBERTa's kind: a unigram model over Metaspace pieces
         tokenizer = Tokenizer(models.Unigram())
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        # as xlm-roberta-base's tokenizer.json: words split at whitespace, then each gets its "▁"
+        # (so a word's offsets leave out the space before it)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
         tokenizer.decoder = decoders.Metaspace()
         trainer: Any = trainers.UnigramTrainer(vocab_size=BPE_VOCAB, special_tokens=BPE_SPECIALS,
                                                unk_token="<unk>", show_progress=False)
@@ -138,8 +140,11 @@ def trained_tokenizer(kind: str) -> str:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus(), trainer)
     assert [tokenizer.token_to_id(t) for t in BPE_SPECIALS] == list(range(len(BPE_SPECIALS)))
-    if kind in ("roberta", "sentencepiece"):
+    if kind == "roberta":
         tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    elif kind == "sentencepiece":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B:1 </s>:1", special_tokens=[("<s>", 0), ("</s>", 2)])
     elif kind == "decoder":
         tokenizer.post_processor = processors.TemplateProcessing(
             single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",

@@ -142,6 +142,32 @@ def test_entities_are_transformers_simple_aggregation_with_offsets_into_the_text
     assert any(" " in e["word"] for row in got[:, 0] for e in json.loads(row)), "and some over several words"
 
 
+@pytest.mark.parametrize("kind", ["ner_roberta", "ner_xlmr"])
+def test_entities_from_bpe_and_unigram_tokenizers_are_transformers_simple_aggregation(kind: str, task_source):
+    # byte-level BPE marks a word's start with "Ġ" inside the token, a unigram model with "▁":
+    # words and offsets come out of the tokenizer's decoder and offsets, not WordPiece's "##"
+    path = task_source(kind)
+    source = load_source(path, CompileConfig(max_batch=8, max_seq=64))  # the tiny vocabularies take many tokens
+    assert source.pipeline is not None
+    pipeline = Pipeline.from_manifest(path, source.pipeline, directory="")
+    interface = pipeline.text_interface(logits_spec(SEQ, 5))
+    texts = NER_SENTENCES[:3]
+    encoded = pipeline.encode(texts)
+    assert encoded.feeds["attention_mask"].sum(axis=1).max() < 64, "nothing truncated: transformers truncates nothing"
+    got = answer(interface, path, encoded, ["entities"])["entities"]
+    want = hf_pipeline("token-classification", path, aggregation_strategy="simple")(texts)
+    found = 0
+    for text, row, expected in zip(texts, got[:, 0], want, strict=True):
+        entities = json.loads(row)
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [
+            (e["entity_group"], e["word"], e["start"], e["end"]) for e in expected]
+        np.testing.assert_allclose([e["score"] for e in entities], [float(e["score"]) for e in expected], atol=1e-6)
+        for entity in entities:  # cased tokenizers: the word is in the text it spans (a lone "▁" is no text)
+            assert entity["word"].strip() in text[entity["start"]:entity["end"]], (entity, text)
+        found += len(entities)
+    assert found >= 5
+
+
 def same_words(word: str, span: str) -> bool:
     """`word` (decoded word pieces of an uncased tokenizer) is `span` lowercased, accents
     stripped; a group that starts inside a word starts with `##`."""
