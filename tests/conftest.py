@@ -1,7 +1,7 @@
 """Shared fixtures: the real all-MiniLM-L6-v2 model and one engine compiled from it per session;
-the model families' directories and their engines, each compiled once per session and shared by
-the compile matrix (tests/optimize/test_families.py) and the served families
-(tests/server/test_family_e2e.py)."""
+the tiny model-family and task-head directories and their engines, each compiled once per
+session and shared by the compile tests (tests/optimize/test_families.py, test_tasks.py) and the
+served ones (tests/server/test_family_e2e.py, test_task_engines.py)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir: Path
 @pytest.fixture(scope="session")
 def family_engine(tmp_path_factory: pytest.TempPathFactory, family_dirs: dict[str, Path]) -> Callable[[str, str], Path]:
     """`family_engine(family, backend)`: the directory of the engine compiled for it with
-    `families.compile_config(backend)`, built on first use (the engine is not kept loaded: the matrix has
-    dozens)."""
+    `families.compile_config(backend)`, built on first use (only the path is kept: the matrix
+    has dozens of engines)."""
     import optimize
     from tests.optimize.families import compile_config
 

@@ -22,7 +22,6 @@ from optimize.config import CompileConfig
 from optimize.pipeline import Encoded, Pipeline, TextInterface, TextOptions
 from optimize.sources import load_source
 from optimize.specs import Dim, TensorSpec
-from tests.optimize.task_models import task_dir
 
 SENTENCES = ["The new movie is awesome, I loved every minute of it!", "The food was cold and the service was terrible.",
              "How do I reset my password?", "A man is playing a guitar.", "Berlin is the capital of Germany."]
@@ -39,9 +38,8 @@ BATCH, SEQ = Dim("batch", 1, 1, 8), Dim("seq", 1, 16, 32)
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipelines")
-    return {kind: task_dir(kind, root, minilm_model_dir) for kind in ("classifier", "multilabel", "ner", "cross_encoder")}
+def dirs(task_source: Any) -> dict[str, Path]:
+    return {kind: task_source(kind) for kind in ("classifier", "multilabel", "ner", "cross_encoder")}
 
 
 def pipeline_of(path: Path) -> Pipeline:
