@@ -85,6 +85,9 @@ def _summary(engine_dir: Path) -> Table:
                 f"max abs err {real['max_abs_error']:.2e}, min cosine {real['min_cosine']:.6f} over "
                 f"{len(real.get('shapes', []))} batches (judged on {', '.join(acc.get('judged_on', []))})",
             )
+            if real.get("labels_compared"):
+                table.add_row("  labels (arg-max)", f"{real['labels_compared'] - real['labels_differ']} of "
+                                                    f"{real['labels_compared']} the same as fp32's")
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     table.add_row("size on disk", f"{size / 2**20:.1f} MiB")
     if m.pipeline:

@@ -75,9 +75,10 @@ def cpu_facts() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def build(label: str, model: Path, out: Path, args: list[str], tuning: Path) -> None:
+def build(label: str, model: Path, out: Path, args: list[str], tuning: Path) -> str | None:
+    """Compile `label` unless built before; the one-line reason when it cannot be built."""
     if (out / "manifest.json").is_file():
-        return
+        return None
     print(f"building {label}: python -m optimize compile MODEL -o {out} {' '.join(args)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "optimize", "compile", str(model), "-o", str(out), "--tuning-cache",
@@ -85,7 +86,8 @@ def build(label: str, model: Path, out: Path, args: list[str], tuning: Path) -> 
                           text=True, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        raise SystemExit(f"compiling {label} failed: {lines[-1] if lines else done.returncode}")
+        return f"compiling {label} failed: {lines[-1] if lines else done.returncode}"
+    return None
 
 
 def engine_precision(path: Path) -> tuple[str, str]:
@@ -111,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     tuning = args.cache / "tuning.json"
     engines = {"kiln default": args.cache / "minilm-default",
                "kiln int8 (cos >= 0.999)": args.cache / "minilm-openvino-int8"}
-    build("kiln default", model, engines["kiln default"], [], tuning)
-    build("kiln int8", model, engines["kiln int8 (cos >= 0.999)"],
-          ["--backend", "openvino", "--precision", "int8", "--min-cosine", "0.999"], tuning)
+    failures = {"kiln default": build("kiln default", model, engines["kiln default"], [], tuning),
+                "kiln int8 (cos >= 0.999)": build("kiln int8", model, engines["kiln int8 (cos >= 0.999)"],
+                                                  ["--backend", "openvino", "--precision", "int8", "--min-cosine",
+                                                   "0.999"], tuning)}
+    for name, failure in failures.items():
+        if failure:
+            print(failure, flush=True)
+            del engines[name]
     keys = [shape_key(s) for s in SHAPES]
     accuracy_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     commands: dict[str, list[str]] = {}
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = time_workers(commands, SHAPES, cwd=ROOT, cpu_bound=False)
     machine = cpu_facts()
     ghz = (machine["mhz"] or 0) / 1e3
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {name: {"failed": failure} for name, failure in failures.items() if failure}
     for index, name in enumerate(commands):
         if name in timings.failed:
             rows[name] = {"failed": timings.failed[name]}
