@@ -6,7 +6,7 @@ on all-MiniLM-L6-v2 at batch 8 × seq 128 and 1 × 32 (issue 19), in one command
 1. builds, once per machine (cached in `.kiln/bench-engines/`, with the tuning cache beside it,
    so a re-run only times): the **default engine** (`python -m optimize compile MODEL -o DIR`,
    no backend or precision: the measured search under the embedding guard, cosine ≥ 0.9999) and
-   the **int8 engine** (OpenVINO int8, weights and activations, under cosine ≥ 0.999);
+   the **int8 engine** (`INT8_ARGS`: int8 weights and activations);
 2. starts one worker process per engine and per peer (`bench.engines.peers`: eager fp32, eager
    under bf16 autocast, `torch.compile` fp32 and under bf16 autocast), each computing its worst
    cosine against the fp32 model on held-out real sentences before timing;
@@ -46,6 +46,13 @@ AUTOCAST = "eager-bf16-autocast"
 PEAK_OPS_PER_CYCLE = {"int8": 2048, "bf16": 1024, "fp32": 64}
 PEAK_SOURCE = ("Intel Architecture Day 2021, Sapphire Rapids AMX: 2048 int8 / 1024 bf16 ops per cycle per core; "
                "AVX-512: 2 FMA units x 16 fp32 lanes x 2 = 64 FLOP per cycle per core")
+# The int8 engine: ONNX Runtime static int8 (uint8 activations x int8 per-channel weights, on
+# VNNI/AMX) with its most sensitive MatMuls kept in fp32 until the calibration texts are within
+# the guard (optimize/onnx/quantize.py). Built under int8's default guard (cosine 0.99): at 0.999
+# it keeps the calibration texts within 0.999 but held-out texts reach only 0.997, so the build
+# is refused; the goal below is judged at 0.999 all the same.
+INT8_ARGS = ["--backend", "onnxruntime", "--precision", "int8"]
+INT8 = "kiln int8 (onnxruntime)"
 GOALS = {"default_vs_autocast_8x128": 2.0, "default_vs_eager_1x32": 4.0, "int8_vs_eager_8x128": 6.0}
 
 
@@ -112,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     tuning = args.cache / "tuning.json"
     engines = {"kiln default": args.cache / "minilm-default",
-               "kiln int8 (cos >= 0.999)": args.cache / "minilm-openvino-int8"}
+               INT8: args.cache / "minilm-int8"}
     failures = {"kiln default": build("kiln default", model, engines["kiln default"], [], tuning),
-                "kiln int8 (cos >= 0.999)": build("kiln int8", model, engines["kiln int8 (cos >= 0.999)"],
-                                                  ["--backend", "openvino", "--precision", "int8", "--min-cosine",
-                                                   "0.999"], tuning)}
+                INT8: build(INT8, model, engines[INT8], INT8_ARGS, tuning)}
     for name, failure in failures.items():
         if failure:
             print(failure, flush=True)
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_eager_fp32"] = {k: round(rows[BASELINE]["ms"][k] / row["ms"][k], 2) for k in keys}
             if "ms" in rows.get(AUTOCAST, {}):
                 row["vs_eager_bf16_autocast"] = {k: round(rows[AUTOCAST]["ms"][k] / row["ms"][k], 2) for k in keys}
-    default, int8 = rows.get("kiln default", {}), rows.get("kiln int8 (cos >= 0.999)", {})
+    default, int8 = rows.get("kiln default", {}), rows.get(INT8, {})
     goals = []
     if "vs_eager_bf16_autocast" in default:
         goals.append({"goal": "default >= 2x eager under bf16 autocast at 8x128, cosine >= 0.9999",
