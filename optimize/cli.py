@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimize.config import AUTO_PRECISION, CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
+from optimize.config import (AUTO_PRECISION, CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig,
+                             Tolerance)
 from optimize.errors import OptimizeError
 from optimize.sources.tasks import TASKS
 
@@ -138,7 +139,8 @@ def _auto_table(engine_dir: Path) -> Table | None:
         caption = f"[{colour}]{escape(confidence['verdict'])}[/]"
     tuning = auto.get("tuning") or {}
     if tuning.get("hit"):
-        cached = f"[dim]choice from the tuning cache {escape(tuning['cache'])} (recorded {tuning.get('recorded')}); --retune measures again[/]"
+        cached = (f"[dim]choice from the tuning cache {escape(tuning['cache'])} (recorded {tuning.get('recorded')}); "
+                  "--retune measures again[/]")
         caption = f"{caption}\n{cached}" if caption else cached
     table = Table(title=f"backend auto: candidates at batch × seq {', '.join(shapes)} ({auto['timing']})",
                   title_justify="left", caption=caption, caption_justify="left")
@@ -149,8 +151,8 @@ def _auto_table(engine_dir: Path) -> Table | None:
     rows = sorted(auto["candidates"], key=lambda c: (time_of(c) is None, time_of(c) or 0.0))
     for c in rows:
         acc = c.get("accuracy") or {}
-        result = {"chosen": "[green]chosen[/]", "passed": "passed",
-                  "skipped": f"[dim]skipped: {escape(c['reason'])}[/]"}.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
+        result = {"chosen": "[green]chosen[/]", "passed": "passed", "skipped": f"[dim]skipped: {escape(c['reason'])}[/]"
+                  }.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
         cpu = c.get("cpu_ms") or {}
         table.add_row(
             escape(c["candidate"]),

@@ -118,7 +118,8 @@ class TuningCache:
     def store(self, key: dict[str, Any], record: dict[str, Any]) -> None:
         """Record a finished search under `key` (replacing an older one)."""
         data = self._read()
-        data["entries"][key_id(key)] = {**record, "key": key, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data["entries"][key_id(key)] = {**record, "key": key, "recorded": recorded}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
         try:

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if "vs_eager_fp32" in int8:
         goals.append({"goal": "int8 engine >= 6x eager fp32 at 8x128, cosine >= 0.999",
                       "value": int8["vs_eager_fp32"]["8x128"], "cosine": int8["min_cosine"],
-                      "met": int8["vs_eager_fp32"]["8x128"] >= GOALS["int8_vs_eager_8x128"] and int8["min_cosine"] >= 0.999})
+                      "met": int8["vs_eager_fp32"]["8x128"] >= GOALS["int8_vs_eager_8x128"]
+                      and int8["min_cosine"] >= 0.999})
     summary = {
         "benchmark": "all-MiniLM-L6-v2, kiln engines vs PyTorch peers (python -m bench.engines.compare)",
         "date": datetime.date.today().isoformat(), "machine": machine, "note": args.note,

@@ -59,7 +59,8 @@ def engine_runner(engine_dir: Path) -> Run:
     import optimize
 
     engine = optimize.load(engine_dir)
-    output = "sentence_embedding" if any(s.name == "sentence_embedding" for s in engine.outputs) else engine.outputs[0].name
+    names = [s.name for s in engine.outputs]
+    output = "sentence_embedding" if "sentence_embedding" in names else names[0]
 
     def run(feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         return engine.run(feeds)[output]

@@ -229,7 +229,8 @@ class OpenVINOBackend(Backend):
             quantized = nncf.quantize_with_accuracy_control(
                 ov_model, dataset, dataset, validate, max_drop=max(1.0 - tol.min_cosine, 1e-5),
                 drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
-            record["kept_in_float"] = f"NNCF accuracy control: worst layers in float until calibration cosine >= {tol.min_cosine}"
+            record["kept_in_float"] = ("NNCF accuracy control: worst layers in float until calibration "
+                                       f"cosine >= {tol.min_cosine}")
         else:
             quantized = nncf.quantize(ov_model, dataset, **common)
         if reporter is not None:

@@ -58,7 +58,8 @@ def test_without_a_compiler_it_is_refused_and_auto_lists_it_skipped(tmp_path: Pa
 
     monkeypatch.setattr(backend, "cxx_compiler", lambda: None)
     with pytest.raises(ConfigError, match="AOTInductor needs a C.. compiler"):
-        optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e", optimize.CompileConfig(backend="inductor"))
+        optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
+                         optimize.CompileConfig(backend="inductor"))
     found, skipped = survey(optimize.CompileConfig(backend="auto"))
     assert not any(c.backend == "inductor" for c in found)
     assert any(c.backend == "inductor" and "C++ compiler" in c.reason for c in skipped)
