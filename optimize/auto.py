@@ -28,8 +28,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError, OptimizeError
+from optimize.backends import available_backends, get_backend
+from optimize.build import build_engine
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError, OptimizeError
+from optimize.runtime.loading import load
+from optimize.runtime.manifest import Manifest
 from optimize.timing import ROUNDS, EngineTimes, Timings, time_engines
 
 # The precisions admitted as candidates when a precision is asked for: that one and every more
@@ -73,8 +77,6 @@ AUTO_OPTIONS = ("backends", "shapes")
 def candidates(config: CompileConfig) -> list[Candidate]:
     """Every combination worth trying here, for the precision `config` asks for; the option
     `backends` (a list of names) restricts the search."""
-    from optimize.backends import available_backends, get_backend
-
     unknown = sorted(set(config.backend_options) - set(AUTO_OPTIONS))
     if unknown:
         raise ConfigError(f"backend 'auto' has no option(s) {', '.join(unknown)}; its options: {', '.join(AUTO_OPTIONS)}")
@@ -159,9 +161,6 @@ def _time_candidates(passed: list[Candidate], found: list[Candidate], workdir: P
 def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig, *, name: str | None = None,
                  reporter: Any = None) -> Any:
     """Compile every candidate, time the ones that pass, install the fastest at `out_dir`."""
-    import optimize
-    from optimize.manifest import Manifest
-
     out_dir = Path(out_dir)
     found = candidates(config)
     if not found:
@@ -179,7 +178,7 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
             sub = replace(config, backend=candidate.backend, precision=candidate.precision,
                           backend_options={**candidate.options}, tolerance=tolerance)
             try:
-                engine = optimize.compile(source, workdir / str(index), sub, name=name)
+                engine = build_engine(source, workdir / str(index), sub, name=name)
                 candidate.accuracy = judged_accuracy(engine.manifest.accuracy)
                 candidate.status = "passed"
             except OptimizeError as exc:
@@ -214,4 +213,4 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
         chosen_dir.rename(out_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return optimize.load(out_dir)
+    return load(out_dir)

@@ -16,9 +16,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimize.config import CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
-from optimize.errors import OptimizeError
+from optimize.runtime.config import CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
+from optimize.runtime.errors import OptimizeError
+from optimize.runtime.manifest import Manifest
 from optimize.sources.tasks import TASKS
+from optimize.backends import available_backends
+from optimize.profile.cli import add_profile_parser
+import optimize
 
 console = Console(stderr=True)
 
@@ -50,8 +54,6 @@ class RichReporter:
 
 
 def _summary(engine_dir: Path) -> Table:
-    from optimize.manifest import Manifest
-
     m = Manifest.read(engine_dir)
     table = Table(title=f"engine {m.name} → {engine_dir}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -95,8 +97,6 @@ def _summary(engine_dir: Path) -> Table:
 
 
 def _passes_table(engine_dir: Path) -> Table:
-    from optimize.manifest import Manifest
-
     table = Table(title="graph passes", title_justify="left")
     for column in ("pass", "matched", "time", "accuracy after"):
         table.add_column(column)
@@ -118,8 +118,6 @@ def _auto_table(engine_dir: Path) -> Table | None:
     """The candidates `--backend auto` tried, fastest first, with why any was rejected, and
     underneath how sure the choice is and how busy the machine was while timing. A time marked
     (cpu) is the CPU time of a run, shorter than any run was on the busy machine."""
-    from optimize.manifest import Manifest
-
     auto = Manifest.read(engine_dir).build.get("auto")
     if not auto:
         return None
@@ -157,8 +155,6 @@ def _auto_table(engine_dir: Path) -> Table | None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    import optimize
-
     passes = {name: False for name in args.disable_pass} | {name: True for name in args.enable_pass}
     tolerance = None
     if args.min_cosine is not None or args.max_abs_error is not None:
@@ -198,8 +194,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from optimize.manifest import Manifest
-
     if args.json:
         print(json.dumps(Manifest.read(args.engine).to_json(), indent=2))
     else:
@@ -222,8 +216,6 @@ def _backend_option(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from optimize.backends import available_backends
-
     parser = argparse.ArgumentParser(prog="python -m optimize", description="Compile transformer models into verified engines.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,7 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_info)
 
-    from optimize.profile.cli import add_profile_parser
 
     add_profile_parser(sub)
     return parser

@@ -57,7 +57,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import OptimizeError
+import torch
+
+from optimize.runtime.errors import OptimizeError
+from optimize.runtime.loading import load
+from optimize.runtime.specs import torch_dtype
 
 TIMING_WARMUP = 3  # runs per shape before any timing: first runs allocate, compile kernels, fill caches
 ROUNDS = 8
@@ -247,15 +251,13 @@ class _Worker:
     "SHAPE RUNS" lines with the wall and CPU milliseconds of each run."""
 
     def __init__(self, name: str, path: Path, shapes: list[str]) -> None:
-        import optimize
-
         self.name = name
         args = [sys.executable, "-m", "optimize.timing", "worker", str(Path(path).resolve())]
         for shape in shapes:
             args += ["--shape", shape]
         # From the directory holding the `optimize` package this process imported, so the worker
         # runs the same kiln (an installed one, or a checkout's) whatever the caller's directory.
-        root = Path(optimize.__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[1]
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker never blocks
         self.process = subprocess.Popen(args, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.stderr, text=True)
@@ -316,8 +318,6 @@ Runner = Callable[[str, str, int], tuple[list[float], list[float]]]
 
 def _has_cuda() -> bool:
     """Whether engines here may compute on a GPU (then their CPU time says nothing of their time)."""
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -437,9 +437,6 @@ def _summarize(batches: list[Batch], shapes: Sequence[str], cpu_bound: bool) -> 
 def _feeds(engine: Any, batch: int, seq: int) -> dict[str, Any]:
     """Inputs of one shape: all-ones attention masks (no padding, so padding-free engines do the
     full work too), random floats, and integers in the input's value range."""
-    import torch
-
-    from optimize.specs import torch_dtype
 
     sizes = {"batch": batch, "seq": seq}
     generator = torch.Generator().manual_seed(0)
@@ -458,12 +455,8 @@ def _feeds(engine: Any, batch: int, seq: int) -> dict[str, Any]:
 
 
 def _worker_main(args: argparse.Namespace) -> int:
-    import torch
-
-    import optimize
-
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = optimize.load(args.engine)
+    engine = load(args.engine)
     feeds = {text: _feeds(engine, *parse_shape(text)) for text in args.shape}
     for text in args.shape:
         for _ in range(TIMING_WARMUP):

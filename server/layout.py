@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.specs import Dim, TensorSpec
 
 Tensors = dict[str, np.ndarray]
 TEXT_KEY = ("text",)

@@ -37,6 +37,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from server.errors import ConfigError
 from server.errors import DeadlineExceeded, Internal, Rejected, ServerError, Unavailable
 from server.http import create_app
 from server.layout import Layout
@@ -251,7 +252,5 @@ def build_app(args: dict[str, Any] | KilnServeArgs) -> serve.Application:
     path = Path(args.repository).resolve()
     ServerConfig(repository=path, max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace_s)
     if not path.is_dir():
-        from server.errors import ConfigError
-
         raise ConfigError(f"model repository {path} is not a directory")
     return KilnDeployment.bind(str(path), args.batch_wait_timeout_s, args.max_message_bytes, args.shutdown_grace_s)

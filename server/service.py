@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-import optimize
-from optimize.specs import Dim, TensorSpec
+from optimize import runtime
+from optimize.runtime.specs import Dim, TensorSpec
 from server import codec, memory
 from server.errors import (
     DeadlineExceeded,
@@ -194,7 +194,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, repository: Repository, schedulers: Mapping[str, ModelScheduler], *,
                  control_mode: str = "none", set_health: HealthSetter | None = None,
-                 unload_grace_s: float = 30.0, loader: Callable[[Any], optimize.Engine] = optimize.load) -> None:
+                 unload_grace_s: float = 30.0, loader: Callable[[Any], runtime.Engine] = runtime.load) -> None:
         self.repository = repository
         self.schedulers = dict(schedulers)
         self.control_mode = control_mode

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import optimize
-from optimize.config import CompileConfig
+from optimize.runtime.config import CompileConfig
 from tests.optimize.families import family_dir
 from tests.server.harness import RunningServer, make_repository, running_server
 

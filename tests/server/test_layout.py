@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.specs import Dim, TensorSpec
 from server.layout import BucketPadding, Concatenate, Packed, Text, Unbatched, batch_key, concatenate, split
 
 BATCH, SEQ = Dim("batch", 1, 8, 8), Dim("seq", 1, 64, 64)

@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import optimize
-from optimize.config import CompileConfig
+from optimize.runtime.config import CompileConfig
 from server import Model, ModelConfig, Repository
 from server.errors import ConfigError
 from tests.optimize.task_models import task_dir

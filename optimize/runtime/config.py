@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from optimize.errors import ConfigError
-from optimize.specs import Dim
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.specs import Dim
 
 # int8: weights and activations in int8 (calibrated Q/DQ); int8-weight: weights only, no calibration.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weight", "fp8")
