@@ -28,6 +28,7 @@ BUILTIN: dict[str, str] = {
     "triton": "optimize.runtime.backends.triton",
     "openvino": "optimize.runtime.backends.openvino",
     "ctranslate2": "optimize.runtime.backends.ctranslate2",
+    "inductor": "optimize.runtime.backends.inductor",
 }
 _REGISTERED: dict[str, Loader] = {}
 
