@@ -52,7 +52,7 @@ from server.proto import model_config_pb2 as mc
 from server.repository import Model, Repository, load_failure_reason
 from server.scheduler import ModelScheduler
 from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
-from server.text import TokenizerPool
+from server.text import TokenizerPool, check_tokens
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             started = time.perf_counter_ns()
             encoded = await self._tokenizer.encode(model.pipeline, *texts)
             timings.compute_input_ns += time.perf_counter_ns() - started  # preparing inputs, as Triton counts it
+            check_tokens(model.name, encoded, model.pipeline.max_length, options.truncate)
             served = self._served(request.model_name, request.model_version)
             if served is scheduler:
                 return scheduler, dataclasses.replace(prepared, inputs=encoded.feeds, encoded=encoded)
