@@ -581,6 +581,8 @@ def model_config(model: Model) -> mc.ModelConfig:
         result.parameters["sequence_buckets"].string_value = ",".join(map(str, config.sequence_buckets))
     if getattr(model.engine, "accepts_packed", False):
         result.parameters["packed_batches"].string_value = "true"
+    if config.max_batch_tokens:
+        result.parameters["max_batch_tokens"].string_value = str(config.max_batch_tokens)
     if model.text_limits is not None:
         result.parameters["max_text_bytes"].string_value = str(model.text_limits.max_text_bytes)
         result.parameters["max_request_text_bytes"].string_value = str(model.text_limits.max_request_text_bytes)
