@@ -467,7 +467,8 @@ class Batcher(Generic[T]):
 
     def _by_length(self, head: Pending[T], queue: Mapping[Pending[T], None]) -> list[Pending[T]]:
         """`head`'s batch from the first `lookahead` entries of `queue`: sorted by length, the
-        run of neighbours around `head` with the most rows that fits (the shortest on ties)."""
+        run of neighbours around `head` with the most rows that fits (the shortest on ties),
+        `head` first."""
         window = list(itertools.islice(queue, self.policy.lookahead))
         window.sort(key=lambda p: (p.tokens, p.seq))
         at = window.index(head)
@@ -485,7 +486,8 @@ class Batcher(Generic[T]):
                 break  # even from `head` on, this run is too long; longer ends only grow it
             if total > best_rows:
                 best, best_rows = (start, end), total
-        return window[best[0]:best[1] + 1]
+        run = window[best[0]:best[1] + 1]
+        return [head, *(p for p in run if p is not head)]  # the head first: a preferred size's prefix holds it
 
     def _preferred(self, members: list[Pending[T]]) -> int:
         """How many of `members` (a prefix) make the largest preferred batch size; 0 if none."""

@@ -458,3 +458,12 @@ def test_two_queued_requests_on_an_idle_model_still_wait_for_the_delay():
     clock.advance_us(1000)
     batch = batcher.next_batch(idle=True)
     assert batch is not None and batch.reason == "delay" and payloads(batch) == ["a", "b"]
+
+
+def test_a_preferred_size_formed_by_length_still_holds_the_deciding_request():
+    batcher, _ = make(max_batch_size=8, preferred_batch_sizes=(2,))
+    batcher.add(1, A, "oldest", tokens=50)
+    for name, tokens in (("s1", 5), ("s2", 6), ("l1", 49)):
+        batcher.add(1, A, name, tokens=tokens)
+    batch = batcher.next_batch()
+    assert batch is not None and batch.reason == "preferred" and payloads(batch)[0] == "oldest" and batch.size == 2
