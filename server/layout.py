@@ -348,16 +348,17 @@ class Text:
         """The token length a batch whose longest text has `length` tokens is padded to."""
         return round_up(length, self.buckets, self.max_length)
 
-    def split(self, inputs: Mapping[str, np.ndarray], max_batch_tokens: int = 0) -> list[tuple[Tensors, int, int]]:
+    def split(self, inputs: Mapping[str, np.ndarray], max_batch_tokens: int = 0,
+              by_text: bool = True) -> list[tuple[Tensors, int, int]]:
         """A tokenized text request as parts `(inputs, rows, padded tokens per row)` for the
-        batcher to group by length: one per text, each cut to its own tokens, for engines whose
-        outputs have no token axis (pooled embeddings, labels, pair scores). An engine with
-        token outputs answers each request's rows as one padded block (its texts' padding
-        positions included), so its requests stay whole, or are cut into slices of rows within
-        `max_batch_tokens`."""
+        batcher to group by length: `by_text`, one per text, each cut to its own tokens (for
+        requests whose answer reads no token-axis output: pooled embeddings, labels, pair
+        scores; such outputs of a text are cut to its own length, and `join` zero-pads them).
+        Otherwise the request stays one padded block, as its answer reads every position the
+        engine computed, or is cut into slices of rows within `max_batch_tokens`."""
         rows = _rows(inputs)
         width = int(inputs["input_ids"].shape[1])
-        if self.output_axes:
+        if not by_text:
             per_part = max(1, max_batch_tokens // self.padded_length(width)) if max_batch_tokens else rows
             return [(part, _rows(part), self.padded_length(width)) for part in slices(inputs, per_part)]
         mask = inputs.get("attention_mask")

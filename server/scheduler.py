@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,10 @@ from server.stats import ModelStats, Timings
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+# Tasks whose text answers are made from the engine's token-axis outputs (entities from per-token
+# logits, ...): their requests' texts stay together, padded as one block, so those outputs are
+# what the engine computed for every position.
+TOKEN_LEVEL_TASKS = ("token-classification", "fill-mask", "causal-lm")
 
 
 @dataclass(eq=False)
@@ -110,12 +114,14 @@ class ModelScheduler:
         self._timer_task = asyncio.create_task(self._watch_timeouts(), name=f"{self.model.name}-timeouts")
 
     async def infer(self, inputs: Mapping[str, np.ndarray], size: int, request_id: str = "", *, text: bool = False,
-                    priority: int = 0, timeout_us: int = 0, deadline_in_s: float | None = None,
-                    timings: Timings | None = None) -> Tensors:
+                    outputs: Sequence[str] | None = None, priority: int = 0, timeout_us: int = 0,
+                    deadline_in_s: float | None = None, timings: Timings | None = None) -> Tensors:
         """Queue one validated request of `size` samples and return its outputs.
 
         `text` marks a request of texts, already tokenized by the engine's pipeline (it batches
-        with other texts through the model's `text_layout`); `priority` and `timeout_us` are
+        with other texts through the model's `text_layout`), `outputs` the outputs it asks for
+        (None: all; its texts are queued one by one unless one of them, or its task's answer,
+        needs the engine's token-axis outputs); `priority` and `timeout_us` are
         the request's parameters (0: none); `deadline_in_s` is the time its client still waits
         (None: forever). `timings`, when given, receives where the time went.
 
@@ -130,7 +136,7 @@ class ModelScheduler:
         loop = asyncio.get_running_loop()
         work = Work(layout, loop.create_future(), request_id, timings or Timings())
         deadline_s = self._clock() + deadline_in_s if deadline_in_s is not None else None
-        parts = self._parts(inputs, size, text)
+        parts = self._parts(inputs, size, text, outputs)
         work.results = [None] * len(parts)
         try:
             work.pending = self.batcher.add_parts(
@@ -151,15 +157,19 @@ class ModelScheduler:
             self._settle(work, None, None)
             raise
 
-    def _parts(self, inputs: Mapping[str, np.ndarray], size: int,
-               text: bool) -> list[tuple[Mapping[str, np.ndarray], int, int]]:
+    def _parts(self, inputs: Mapping[str, np.ndarray], size: int, text: bool,
+               outputs: Sequence[str] | None = None) -> list[tuple[Mapping[str, np.ndarray], int, int]]:
         """How a request is queued: `(inputs, rows, tokens per row)` per part. Texts as the text
         layout splits them (one per part, grouped by length in the batcher); a request of tokens
         whole, or — when the model has a token budget and the request's rows exceed it — in
         slices that fit it."""
         if text:
             assert self.model.text_layout is not None
-            return self.model.text_layout.split(inputs, self._max_batch_tokens)  # type: ignore[attr-defined]
+            layout = self.model.text_layout
+            token_outputs = set(layout.output_axes)  # type: ignore[attr-defined]
+            asked = token_outputs if outputs is None else set(outputs)
+            by_text = self.model.task not in TOKEN_LEVEL_TASKS and not asked & token_outputs
+            return layout.split(inputs, self._max_batch_tokens, by_text=by_text)  # type: ignore[attr-defined]
         if not self._max_batch_tokens or not self.model.max_batch_size:
             return [(inputs, size, 0)]
         tokens = layouts.token_length(inputs)

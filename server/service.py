@@ -287,7 +287,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             scheduler, prepared = await self._prepare(request, scheduler, options, timings)
             model = scheduler.model
             outputs = await scheduler.infer(
-                prepared.inputs, prepared.size, request_id, text=prepared.text, priority=options.priority,
+                prepared.inputs, prepared.size, request_id, text=prepared.text, outputs=prepared.outputs,
+                priority=options.priority,
                 timeout_us=options.timeout_us, timings=timings,
                 deadline_in_s=deadline_s - time.monotonic() if deadline_s is not None else None)
             if prepared.text:

@@ -463,7 +463,18 @@ def test_two_queued_requests_on_an_idle_model_still_wait_for_the_delay():
 def test_a_preferred_size_formed_by_length_still_holds_the_deciding_request():
     batcher, _ = make(max_batch_size=8, preferred_batch_sizes=(2,))
     batcher.add(1, A, "oldest", tokens=50)
-    for name, tokens in (("s1", 5), ("s2", 6), ("l1", 49)):
+    for name, tokens in (("b", 47), ("c", 48), ("d", 49)):
         batcher.add(1, A, name, tokens=tokens)
     batch = batcher.next_batch()
     assert batch is not None and batch.reason == "preferred" and payloads(batch)[0] == "oldest" and batch.size == 2
+
+
+def test_rows_of_far_other_lengths_are_left_for_a_batch_of_their_own():
+    batcher, _ = make(max_batch_size=8, max_queue_delay_us=1_000_000)
+    batcher.add(1, A, "oldest", tokens=120)
+    for name, tokens in (("s1", 8), ("s2", 9), ("l1", 118)):
+        batcher.add(1, A, name, tokens=tokens)
+    first = batcher.next_batch()  # padding the short ones to 120 tokens would cost more than a call
+    assert first is not None and first.reason == "full" and payloads(first) == ["oldest", "l1"]
+    second = batcher.next_batch(flush=True)
+    assert second is not None and sorted(payloads(second)) == ["s1", "s2"]

@@ -156,8 +156,9 @@ def test_text_layout_splits_a_request_into_one_part_per_text_cut_to_its_own_toke
     parts = layout.split(fake_tokenize(["a bb", "ccc dd ee ff g", "x"]))
     assert [(p["input_ids"].shape, rows, tokens) for p, rows, tokens in parts] == [
         ((1, 2), 1, 4), ((1, 5), 1, 8), ((1, 1), 1, 4)]
-    # An engine with token outputs answers each request as one padded block: its texts stay together.
-    whole = Text(Concatenate(), OUTPUTS, buckets=[4, 8]).split(fake_tokenize(["a bb", "ccc dd ee ff g"]), 8)
+    # A request whose answer reads token outputs stays one padded block, in slices within the budget.
+    whole = Text(Concatenate(), OUTPUTS, buckets=[4, 8]).split(fake_tokenize(["a bb", "ccc dd ee ff g"]), 8,
+                                                               by_text=False)
     assert [(p["input_ids"].shape, rows, tokens) for p, rows, tokens in whole] == [((1, 5), 1, 8), ((1, 5), 1, 8)]
 
 
