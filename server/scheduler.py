@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from server import layout as layouts
 from server.batcher import Batch, Batcher, Clock, Expired, InOrder, Pending, QueueFull
 from server.errors import DeadlineExceeded, Internal, Rejected, Unavailable
-from server import layout as layouts
 from server.layout import Layout
 from server.repository import Model
 from server.stats import ModelStats, Timings

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -255,8 +256,6 @@ DOCUMENTS = ["Click 'Forgot password' on the sign-in page.", "A man is playing a
 def test_rerank_answers_documents_by_cross_encoder_score_best_first(served: RunningServer, sources: dict[str, Path]):
     from sentence_transformers import CrossEncoder
 
-    import httpx
-
     query = "How do I reset my password?"
     want = CrossEncoder(str(sources["cross_encoder"]), device="cpu").predict([(query, d) for d in DOCUMENTS])
     body = {"model": "reranker", "query": query, "documents": DOCUMENTS}
@@ -275,8 +274,6 @@ def test_rerank_answers_documents_by_cross_encoder_score_best_first(served: Runn
 
 def test_classify_answers_every_label_best_first_as_transformers_pipeline(served: RunningServer,
                                                                           sources: dict[str, Path]):
-    import httpx
-
     want = hf("text-classification", sources["classifier"])(SENTENCES, top_k=None)
     reply = httpx.post(base_url(served) + "/v1/classify", json={"model": "sentiment", "input": SENTENCES},
                        timeout=TIMEOUT_S)
@@ -304,8 +301,6 @@ def test_classify_answers_every_label_best_first_as_transformers_pipeline(served
 ])
 def test_rerank_and_classify_refuse_bad_requests_with_the_status_a_client_expects(
         served: RunningServer, route: str, body: dict[str, Any], status: int, words: str):
-    import httpx
-
     reply = httpx.post(base_url(served) + route, json=body, timeout=TIMEOUT_S)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
