@@ -16,8 +16,17 @@ CTranslate2 each win somewhere: bench/results/), so kiln measures instead of gue
    shapes are the `opt` shape, or the option `shapes` (e.g. ["8x128", "1x32"]); with several,
    candidates are ranked by the geometric mean over shapes, so no one shape dominates;
 4. the fastest becomes the engine; the table of all candidates (times, the accuracy they were
-   judged on, rejection reasons), the machine's load while timing and how sure the choice is
-   are stored in its manifest (`build.auto`) and printed by the CLI.
+   judged on, rejection and skip reasons), the machine's load while timing and how sure the
+   choice is are stored in its manifest (`build.auto`) and printed by the CLI.
+
+Precision `auto` (the CLI's default) admits every precision this machine computes natively
+(bf16 on AMX or AVX512_BF16 CPUs, int8 where its guard allows) and holds each candidate to the
+task's guard (`optimize.guards`: cosine ≥ 0.9999 on real texts for embeddings, the same labels
+for classifiers); it times the opt shape and a small one (1 x 32), the two a server sees most.
+
+With a `TuningCache` (`optimize.tuning`; the CLI always passes one), a search is recorded per
+machine and model, and the next build with the same key rebuilds and verifies only the winner;
+should the winner no longer pass, it searches again.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from optimize.config import CompileConfig
+from optimize.config import AUTO_PRECISION, PRECISIONS, CompileConfig
 from optimize.errors import ConfigError, OptimizeError
+from optimize.guards import INT8_REACHABLE_COSINE, task_guard, with_task_checks
 from optimize.timing import ROUNDS, EngineTimes, Timings, time_engines
+from optimize.tuning import TuningCache, tuning_key
 
 # The precisions admitted as candidates when a precision is asked for: that one and every more
 # accurate one (all are judged against the tolerance of the one asked for).
@@ -41,7 +52,9 @@ ADMITTED = {
     "int8-weight": ("fp32", "fp16", "bf16", "int8-weight"),
     "int8": ("fp32", "fp16", "bf16", "int8-weight", "int8"),
     "fp8": ("fp32", "fp16", "bf16", "int8-weight", "int8", "fp8"),
+    AUTO_PRECISION: tuple(p for p in PRECISIONS if p != AUTO_PRECISION),
 }
+INT8_PRECISIONS = ("int8", "int8-weight")
 
 
 @dataclass
@@ -49,7 +62,7 @@ class Candidate:
     backend: str
     precision: str
     options: dict[str, Any] = field(default_factory=dict)
-    status: str = "pending"  # chosen | passed | rejected
+    status: str = "pending"  # chosen | passed | rejected | skipped (never built)
     reason: str = ""
     timing: EngineTimes | None = None  # time_ms (ranks candidates), median_ms, spread, per shape, CPU time
     accuracy: dict[str, Any] = field(default_factory=dict)
@@ -73,6 +86,17 @@ AUTO_OPTIONS = ("backends", "shapes")
 def candidates(config: CompileConfig) -> list[Candidate]:
     """Every combination worth trying here, for the precision `config` asks for; the option
     `backends` (a list of names) restricts the search."""
+    return survey(config)[0]
+
+
+def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
+    """(the candidates to build, the ones skipped here with the reason). Skipped: a backend
+    that cannot run or build on this machine, a precision it would only emulate (slower, not
+    faster), and, under a guard tighter than int8 reaches (`optimize.guards`), int8 ones.
+    For precision `auto`, ONNX Runtime is tried with its fusions only (the variant without
+    them wins only on a few exotic graphs; `--backend auto --precision fp32` tries both), and
+    eager only where inductor cannot build (inductor compiles the same program, and the
+    search should take minutes, not a quarter of an hour, on 2 cores)."""
     from optimize.backends import available_backends, get_backend
 
     unknown = sorted(set(config.backend_options) - set(AUTO_OPTIONS))
@@ -84,25 +108,60 @@ def candidates(config: CompileConfig) -> list[Candidate]:
         missing = sorted(set(allowed) - set(names))
         raise ConfigError(f"backend 'auto': unknown backend(s) {', '.join(missing)}; available: {', '.join(available_backends())}")
     admitted = ADMITTED[config.precision]
+    measured_default = config.precision == AUTO_PRECISION
     found: list[Candidate] = []
+    skipped: list[Candidate] = []
     variants: dict[str, list[dict[str, Any]]] = {
-        "onnxruntime": [{"ort_fusions": True}, {"ort_fusions": False}],
+        "onnxruntime": [{"ort_fusions": True}] if measured_default else [{"ort_fusions": True}, {"ort_fusions": False}],
     }
+    tol = config.tolerance
     for name in names:
+        if measured_default and name == "eager" and allowed is None and _inductor_builds():
+            skipped.append(Candidate(name, "-", status="skipped",
+                                     reason="inductor compiles the same program ahead of time; eager is the baseline"))
+            continue
         try:
             backend = get_backend(name)
-        except (OptimizeError, ImportError):
+        except (OptimizeError, ImportError) as exc:
+            skipped.append(Candidate(name, "-", status="skipped", reason=str(exc).splitlines()[0]))
             continue
-        if not backend.can_run_here()[0]:
-            continue
-        for precision in admitted:
-            if precision not in backend.precisions:
-                continue
-            if precision not in backend.native_precisions():  # emulated: slower, not faster
-                continue
-            for options in variants.get(name, [{}]):
-                found.append(Candidate(name, precision, dict(options)))
-    return found
+        for check in (backend.can_run_here, backend.can_build_here):
+            ok, why = check()
+            if not ok:
+                skipped.append(Candidate(name, "-", status="skipped", reason=why))
+                break
+        else:
+            native = backend.native_precisions()
+            for precision in admitted:
+                if precision not in backend.precisions:
+                    continue
+                reason = ""
+                if not native:
+                    skipped.append(Candidate(name, "-", status="skipped",
+                                             reason=f"{name} computes no precision natively on this machine"))
+                    break
+                if precision not in native:
+                    reason = f"{name} does not compute {precision} natively on this machine: slower, not faster"
+                elif (measured_default and precision in INT8_PRECISIONS and tol is not None
+                      and tol.min_cosine > INT8_REACHABLE_COSINE):
+                    reason = (f"int8 quantization noise (all-MiniLM-L6-v2 on real text: cosine 0.987 to 0.9991) "
+                              f"cannot keep the guard's cosine {tol.min_cosine}; loosen it with --min-cosine")
+                if reason:
+                    skipped.append(Candidate(name, precision, status="skipped", reason=reason))
+                    continue
+                for options in variants.get(name, [{}]):
+                    found.append(Candidate(name, precision, dict(options)))
+    return found, skipped
+
+
+def _inductor_builds() -> bool:
+    from optimize.backends import get_backend
+
+    try:
+        backend = get_backend("inductor")
+    except (OptimizeError, ImportError):
+        return False
+    return backend.can_run_here()[0] and backend.can_build_here()[0]
 
 
 def timing_shapes(config: CompileConfig) -> list[tuple[int, int]]:
@@ -111,7 +170,11 @@ def timing_shapes(config: CompileConfig) -> list[tuple[int, int]]:
     assert config.opt_batch is not None and config.opt_seq is not None
     given = config.backend_options.get("shapes")
     if given is None:
-        return [(config.opt_batch, config.opt_seq)]
+        shapes = [(config.opt_batch, config.opt_seq)]
+        small = (config.min_batch, min(max(config.min_seq, 32), config.max_seq))
+        if config.precision == AUTO_PRECISION and small not in shapes:
+            shapes.append(small)  # the measured default also times what one short request costs
+        return shapes
     if not isinstance(given, (list, tuple)) or not given:
         raise ConfigError(f"backend 'auto' option shapes must be a list such as [\"8x128\", \"1x32\"]; got {given!r}")
     shapes = []
@@ -156,16 +219,80 @@ def _time_candidates(passed: list[Candidate], found: list[Candidate], workdir: P
     return timings
 
 
-def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig, *, name: str | None = None,
-                 reporter: Any = None) -> Any:
-    """Compile every candidate, time the ones that pass, install the fastest at `out_dir`."""
+def _guarded(config: CompileConfig, task: str | None) -> CompileConfig:
+    """Precision `auto` holds candidates to the task's guard (`optimize.guards`), with the
+    bounds the user gave, if any."""
+    if config.precision != AUTO_PRECISION:
+        return config
+    tolerance = task_guard(task) if config.tolerance is None else with_task_checks(config.tolerance, task)
+    return replace(config, tolerance=tolerance)
+
+
+def _request(config: CompileConfig, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """What of the build request a cached choice depends on (the tuning key's `request`)."""
+    tol = config.tolerance
+    return {"precision": config.precision, "tolerance": tol.to_json() if tol else None, "task": config.task,
+            "ranges": [config.min_batch, config.max_batch, config.min_seq, config.max_seq],
+            "shapes": [f"{b}x{s}" for b, s in shapes], "backends": config.backend_options.get("backends"),
+            "passes": config.passes, "calibration": config.calibration, "calibration_method": config.calibration_method,
+            "calibration_samples": config.calibration_samples}
+
+
+def _rebuild_winner(source: str | Path, out_dir: Path, config: CompileConfig, cached: dict[str, Any],
+                    tuning: TuningCache, name: str | None, reporter: Any) -> Any:
+    """Build and verify only the candidate a cached search chose; None when it no longer
+    passes (then the caller searches again)."""
     import optimize
     from optimize.manifest import Manifest
 
+    auto = cached["auto"]
+    chosen = next(c for c in auto["candidates"] if c["candidate"] == cached["chosen"])
+    stage = f"tuning cache: {chosen['candidate']} was fastest here ({tuning.path}, {cached.get('recorded', '?')})"
+    if reporter is not None:
+        reporter.start(stage)
+        reporter.finish(stage, 0.0)
+    sub = replace(config, backend=chosen["backend"], precision=chosen["precision"],
+                  backend_options=dict(chosen.get("options") or {}), tolerance=config.tolerance)
+    try:
+        optimize.compile(source, out_dir, sub, name=name, reporter=reporter)
+    except OptimizeError as exc:
+        if reporter is not None:
+            note = f"cached choice {chosen['candidate']} no longer passes ({str(exc)[:80]}): searching again"
+            reporter.start(note)
+            reporter.finish(note, 0.0)
+        return None
+    manifest = Manifest.read(out_dir)
+    manifest.build["auto"] = {**auto, "tuning": {"cache": str(tuning.path), "hit": True,
+                                                  "recorded": cached.get("recorded")}}
+    manifest.write(out_dir)
+    return optimize.load(out_dir)
+
+
+def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig, *, name: str | None = None,
+                 reporter: Any = None, tuning: TuningCache | None = None) -> Any:
+    """Compile every candidate, time the ones that pass, install the fastest at `out_dir`;
+    with `tuning`, reuse (and record) the choice for this machine and model."""
+    import optimize
+    from optimize.manifest import Manifest
+    from optimize.sources import load_source
+
     out_dir = Path(out_dir)
-    found = candidates(config)
+    key = None
+    if config.precision == AUTO_PRECISION or tuning is not None:
+        src = load_source(source, config)
+        config = _guarded(config, src.describe().get("task"))
+        if tuning is not None:
+            key = tuning_key(src.digest, _request(config, timing_shapes(config)))
+            cached = tuning.lookup(key)
+            if cached is not None:
+                engine = _rebuild_winner(source, out_dir, config, cached, tuning, name, reporter)
+                if engine is not None:
+                    return engine
+        del src
+    found, skipped = survey(config)
     if not found:
-        raise ConfigError("no backend can run on this machine for precision " + config.precision)
+        reasons = "; ".join(f"{c.label}: {c.reason}" for c in skipped)
+        raise ConfigError(f"no backend can run on this machine for precision {config.precision}: {reasons}"[:2000])
     workdir = out_dir.parent / f".{out_dir.name}.auto"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -182,6 +309,7 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
                 engine = optimize.compile(source, workdir / str(index), sub, name=name)
                 candidate.accuracy = judged_accuracy(engine.manifest.accuracy)
                 candidate.status = "passed"
+                del engine
             except OptimizeError as exc:
                 candidate.status, candidate.reason = "rejected", str(exc)
             candidate.build_s = time.perf_counter() - t0
@@ -205,9 +333,12 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
             "confidence": record.pop("confidence"),
             "machine": record,  # CPUs, other processes' share of them, load average, seconds spent timing
             "asked": {"precision": config.precision, "tolerance": tolerance.to_json() if tolerance else None},
-            "candidates": [c.to_json() for c in found],
+            "candidates": [c.to_json() for c in [*found, *skipped]],
             "chosen": best.label,
         }
+        if tuning is not None and key is not None:
+            tuning.store(key, {"chosen": best.label, "auto": manifest.build["auto"]})
+            manifest.build["auto"]["tuning"] = {"cache": str(tuning.path), "hit": False}
         manifest.write(chosen_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)

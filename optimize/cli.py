@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimize.config import CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig, Tolerance
+from optimize.config import (AUTO_PRECISION, CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig,
+                             Tolerance)
 from optimize.errors import OptimizeError
 from optimize.sources.tasks import TASKS
 
@@ -75,7 +76,7 @@ def _summary(engine_dir: Path) -> Table:
         tol = acc.get("tolerance", {})
         table.add_row(
             "accuracy vs fp32 eager",
-            f"max abs err {acc['max_abs_error']:.2e} (≤ {tol.get('max_abs_error', '?')}), "
+            f"max abs err {acc['max_abs_error']:.2e} (≤ {tol.get('max_abs_error', '?') or 'unbounded'}), "
             f"min cosine {acc['min_cosine']:.6f} (≥ {tol.get('min_cosine', '?')}) over {len(acc.get('shapes', []))} random shapes",
         )
         if acc.get("samples"):
@@ -85,6 +86,9 @@ def _summary(engine_dir: Path) -> Table:
                 f"max abs err {real['max_abs_error']:.2e}, min cosine {real['min_cosine']:.6f} over "
                 f"{len(real.get('shapes', []))} batches (judged on {', '.join(acc.get('judged_on', []))})",
             )
+            if real.get("labels_compared"):
+                table.add_row("  labels (arg-max)", f"{real['labels_compared'] - real['labels_differ']} of "
+                                                    f"{real['labels_compared']} the same as fp32's")
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     table.add_row("size on disk", f"{size / 2**20:.1f} MiB")
     if m.pipeline:
@@ -133,6 +137,11 @@ def _auto_table(engine_dir: Path) -> Table | None:
     if confidence:
         colour = "green" if confidence["sure"] and not confidence.get("busy") else "yellow"
         caption = f"[{colour}]{escape(confidence['verdict'])}[/]"
+    tuning = auto.get("tuning") or {}
+    if tuning.get("hit"):
+        cached = (f"[dim]choice from the tuning cache {escape(tuning['cache'])} (recorded {tuning.get('recorded')}); "
+                  "--retune measures again[/]")
+        caption = f"{caption}\n{cached}" if caption else cached
     table = Table(title=f"backend auto: candidates at batch × seq {', '.join(shapes)} ({auto['timing']})",
                   title_justify="left", caption=caption, caption_justify="left")
     several = len(shapes) > 1
@@ -142,7 +151,8 @@ def _auto_table(engine_dir: Path) -> Table | None:
     rows = sorted(auto["candidates"], key=lambda c: (time_of(c) is None, time_of(c) or 0.0))
     for c in rows:
         acc = c.get("accuracy") or {}
-        result = {"chosen": "[green]chosen[/]", "passed": "passed"}.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
+        result = {"chosen": "[green]chosen[/]", "passed": "passed", "skipped": f"[dim]skipped: {escape(c['reason'])}[/]"
+                  }.get(c["status"], f"[red]rejected:[/] {escape(c['reason'])}")
         cpu = c.get("cpu_ms") or {}
         table.add_row(
             escape(c["candidate"]),
@@ -158,11 +168,20 @@ def _auto_table(engine_dir: Path) -> Table | None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import optimize
+    from optimize.guards import FP32_LEVEL_COSINE
+    from optimize.tuning import TuningCache, default_path
 
+    # No --backend: measure (auto); no --precision either: any precision that keeps the task's
+    # guard (optimize.guards). A backend named alone builds fp32, as it always did.
+    backend = args.backend or "auto"
+    precision = args.precision or (AUTO_PRECISION if backend == "auto" else "fp32")
     passes = {name: False for name in args.disable_pass} | {name: True for name in args.enable_pass}
     tolerance = None
     if args.min_cosine is not None or args.max_abs_error is not None:
-        default = DEFAULT_TOLERANCES[args.precision]
+        if precision == AUTO_PRECISION:  # the task's guard with the bounds given (optimize.guards)
+            default = Tolerance(max_abs_error=None, min_cosine=FP32_LEVEL_COSINE)
+        else:
+            default = DEFAULT_TOLERANCES[precision]
         tolerance = Tolerance(
             max_abs_error=args.max_abs_error if args.max_abs_error is not None else default.max_abs_error,
             min_cosine=args.min_cosine if args.min_cosine is not None else default.min_cosine,
@@ -174,8 +193,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         calibration_method=args.calibration_method,
         backend_options=dict(args.backend_option),
-        backend=args.backend,
-        precision=args.precision,
+        backend=backend,
+        precision=precision,
         max_batch=args.max_batch,
         max_seq=args.max_seq,
         min_seq=args.min_seq,
@@ -188,7 +207,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        optimize.compile(args.source, args.output, config, name=args.name, reporter=RichReporter(progress))
+        tuning = None if args.no_tuning_cache else TuningCache(args.tuning_cache or default_path(), retune=args.retune)
+        optimize.compile(args.source, args.output, config, name=args.name, reporter=RichReporter(progress),
+                         tuning=tuning)
     Console().print(_summary(Path(args.output)))
     Console().print(_passes_table(Path(args.output)))
     auto = _auto_table(Path(args.output))
@@ -231,9 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an engine directory")
     c.add_argument("source", help="Hugging Face model directory, exported .pt2 file, or module:function factory")
     c.add_argument("-o", "--output", required=True, type=Path, help="engine directory to write")
-    c.add_argument("--backend", default="onnxruntime", choices=[*available_backends(), "auto"],
-                   help="engine backend; auto builds every candidate here and keeps the fastest accurate one")
-    c.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    c.add_argument("--backend", choices=[*available_backends(), "auto"],
+                   help="engine backend (inductor = torch.compile ahead of time); auto, the default, builds every "
+                        "candidate this machine runs, verifies each, times them and keeps the fastest")
+    c.add_argument("--precision", choices=PRECISIONS,
+                   help="compute precision; auto, the default with backend auto, admits any precision that keeps "
+                        "the task's accuracy guard (embeddings: cosine >= 0.9999 on real text; classifiers: the same "
+                        "labels too); with a named backend the default is fp32")
+    c.add_argument("--tuning-cache", type=Path, metavar="FILE",
+                   help="where backend auto records its choice per machine and model, so the next build of the "
+                        "same model rebuilds only the winner (default: $KILN_CACHE_DIR/tuning.json, else "
+                        "~/.cache/kiln/tuning.json)")
+    c.add_argument("--retune", action="store_true", help="measure every candidate again, replacing the cached choice")
+    c.add_argument("--no-tuning-cache", action="store_true", help="neither read nor write the tuning cache")
     c.add_argument("--task", metavar="TASK",
                    help="which head of a Hugging Face model to build: " + ", ".join(TASKS)
                         + " (default: the one the directory describes; an unknown head is refused)")

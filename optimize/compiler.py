@@ -25,6 +25,7 @@ from optimize.sources import load_source
 from optimize.passes import PassContext, PassResult, run_passes
 from optimize.sources.base import Source
 from optimize.samples import calibration_feeds, verification_feeds
+from optimize.tuning import TuningCache
 from optimize.verify import compare_real_tokens, judge, verification_sizes, verify, verify_batches
 
 
@@ -56,6 +57,7 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
     *,
     name: str | None = None,
     reporter: Reporter | None = None,
+    tuning: TuningCache | None = None,
 ) -> Engine:
     """Compile `source` (HF directory, `.pt2` file or `module:function`) into an engine at
     `out_dir` and return it loaded.
@@ -65,6 +67,8 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
     `out_dir` is only replaced by a verified engine. A backend that cannot run on this machine
     (TensorRT without a GPU) still builds ahead of time: verification is skipped, the manifest's
     accuracy entry says why, and the returned engine raises `EngineError` when run.
+    Backend `auto` builds every candidate and keeps the fastest (`optimize.auto`); `tuning`
+    (a `optimize.tuning.TuningCache`) lets it reuse the choice it made for this machine and model.
     Raises `SourceError`, `ConfigError`, `CaptureError` or `AccuracyError` (all `OptimizeError`).
     """
     config = config or CompileConfig()
@@ -73,7 +77,7 @@ def compile(  # noqa: A001 - the public verb of the package, like torch.compile
     if config.backend == "auto":
         from optimize.auto import compile_auto
 
-        return compile_auto(source, out_dir, config, name=name, reporter=reporter)
+        return compile_auto(source, out_dir, config, name=name, reporter=reporter, tuning=tuning)
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists and is not an engine directory; refusing to overwrite it")
     backend = get_backend(config.backend)

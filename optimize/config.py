@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,8 @@ from optimize.errors import ConfigError
 from optimize.specs import Dim
 
 # int8: weights and activations in int8 (calibrated Q/DQ); int8-weight: weights only, no calibration.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weight", "fp8")
+# auto: whichever precision keeps the accuracy guard (only with backend auto, see optimize.auto).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weight", "fp8", "auto")
 # Precisions whose error random inputs exaggerate: they are judged on real samples when the
 # source has them (see optimize.samples).
 QUANTIZED_PRECISIONS = frozenset({"int8", "int8-weight", "fp8"})
@@ -23,19 +25,33 @@ CONFIG_VERSION = 1
 @dataclass(frozen=True)
 class Tolerance:
     """How far an engine may drift from the fp32 eager model: every output element within
-    `max_abs_error`, and every output (flattened per sample) at least `min_cosine` similar."""
+    `max_abs_error` (None or inf: unbounded, the cosine alone judges), and every output
+    (flattened per sample) at least `min_cosine` similar.
+
+    `same_labels`: a classifier must also give the same label (arg-max of its logits) as the
+    fp32 model on every real sample and token. `real_samples_only`: judge on the held-out real
+    texts alone when the source has them (random token ids make activations no text produces,
+    which exaggerates rounding error); quantized precisions are judged that way anyway. The
+    guards `--precision auto` uses per task are in `optimize.guards`."""
 
     max_abs_error: float
     min_cosine: float
+    same_labels: bool = False
+    real_samples_only: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_abs_error is None:
+            object.__setattr__(self, "max_abs_error", math.inf)
         if not 0.0 < self.min_cosine <= 1.0:
             raise ConfigError(f"min_cosine must lie in (0, 1]; got {self.min_cosine}")
         if not self.max_abs_error >= 0.0:  # 0 asks for bit-exact outputs
             raise ConfigError(f"max_abs_error must not be negative; got {self.max_abs_error}")
 
-    def to_json(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = dataclasses.asdict(self)
+        if math.isinf(self.max_abs_error):
+            data["max_abs_error"] = None  # JSON has no infinity
+        return data
 
 
 # fp32 engines differ from eager only by kernel summation order; reduced precisions by their
@@ -48,6 +64,8 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8-weight": Tolerance(max_abs_error=5e-1, min_cosine=0.99),
     "fp8": Tolerance(max_abs_error=1.0, min_cosine=0.98),
 }
+# "auto" takes the task's guard (optimize.guards) unless a tolerance is given.
+AUTO_PRECISION = "auto"
 
 
 @dataclass
@@ -111,7 +129,9 @@ class CompileConfig:
             raise ConfigError(f"opt_seq must lie in [{self.min_seq}, {self.max_seq}]; got {self.opt_seq}")
         if isinstance(self.tolerance, dict):
             self.tolerance = Tolerance(**self.tolerance)
-        if self.tolerance is None:
+        if self.precision == AUTO_PRECISION and self.backend != "auto":
+            raise ConfigError("precision 'auto' (whichever precision keeps the accuracy guard) needs backend 'auto'")
+        if self.tolerance is None and self.precision != AUTO_PRECISION:  # auto: the task's guard, set by optimize.auto
             self.tolerance = DEFAULT_TOLERANCES[self.precision]
 
     @property

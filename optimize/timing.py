@@ -243,21 +243,14 @@ def _others_share(before: tuple[float, float] | None, after: tuple[float, float]
 # --- the parent side ---------------------------------------------------------------------------
 
 class _Worker:
-    """One `python -m optimize.timing worker` process: loads an engine, then answers
-    "SHAPE RUNS" lines with the wall and CPU milliseconds of each run."""
+    """One worker process (`python -m optimize.timing worker`, or any command speaking its
+    protocol): it loads what it times and prints "ready", then answers "SHAPE RUNS" lines with
+    the wall and CPU milliseconds of each run, one JSON line each."""
 
-    def __init__(self, name: str, path: Path, shapes: list[str]) -> None:
-        import optimize
-
+    def __init__(self, name: str, command: Sequence[str], cwd: Path | None = None) -> None:
         self.name = name
-        args = [sys.executable, "-m", "optimize.timing", "worker", str(Path(path).resolve())]
-        for shape in shapes:
-            args += ["--shape", shape]
-        # From the directory holding the `optimize` package this process imported, so the worker
-        # runs the same kiln (an installed one, or a checkout's) whatever the caller's directory.
-        root = Path(optimize.__file__).resolve().parents[1]
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker never blocks
-        self.process = subprocess.Popen(args, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.process = subprocess.Popen(list(command), cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.stderr, text=True)
 
     def wait_ready(self) -> None:
@@ -321,18 +314,42 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def engine_command(path: Path, shapes: Sequence[str]) -> list[str]:
+    """The worker command timing the engine at `path`."""
+    args = [sys.executable, "-m", "optimize.timing", "worker", str(Path(path).resolve())]
+    for shape in shapes:
+        args += ["--shape", shape]
+    return args
+
+
 def time_engines(paths: Mapping[str, Path], shapes: Sequence[tuple[int, int]], *,
                  progress: Callable[[], None] | None = None) -> Timings:
     """Time every engine of `paths` (name -> engine directory) at each (batch, seq) shape, by
     the method of this module. An engine whose worker fails is listed in `failed` with the
     reason; the others are still timed. `progress` is called after each batch of runs."""
+    import optimize
+
+    keys = [shape_key(s) for s in shapes]
+    # From the directory holding the `optimize` package this process imported, so the worker
+    # runs the same kiln (an installed one, or a checkout's) whatever the caller's directory.
+    root = Path(optimize.__file__).resolve().parents[1]
+    return time_workers({name: engine_command(path, keys) for name, path in paths.items()}, shapes, cwd=root,
+                        progress=progress)
+
+
+def time_workers(commands: Mapping[str, Sequence[str]], shapes: Sequence[tuple[int, int]], *, cwd: Path | None = None,
+                 progress: Callable[[], None] | None = None, cpu_bound: bool | None = None) -> Timings:
+    """`time_engines` over worker commands (name -> argv, each speaking the worker protocol of
+    `_Worker`): a benchmark times peers that are not engine directories the same way.
+    `cpu_bound` (default: no CUDA GPU here) lets a run's CPU time bound an engine's time
+    (item 4 of the module docstring); a benchmark reporting wall times turns it off."""
     keys = [shape_key(s) for s in shapes]
     started: list[_Worker] = []
     workers: dict[str, _Worker] = {}
     failed: dict[str, str] = {}
     try:
-        for name, path in paths.items():  # all load at once: their start-up overlaps
-            started.append(_Worker(name, path, keys))
+        for name, command in commands.items():  # all load at once: their start-up overlaps
+            started.append(_Worker(name, command, cwd))
             workers[name] = started[-1]
         for name, worker in list(workers.items()):
             try:
@@ -344,7 +361,8 @@ def time_engines(paths: Mapping[str, Path], shapes: Sequence[tuple[int, int]], *
         def run(name: str, shape: str, runs: int) -> tuple[list[float], list[float]]:
             return workers[name].run(shape, runs)
 
-        timings = measure(list(workers), keys, run, progress=progress, cpu_bound=not _has_cuda())
+        timings = measure(list(workers), keys, run, progress=progress,
+                          cpu_bound=not _has_cuda() if cpu_bound is None else cpu_bound)
     finally:
         for worker in started:
             worker.close()

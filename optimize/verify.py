@@ -26,11 +26,16 @@ class AccuracyReport:
     shapes: list[dict[str, int]] = field(default_factory=list)
     per_output: dict[str, dict[str, float]] = field(default_factory=dict)
     worst: str = ""
+    # Samples (or tokens) whose label, the arg-max of a `logits` output, differs from fp32's.
+    labels_differ: int = 0
+    labels_compared: int = 0
 
     def add(self, stats: dict[str, dict[str, float]], where: str) -> None:
         """Fold one comparison (per output, as `compare` returns) into the report; `where`
         names the inputs it was made on, for `worst`."""
         for name, entry in stats.items():
+            self.labels_differ += int(entry.get("labels_differ", 0))
+            self.labels_compared += int(entry.get("labels_compared", 0))
             seen = self.per_output.setdefault(name, {"max_abs_error": 0.0, "min_cosine": 1.0})
             seen["max_abs_error"] = max(seen["max_abs_error"], entry["max_abs_error"])
             seen["min_cosine"] = min(seen["min_cosine"], entry["min_cosine"])
@@ -49,6 +54,8 @@ class AccuracyReport:
             "shapes": self.shapes,
             "per_output": self.per_output,
             "worst": self.worst,
+            **({"labels_differ": self.labels_differ, "labels_compared": self.labels_compared}
+               if self.labels_compared else {}),
         }
 
 
@@ -86,6 +93,11 @@ def compare(reference: dict[str, torch.Tensor], actual: dict[str, torch.Tensor])
         norms = r.norm(dim=1) * g.norm(dim=1)
         cos = torch.where(norms > 0, (r * g).sum(dim=1) / norms.clamp(min=1e-30), torch.ones_like(norms))
         result[name] = {"max_abs_error": err, "min_cosine": cos.min().item() if cos.numel() else 1.0}
+        if name == "logits" and ref.dim() >= 2 and ref.shape[-1] > 1:
+            # The label a classifier answers: per sample (text-classification) or per token
+            # (token-classification; padding is zeroed in both, so it agrees).
+            differ = ref.detach().argmax(-1) != got.detach().argmax(-1)
+            result[name].update(labels_differ=int(differ.sum()), labels_compared=differ.numel())
     return result
 
 
@@ -186,7 +198,8 @@ def judge(random: AccuracyReport, samples: AccuracyReport | None, config: Compil
     assert tol is not None
     judged = [("random inputs", random)]
     if samples is not None:
-        judged = [("real samples", samples)] if config.precision in QUANTIZED_PRECISIONS else [*judged, ("real samples", samples)]
+        real_only = config.precision in QUANTIZED_PRECISIONS or tol.real_samples_only
+        judged = [("real samples", samples)] if real_only else [*judged, ("real samples", samples)]
     entry: dict[str, Any] = {**random.to_json(), "tolerance": tol.to_json(), "reference": "fp32 eager",
                              "judged_on": [label for label, _ in judged]}
     if samples is not None:
@@ -198,4 +211,10 @@ def judge(random: AccuracyReport, samples: AccuracyReport | None, config: Compil
                 f"(allowed {tol.max_abs_error:.3g}), min cosine {report.min_cosine:.6f} "
                 f"(allowed {tol.min_cosine}); worst: {report.worst}"
             )
+    if tol.same_labels:
+        if samples is None:
+            return entry, "the guard asks for the same labels as fp32 on real texts, and this source has none"
+        if samples.labels_differ:
+            return entry, (f"engine gives another label than fp32 eager on {samples.labels_differ} of "
+                           f"{samples.labels_compared} real samples/tokens (the guard asks for the same labels)")
     return entry, ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CLI records backend auto's choices in a tuning cache (optimize.tuning); tests never touch
+# the user's, and start with an empty one.
+os.environ["KILN_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -20,6 +20,7 @@ _BUILTIN: dict[str, str] = {
     "triton": "optimize.backends.triton",
     "openvino": "optimize.backends.openvino",
     "ctranslate2": "optimize.backends.ctranslate2",
+    "inductor": "optimize.backends.inductor",
 }
 _REGISTRY: dict[str, type[Backend]] = {}
 

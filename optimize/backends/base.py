@@ -83,6 +83,11 @@ class Backend(ABC):
         reason). A backend that cannot still builds (ahead of time), unverified, and says why."""
         return True, ""
 
+    def can_build_here(self) -> tuple[bool, str]:
+        """(True, "") when this machine has what building needs (a compiler, ...), else (False,
+        the reason); `--backend auto` lists a backend that cannot build as skipped, with it."""
+        return True, ""
+
     def native_precisions(self) -> frozenset[str]:
         """The precisions this backend computes natively on this machine; `--backend auto`
         tries only these, since an emulated fp16 or bf16 is slower than fp32, not faster. Every

@@ -51,7 +51,8 @@ def test_compile_then_info_on_a_factory(tmp_path: Path):
     assert manifest["backend"] == "eager" and manifest["config"]["max_batch"] == 4
     assert manifest["config"]["opt_batch"] == 2
     # --min-cosine replaces the precision's cosine guard and keeps its error bound
-    assert manifest["config"]["tolerance"] == {"max_abs_error": 1e-3, "min_cosine": 0.99999}
+    assert manifest["config"]["tolerance"] == {"max_abs_error": 1e-3, "min_cosine": 0.99999, "same_labels": False,
+                                              "real_samples_only": False}
 
 
 @pytest.mark.parametrize("args, fragment", [

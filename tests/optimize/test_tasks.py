@@ -166,7 +166,7 @@ def test_cli_names_the_task_and_refuses_an_unknown_one_in_one_line(dirs, tmp_pat
     lines = [line for line in bad.stderr.splitlines() + bad.stdout.splitlines() if line.strip()]
     assert bad.returncode == 1 and len(lines) == 1 and "unknown task 'summarization'" in lines[0], bad.stderr
     good = subprocess.run([sys.executable, "-m", "optimize", "compile", str(dirs["ner"]), "-o", str(tmp_path / "e"),
-                           "--max-batch", "2", "--max-seq", "16"], cwd=ROOT, capture_output=True, text=True,
+                           "--max-batch", "2", "--max-seq", "16", "--backend", "onnxruntime"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"COLUMNS": "200", "PATH": "", "HF_HUB_OFFLINE": "1"})
     assert good.returncode == 0, good.stderr[-2000:]
     assert "token-classification (BertForTokenClassification) — labels O, B-PER" in good.stdout
