@@ -318,9 +318,11 @@ def grpc_load(url: str, requests: list[list[str]], concurrency: int, seconds: fl
 def point(result: dict[str, Any], per_request: int) -> dict[str, Any]:
     """A measurement in the table's terms: sentences/s, p50/p99 ms, errors."""
     rate = result["requests"] / (result["duration_us"] / 1e6) if result["duration_us"] else 0.0
+    latency = result["latency_us"]
     return {"sentences_per_s": round(rate * per_request, 1), "requests_per_s": round(rate, 1),
-            "p50_ms": round(result["latency_us"]["p50"] / 1000, 2), "p99_ms": round(result["latency_us"]["p99"] / 1000, 2),
-            "errors": result["errors_total"], "requests": result["requests"], "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "p50_ms": round(latency["p50"] / 1000, 2), "p99_ms": round(latency["p99"] / 1000, 2),
+            "errors": result["errors_total"], "requests": result["requests"],
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 # -- offline ---------------------------------------------------------------------------------------
@@ -389,23 +391,26 @@ def median_of(rounds: list[dict[str, Any]], server: str, path: str, key: str, fi
     return round(statistics.median(values), 2) if values else None
 
 
+FIELDS = ("sentences_per_s", "p50_ms", "p99_ms")
+
+
 def summarize(rounds: list[dict[str, Any]], infinity: list[str]) -> dict[str, Any]:
     table = {}
     for mix in MIXES:
         for c in HTTP_CONCURRENCY:
             key = f"{mix}x{c}"
             row: dict[str, Any] = {
-                "kiln_http": {f: median_of(rounds, "kiln", "http", key, f) for f in ("sentences_per_s", "p50_ms", "p99_ms")},
-                "kiln_grpc": {f: median_of(rounds, "kiln", "grpc", key, f) for f in ("sentences_per_s", "p50_ms", "p99_ms")},
+                "kiln_http": {f: median_of(rounds, "kiln", "http", key, f) for f in FIELDS},
+                "kiln_grpc": {f: median_of(rounds, "kiln", "grpc", key, f) for f in FIELDS},
             }
             for config in infinity:
-                row[f"infinity_{config}"] = {f: median_of(rounds, f"infinity-{config}", "http", key, f)
-                                             for f in ("sentences_per_s", "p50_ms", "p99_ms")}
-            best = max((row[f"infinity_{c_}"] for c_ in infinity), key=lambda r: r["sentences_per_s"] or 0, default=None)
-            if best and best["sentences_per_s"]:
+                row[f"infinity_{config}"] = {f: median_of(rounds, f"infinity-{config}", "http", key, f) for f in FIELDS}
+            rates = [row[f"infinity_{config}"]["sentences_per_s"] or 0 for config in infinity]
+            best = max(rates, default=0)
+            if best:
                 for path in ("kiln_http", "kiln_grpc"):
                     if row[path]["sentences_per_s"]:
-                        row[f"{path}_vs_best_infinity"] = round(row[path]["sentences_per_s"] / best["sentences_per_s"], 2)
+                        row[f"{path}_vs_best_infinity"] = round(row[path]["sentences_per_s"] / best, 2)
             table[key] = row
     sorted_offline = statistics.median(r["offline"]["sorted"] for r in rounds)
     served = max((row["kiln_http"]["sentences_per_s"] or 0) for row in table.values())
@@ -415,8 +420,8 @@ def summarize(rounds: list[dict[str, Any]], infinity: list[str]) -> dict[str, An
             for p in ("kiln_http", "kiln_grpc") if row[p]["sentences_per_s"]) if infinity else None,
         "served_ge_85pct_of_offline_sorted": round(served / sorted_offline, 3) if sorted_offline else None,
     }
-    return {"table": table, "offline_sentences_per_s": {
-        "sorted": sorted_offline, "arrival": statistics.median(r["offline"]["arrival"] for r in rounds)}, "goals": goals}
+    arrival = statistics.median(r["offline"]["arrival"] for r in rounds)
+    return {"table": table, "offline_sentences_per_s": {"sorted": sorted_offline, "arrival": arrival}, "goals": goals}
 
 
 def print_table(summary: dict[str, Any], infinity: list[str]) -> None:
@@ -445,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="each measurement window (default 15)")
     parser.add_argument("--infinity", nargs="*", default=["torch-bf16"], choices=sorted(INFINITY_CONFIGS),
                         help="Infinity configurations to measure (default: torch-bf16; none: kiln only)")
-    parser.add_argument("--kiln-engine", type=Path, help="a compiled MiniLM engine (default: OpenVINO bf16, built once)")
+    parser.add_argument("--kiln-engine", type=Path,
+                        help="a compiled MiniLM engine (default: OpenVINO bf16, built once)")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/server-vs-infinity-<date>.json)")
     parser.add_argument("--offline-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -269,7 +269,8 @@ def test_rerank_answers_documents_by_cross_encoder_score_best_first(served: Runn
     assert all("document" not in r for r in results)
     top = httpx.post(base_url(served) + "/v1/rerank", json={**body, "top_n": 2, "return_documents": True},
                      timeout=TIMEOUT_S).json()["results"]
-    assert [(r["index"], r["document"]["text"]) for r in top] == [(r["index"], DOCUMENTS[r["index"]]) for r in results[:2]]
+    assert [(r["index"], r["document"]["text"]) for r in top] == [
+        (r["index"], DOCUMENTS[r["index"]]) for r in results[:2]]
 
 
 def test_classify_answers_every_label_best_first_as_transformers_pipeline(served: RunningServer,
