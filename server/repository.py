@@ -77,7 +77,9 @@ class Model:
         self.text_layout: layouts.Layout | None = None
         self.text_limits: TextLimits | None = None
         if self.text is not None and not {t.name for t in self.text.inputs} & set(self._inputs):
-            self.text_layout = layouts.Text(self.layout, self.engine.outputs, pad_id=self.pipeline.pad_id)
+            self.text_layout = layouts.Text(self.layout, self.engine.outputs, pad_id=self.pipeline.pad_id,
+                                            buckets=self.config.text_buckets(self.engine.backend),
+                                            max_length=self.pipeline.max_length)
             assert self.config.max_text_bytes is not None and self.config.max_request_text_bytes is not None
             self.text_limits = TextLimits(self.name, self.config.max_text_bytes, self.config.max_request_text_bytes)
 

@@ -50,13 +50,15 @@ _LABELLED = ("text-classification", "token-classification", "sentence-pair")
 class Encoded:
     """Texts tokenized for an engine: `feeds` are its inputs ([n, longest] int64); `offsets`
     ([n, longest, 2] int64) the character span of each token in its text (in `pairs` for the
-    second text's tokens), `special` ([n, longest] bool) marks special tokens and padding."""
+    second text's tokens), `special` ([n, longest] bool) marks special tokens and padding;
+    `truncated` lists the texts (by index) that held more than `max_length` tokens and were cut."""
 
     feeds: dict[str, np.ndarray]
     texts: tuple[str, ...]
     pairs: tuple[str, ...] | None
     offsets: np.ndarray
     special: np.ndarray
+    truncated: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ class Pipeline:
             feeds=feeds, texts=texts, pairs=pairs,
             offsets=np.array([e.offsets for e in encodings], dtype=np.int64).reshape(len(encodings), longest, 2),
             special=np.array([e.special_tokens_mask for e in encodings], dtype=bool).reshape(len(encodings), longest),
+            truncated=tuple(i for i, e in enumerate(encodings) if e.overflowing),
         )
 
     def text_interface(self, engine_outputs: Sequence[TensorSpec]) -> TextInterface:
