@@ -32,6 +32,7 @@ Options (`CompileConfig.backend_options`):
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,41 +42,26 @@ from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
-from optimize.config import CompileConfig
-from optimize.engine import Engine
-from optimize.errors import ConfigError, EngineError
-from optimize.manifest import Manifest
-from optimize.specs import Dim, numpy_dtype
+from optimize.onnx import prepare_onnx
+from optimize.onnx.export import save_model
+from optimize.runtime.backends.openvino import HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.manifest import Manifest
+from optimize.runtime.specs import Dim
+from optimize.verify import compare_real_tokens
 
-MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
 PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention")
-HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 
 def _openvino() -> Any:
     try:
+        # why: optional (kiln[cpu-engines])
         import openvino
     except ImportError:
         raise ConfigError("backend 'openvino' needs OpenVINO: pip install 'kiln[cpu-engines]' (openvino, nncf)") from None
     return openvino
-
-
-def _config(options: dict[str, Any], precision: str) -> dict[str, Any]:
-    # OpenVINO 2026.4 picks bf16 inference precision on its own on CPUs with AVX512_BF16:
-    # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs). The precision is pinned, so an
-    # engine computes in the precision its manifest says.
-    config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]],
-                              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    if int(options["threads"]) > 0:
-        config["INFERENCE_NUM_THREADS"] = int(options["threads"])
-    if options["device"] == "CPU":
-        # OpenVINO 2026.4's CPU shape cache returns wrong results: a model with
-        # nn.MultiheadAttention (tests.optimize.factories:tiny_tokens) run at [1, 1] and then at
-        # [4, 16] is off by 0.6 at the second shape, on the same or a fresh infer request, with
-        # or without bounded dims; with the cache off every shape is exact.
-        config["CPU_RUNTIME_CACHE_CAPACITY"] = 0
-    return config
 
 
 def native_bf16(device: str = "CPU") -> bool:
@@ -84,6 +70,7 @@ def native_bf16(device: str = "CPU") -> bool:
     if device == "CPU" and not cpu_has_native_bf16():
         return False
     try:
+        # why: optional (kiln[cpu-engines])
         import openvino as ov
 
         return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
@@ -91,47 +78,19 @@ def native_bf16(device: str = "CPU") -> bool:
         return False
 
 
-class OpenVINOEngine(Engine):
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        super().__init__(path, manifest)
-        try:
-            import openvino as ov
-        except ImportError:
-            raise EngineError(f"engine {path} needs OpenVINO: pip install 'kiln[cpu-engines]'") from None
-        options = {**OpenVINOBackend.options, **manifest.config.backend_options}
-        core = ov.Core()
-        if options["device"] not in core.available_devices:
-            raise EngineError(f"OpenVINO device {options['device']} is not available here; "
-                              f"available: {', '.join(core.available_devices)}")
-        try:
-            self._compiled = core.compile_model(str(path / MODEL_FILE), options["device"],
-                                                _config(options, manifest.config.precision))
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
-            raise EngineError(f"OpenVINO cannot open {path / MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
-        self._request = self._compiled.create_infer_request()
-        self._input_dtypes = {s.name: numpy_dtype(s.dtype) for s in manifest.inputs}
-        self._outputs = [s.name for s in manifest.outputs]
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=self._input_dtypes[k]) for k, v in inputs.items()}
-        results = self._request.infer(feeds)
-        by_name = {port.get_any_name(): value for port, value in results.items()}
-        # The request reuses its output buffers on the next call: copy.
-        return {name: torch.from_numpy(np.array(by_name[name], copy=True)) for name in self._outputs}
-
-
 @register_backend
 class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "int8", "int8-weight"})
-    options: ClassVar[dict[str, Any]] = {"hint": "latency", "threads": 0, "device": "CPU", "int8_smooth_quant": 0.95,
-                                         "int8_keep_sensitive": False}
+    # the runtime's options, and the build-only int8 ones
+    options: ClassVar[dict[str, Any]] = {**OPTIONS, "int8_smooth_quant": 0.95, "int8_keep_sensitive": False}
 
     def capture_precision(self, precision: str) -> str:
         return "fp32"
 
     def can_run_here(self) -> tuple[bool, str]:
         try:
+            # why: optional (kiln[cpu-engines])
             import openvino as ov
         except ImportError:
             return False, "openvino is not installed"
@@ -152,9 +111,6 @@ class OpenVINOBackend(Backend):
         return options
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
-        from optimize.onnx import prepare_onnx
-        from optimize.onnx.export import save_model
-
         ov = _openvino()
         options = self.resolve_options(ctx.config)
         with tempfile.TemporaryDirectory(prefix="kiln-openvino-") as workdir:
@@ -171,6 +127,7 @@ class OpenVINOBackend(Backend):
         })
         precision = ctx.config.precision
         if precision == "int8-weight":
+            # why: optional (kiln[cpu-engines])
             import nncf
 
             ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
@@ -184,8 +141,7 @@ class OpenVINOBackend(Backend):
     def _quantize(self, ov_model: Any, ctx: BuildContext) -> Any:
         """NNCF post-training quantization (transformer preset, SmoothQuant) on the calibration
         samples; with `int8_keep_sensitive`, NNCF's accuracy control against the fp32 model."""
-        import time
-
+        # why: optional (kiln[cpu-engines])
         import nncf
 
         options = self.resolve_options(ctx.config)
@@ -210,8 +166,6 @@ class OpenVINOBackend(Backend):
                                   "weights": "int8 per channel"}
         tol = ctx.config.tolerance
         if options["int8_keep_sensitive"] and ctx.reference is not None and tol is not None:
-            from optimize.verify import compare_real_tokens
-
             with torch.inference_mode():
                 references = [ctx.reference(**feeds) for feeds in batches]
             outputs = [s.name for s in ctx.outputs]
@@ -242,4 +196,4 @@ class OpenVINOBackend(Backend):
         return OpenVINOEngine(directory, manifest)
 
 
-__all__ = ["OpenVINOBackend", "OpenVINOEngine"]
+__all__ = ["OpenVINOBackend", "native_bf16"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from optimize.config import CompileConfig
+from optimize.runtime.config import CompileConfig
 
 # Tiny but complete: every family keeps its own embedding, attention and FFN structure; one layer
 # (ModernBERT two: a global and a sliding-window one), since export time grows with the graph.

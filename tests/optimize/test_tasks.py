@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import optimize
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError, SourceError
-from optimize.pipeline import Pipeline
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError, SourceError
+from optimize.runtime.pipeline import Pipeline
 from optimize.sources import load_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +174,7 @@ def test_auto_picks_among_the_backends_that_can_build_the_head(dirs, tmp_path: P
 
 
 def test_last_token_pooling_finds_the_last_real_token_with_either_padding():
-    from optimize.sources.hf import pool
+    from optimize.runtime.pooling import pool
 
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
