@@ -21,6 +21,7 @@ from optimize.runtime.config import (AUTO_PRECISION, CALIBRATION_METHODS, DEFAUL
                                      CompileConfig, Tolerance)
 from optimize.runtime.errors import OptimizeError
 from optimize.runtime.manifest import Manifest
+from optimize.runtime.pipeline import Pipeline
 from optimize.backends import available_backends
 from optimize.guards import FP32_LEVEL_COSINE
 from optimize.profile.cli import add_profile_parser
@@ -105,8 +106,6 @@ def _summary(engine_dir: Path) -> Table:
 def _text_interface(engine_dir: Path, m: Manifest) -> str:
     """What a text request to the engine sends and gets back: "text → label, score (options
     top_k, all_scores; max_length 32)"."""
-    from optimize.runtime.pipeline import Pipeline
-
     limit = f"max_length {m.pipeline['max_length']}"
     try:
         interface = Pipeline.from_manifest(engine_dir, m.pipeline).text_interface(m.outputs)
