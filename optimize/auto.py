@@ -37,29 +37,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from optimize.backends import available_backends, get_backend
 from optimize.build import build_engine
 from optimize.guards import INT8_REACHABLE_COSINE, task_guard, with_task_checks
-from optimize.runtime.config import AUTO_PRECISION, PRECISIONS, CompileConfig
+from optimize.precision import admitted as precision_admits
+from optimize.runtime.config import AUTO_PRECISION, CompileConfig
 from optimize.runtime.errors import ConfigError, OptimizeError
 from optimize.runtime.loading import load
 from optimize.runtime.manifest import Manifest
+from optimize.runtime.precision import facts
 from optimize.sources import load_source
 from optimize.timing import ROUNDS, EngineTimes, Timings, time_engines
 from optimize.tuning import TuningCache, tuning_key
 
-# The precisions admitted as candidates when a precision is asked for: that one and every more
-# accurate one (all are judged against the tolerance of the one asked for).
-ADMITTED = {
-    "fp32": ("fp32",),
-    "fp16": ("fp32", "fp16"),
-    "bf16": ("fp32", "bf16", "fp16"),
-    "int8-weight": ("fp32", "fp16", "bf16", "int8-weight"),
-    "int8": ("fp32", "fp16", "bf16", "int8-weight", "int8"),
-    "fp8": ("fp32", "fp16", "bf16", "int8-weight", "int8", "fp8"),
-    AUTO_PRECISION: tuple(p for p in PRECISIONS if p != AUTO_PRECISION),
-}
-INT8_PRECISIONS = ("int8", "int8-weight")
 
 
 @dataclass
@@ -110,7 +102,8 @@ def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
     if allowed is not None and set(allowed) - set(names):
         missing = sorted(set(allowed) - set(names))
         raise ConfigError(f"backend 'auto': unknown backend(s) {', '.join(missing)}; available: {', '.join(available_backends())}")
-    admitted = ADMITTED[config.precision]
+    # that precision and every more accurate one, all judged against the tolerance asked for
+    admitted = precision_admits(config.precision)
     measured_default = config.precision == AUTO_PRECISION
     found: list[Candidate] = []
     skipped: list[Candidate] = []
@@ -145,7 +138,7 @@ def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
                     break
                 if precision not in native:
                     reason = f"{name} does not compute {precision} natively on this machine: slower, not faster"
-                elif (measured_default and precision in INT8_PRECISIONS and tol is not None
+                elif (measured_default and facts(precision).weights == torch.int8 and tol is not None
                       and tol.min_cosine > INT8_REACHABLE_COSINE):
                     reason = (f"int8 quantization noise (all-MiniLM-L6-v2 on real text: cosine 0.987 to 0.9991) "
                               f"cannot keep the guard's cosine {tol.min_cosine}; loosen it with --min-cosine")

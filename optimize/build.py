@@ -1,5 +1,5 @@
-"""One engine from one backend: source → capture → FX passes → backend build → reload and
-verify → move into place. `optimize.compile` calls it directly, `auto` once per candidate."""
+"""One engine from one backend: precision plan → source → capture → FX passes → backend build
+(for ONNX consumers: export and the ONNX passes) → reload and verify → move into place. `optimize.compile` calls it directly, `auto` once per candidate."""
 
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from torch.export import ExportedProgram
 from optimize.backends import BuildContext, get_backend
 from optimize.capture import capture, export_module, output_specs
 from optimize.passes import PassContext, PassResult, run_passes
+from optimize.passes.order import full_report
+from optimize.precision import PrecisionPlan
 from optimize.reporter import Reporter, Silent
-from optimize.runtime.config import PRECISION_NEEDS, CompileConfig
+from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import AheadOfTimeEngine, Engine
 from optimize.runtime.errors import AccuracyError, ConfigError
 from optimize.runtime.loading import load
 from optimize.runtime.manifest import MANIFEST_FILE, Manifest, build_environment
 from optimize.runtime.pipeline import store_pipeline
+from optimize.runtime.precision import facts
 from optimize.samples import calibration_feeds, verification_feeds
 from optimize.sources import load_source
 from optimize.sources.base import Source
@@ -40,12 +43,12 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
         raise ConfigError(f"{out_dir} exists and is not an engine directory; refusing to overwrite it")
     backend = get_backend(config.backend)
     if config.precision not in backend.precisions:
-        needs = PRECISION_NEEDS.get(config.precision)
+        needs = facts(config.precision).needs
         raise ConfigError(
             f"backend {backend.name!r} supports precision {', '.join(sorted(backend.precisions))}; got {config.precision!r}"
             + (f": {needs}" if needs else "")
         )
-    backend.resolve_options(config)
+    plan = backend.precision_plan(config)  # resolves (and checks) the backend's options too
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -59,10 +62,10 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
     with stage("load source"):
         src = load_source(source, config)
     with stage("capture"):
-        program = capture(src, backend.capture_precision(config.precision))
+        program = capture(src, plan.capture)
         outputs = output_specs(program, src.inputs)
     with stage("passes"):
-        program, pass_results = apply_passes(program, src, config, backend.name, backend.passes)
+        program, pass_results = apply_passes(program, src, config, backend.name, backend.passes, plan)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -71,7 +74,7 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
             ctx = BuildContext(
                 config=config, inputs=src.inputs, outputs=outputs, reporter=reporter, source=src,
                 samples=functools.cache(lambda: calibration_feeds(src, config)), reference=src.module,
-                previous=out_dir if (out_dir / MANIFEST_FILE).is_file() else None,
+                previous=out_dir if (out_dir / MANIFEST_FILE).is_file() else None, plan=plan,
             )
             payload = backend.build(program, ctx, staging)
             if src.pipeline is not None and src.pipeline_dir is not None:
@@ -84,7 +87,7 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
             outputs=outputs,
             source=src.describe(),
             payload=payload,
-            passes=[r.to_json() for r in [*pass_results, *ctx.passes]],
+            passes=[r.to_json() for r in full_report([*pass_results, *ctx.passes], backend.name)],
             build=ctx.record,
             pipeline=src.pipeline,
             environment=build_environment(),
@@ -130,11 +133,12 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
 
 
 def apply_passes(
-    program: ExportedProgram, src: Source, config: CompileConfig, backend: str, allowed: frozenset[str]
+    program: ExportedProgram, src: Source, config: CompileConfig, backend: str, allowed: frozenset[str],
+    plan: PrecisionPlan | None = None,
 ) -> tuple[ExportedProgram, list[PassResult]]:
-    """Run the graph passes on the captured program; re-export it when any pass changed it."""
+    """Run the FX passes on the captured program; re-export it when any pass changed it."""
     gm = program.module()
-    ctx = PassContext(config=config, inputs=src.inputs, backend=backend)
+    ctx = PassContext(config=config, inputs=src.inputs, backend=backend, plan=plan)  # type: ignore[arg-type]
     verifier = None
     if config.verify_passes:
         sizes = {d.name: d.opt for s in src.inputs for d in s.dims}

@@ -25,7 +25,7 @@ from optimize.runtime.errors import CaptureError
 from optimize.runtime.specs import Dim, TensorSpec, dtype_name
 from optimize.sources.base import Source
 
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CastPrecision(torch.nn.Module):
@@ -147,11 +147,12 @@ def _quiet_export_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def capture(source: Source, precision: str = "fp32") -> ExportedProgram:
-    """Export `source.module`, cast to `precision` first when it is fp16/bf16."""
-    if precision not in PRECISION_DTYPES:
-        raise CaptureError(f"capture supports precisions {', '.join(PRECISION_DTYPES)}; got {precision!r}")
-    module = source.module if precision == "fp32" else CastPrecision(source.module, PRECISION_DTYPES[precision])
+def capture(source: Source, dtype: torch.dtype = torch.float32) -> ExportedProgram:
+    """Export `source.module`, cast to `dtype` first when it is fp16/bf16 (the precision
+    plan's `capture`, see `optimize.precision`)."""
+    if dtype not in FLOAT_DTYPES:
+        raise CaptureError(f"capture supports {', '.join(map(str, FLOAT_DTYPES))}; got {dtype}")
+    module = source.module if dtype == torch.float32 else CastPrecision(source.module, dtype)
     return export_module(module, source)
 
 

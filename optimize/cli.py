@@ -24,6 +24,7 @@ from optimize.runtime.manifest import Manifest
 from optimize.runtime.pipeline import Pipeline
 from optimize.backends import available_backends
 from optimize.guards import FP32_LEVEL_COSINE
+from optimize.passes.order import RENAMED, names
 from optimize.profile.cli import add_profile_parser
 from optimize.sources.tasks import TASKS
 from optimize.tuning import TuningCache, default_path
@@ -117,21 +118,38 @@ def _text_interface(engine_dir: Path, m: Manifest) -> str:
 
 
 def _passes_table(engine_dir: Path) -> Table:
-    table = Table(title="graph passes", title_justify="left")
-    for column in ("pass", "matched", "time", "accuracy after"):
+    """The pass order as the build ran it: FX passes over the captured graph, then (for
+    backends that consume ONNX) the ONNX passes, each with its stage."""
+    table = Table(title="passes", title_justify="left")
+    for column in ("stage", "pass", "matched", "time", "accuracy after"):
         table.add_column(column)
     for entry in Manifest.read(engine_dir).passes:
         if entry.get("skipped", "").startswith("not supported by backend"):
             continue  # e.g. kernel fusions on a backend that cannot run kiln kernels: noise here
+        stage = entry.get("stage") or ("onnx" if entry["pass"].startswith("onnx_") else "fx")  # older manifests
         if entry.get("skipped"):
-            table.add_row(entry["pass"], f"[dim]skipped: {escape(entry['skipped'])}[/]", "", "")
+            table.add_row(stage, entry["pass"], f"[dim]skipped: {escape(entry['skipped'])}[/]", "", "")
             continue
         matched = ", ".join(f"{k} {v}" for k, v in entry["matches"].items() if v) or "-"
         acc = entry.get("accuracy") or {}
         acc_text = (f"err {acc['max_abs_error']:.1e}, cos {acc['min_cosine']:.6f}" if "max_abs_error" in acc
                     else escape(acc.get("skipped", "")))
-        table.add_row(entry["pass"], matched, f"{entry['seconds'] * 1e3:.0f} ms", acc_text)
+        table.add_row(stage, entry["pass"], matched, f"{entry['seconds'] * 1e3:.0f} ms", acc_text)
     return table
+
+
+def _pass_toggles(enable: list[str], disable: list[str]) -> dict[str, bool]:
+    """`--disable-pass`/`--enable-pass` as `CompileConfig.passes`, an old pass name replaced
+    by its new one with a note on stderr (`optimize.passes.order.RENAMED`)."""
+    toggles: dict[str, bool] = {}
+    for names, on in ((disable, False), (enable, True)):
+        for name in names:
+            if name in RENAMED:
+                console.print(f"[yellow]note:[/] pass {escape(name)} is now called {escape(RENAMED[name])}; "
+                              "the old name is deprecated")
+                name = RENAMED[name]
+            toggles[name] = on
+    return toggles
 
 
 def _auto_table(engine_dir: Path) -> Table | None:
@@ -185,7 +203,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # guard (optimize.guards). A backend named alone builds fp32, as it always did.
     backend = args.backend or "auto"
     precision = args.precision or (AUTO_PRECISION if backend == "auto" else "fp32")
-    passes = {name: False for name in args.disable_pass} | {name: True for name in args.enable_pass}
+    passes = _pass_toggles(args.enable_pass, args.disable_pass)
     tolerance = None
     if args.min_cosine is not None or args.max_abs_error is not None:
         if precision == AUTO_PRECISION:  # the task's guard with the bounds given (optimize.guards)
@@ -285,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy guard: largest absolute difference from fp32 eager (default: the precision's)")
     c.add_argument("--name", help="model name recorded in the manifest (default: the source's name)")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
-    c.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="turn a graph pass off (repeatable)")
-    c.add_argument("--enable-pass", action="append", default=[], metavar="NAME", help="turn a graph pass on (repeatable)")
+    c.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
+                   help="turn a pass off (repeatable); the passes, FX then ONNX: " + ", ".join(names()))
+    c.add_argument("--enable-pass", action="append", default=[], metavar="NAME", help="turn a pass on (repeatable)")
     c.add_argument("--verify-passes", action="store_true",
                    help="check accuracy after every pass and name the first one that breaks it")
     c.add_argument("--calibration", metavar="FILE",

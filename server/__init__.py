@@ -1,4 +1,4 @@
-"""kiln's server: a model repository served over the KServe v2 / Triton gRPC protocol with
+"""kiln's server: a model repository served over the KServe v2 gRPC protocol (Open Inference Protocol) with
 dynamic batching, and over HTTP (KServe v2 REST, OpenAI's embeddings API) from the same batchers.
 
     python -m server --repository engines --port 8001 --http-port 8000

@@ -63,9 +63,9 @@ ENTRIES: tuple[Entry, ...] = (
 
 
 def _admitted(precision: str) -> tuple[str, ...]:
-    from optimize.auto import ADMITTED
+    from optimize.precision import admitted
 
-    return ADMITTED[precision]
+    return admitted(precision)
 
 
 def evaluate(rows: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import torch
 from torch.export import ExportedProgram
 
 from optimize.passes.base import GENERIC_PASSES
+from optimize.precision import PrecisionPlan, native_on_cpu
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError
@@ -30,7 +31,7 @@ class BuildContext:
 
     Optional, for backends that run graph passes or calibrate: `samples()` returns calibration
     batches (real sentences for text models, see `optimize.samples`), `reference` is the fp32
-    eager model, `reporter` shows progress, `previous` is the engine directory this build
+    eager model, `plan` is the precision plan (`Backend.precision_plan`), `reporter` shows progress, `previous` is the engine directory this build
     replaces (caches in it can seed the new build), `source` is the loaded model source (for
     backends that convert from the original weights rather than the captured program). A backend reports back through `passes` (results of
     the passes it ran) and `record` (build details: library versions, targets, profiles); both
@@ -45,6 +46,7 @@ class BuildContext:
     reporter: Reporter | None = None
     previous: Path | None = None
     source: Source | None = None
+    plan: PrecisionPlan | None = None
     passes: list[PassResult] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -75,10 +77,20 @@ class Backend(ABC):
     # Settings only this backend understands (`CompileConfig.backend_options`), with defaults.
     options: ClassVar[dict[str, Any]] = {}
 
-    def capture_precision(self, precision: str) -> str:
-        """The precision the program is captured in. Backends that apply precision as graph
-        passes (casts, Q/DQ nodes) capture fp32 and return "fp32"."""
-        return precision
+    # False for backends that apply precision as graph passes (casts, Q/DQ nodes) over an
+    # fp32 capture; True for those that capture the program in the precision.
+    captures_precision: ClassVar[bool] = True
+
+    def quantized_compute(self, options: dict[str, Any]) -> torch.dtype:
+        """The float type a quantized precision leaves its other ops in, given the resolved
+        options; fp32 unless the backend says otherwise."""
+        return torch.float32
+
+    def precision_plan(self, config: CompileConfig) -> PrecisionPlan:
+        """`config.precision` resolved for this backend (see `optimize.precision`): what
+        every pass and this backend's build read."""
+        return PrecisionPlan.resolve(config, captures_precision=self.captures_precision,
+                                     quantized_compute=self.quantized_compute(self.resolve_options(config)))
 
     def can_run_here(self) -> tuple[bool, str]:
         """(True, "") when engines of this backend can run on this machine, else (False, the
@@ -96,8 +108,8 @@ class Backend(ABC):
         precision with a CUDA GPU; without one, bf16 only on CPUs with bf16 dot products."""
         if torch.cuda.is_available():
             return self.precisions
-        reduced = {"fp16", "bf16"} - ({"bf16"} if cpu_has_native_bf16() else set())
-        return self.precisions - reduced
+        cpu_bf16 = cpu_has_native_bf16()
+        return frozenset(p for p in self.precisions if native_on_cpu(p, cpu_bf16))
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         """`config.backend_options` over this backend's defaults; raises `ConfigError` naming

@@ -26,7 +26,7 @@ from torch.export import ExportedProgram
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
 from optimize.capture import model_family
-from optimize.runtime.backends.ctranslate2 import COMPUTE_TYPES, MODEL_DIR, OPTIONS, CTranslate2Engine
+from optimize.runtime.backends.ctranslate2 import MODEL_DIR, compute_type, OPTIONS, CTranslate2Engine
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError
 from optimize.runtime.manifest import Manifest
@@ -63,11 +63,10 @@ def _encoder_converter(family: str) -> type:
 @register_backend
 class CTranslate2Backend(Backend):
     name: ClassVar[str] = "ctranslate2"
-    precisions: ClassVar[frozenset[str]] = frozenset(COMPUTE_TYPES)
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "int8"})  # what compute_type maps
     options: ClassVar[dict[str, Any]] = OPTIONS
 
-    def capture_precision(self, precision: str) -> str:
-        return "fp32"
+    captures_precision: ClassVar[bool] = False
 
     def can_run_here(self) -> tuple[bool, str]:
         try:
@@ -94,7 +93,7 @@ class CTranslate2Backend(Backend):
         names = {s.name for s in ctx.outputs}
         if not {s.name for s in ctx.inputs} == {"input_ids", "attention_mask"} or not names <= {"last_hidden_state", "sentence_embedding"}:
             raise ConfigError("backend 'ctranslate2' runs encoders with inputs input_ids/attention_mask")
-        quantization = "int8" if ctx.config.precision == "int8" else None
+        quantization = "int8" if (ctx.plan or self.precision_plan(ctx.config)).quantized else None
         family = model_family(source)
         try:
             converter = _encoder_converter(family)(source.location)
@@ -108,7 +107,7 @@ class CTranslate2Backend(Backend):
             raise ConfigError(f"backend 'ctranslate2' cannot convert {family}: {reason.split(' (supported')[0]}; "
                               "it builds the BERT, DistilBERT, RoBERTa, XLM-RoBERTa and CamemBERT encoders") from exc
         ctx.record["ctranslate2"] = {"version": ctranslate2.__version__,
-                                     "compute_type": COMPUTE_TYPES[ctx.config.precision],
+                                     "compute_type": compute_type(ctx.config.precision),
                                      "pooling": source.metadata.get("pooling"),
                                      "normalize": bool(source.metadata.get("normalize"))}
         return sorted(str(p.relative_to(directory)) for p in (directory / MODEL_DIR).rglob("*") if p.is_file())

@@ -34,7 +34,7 @@ from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError
 from optimize.runtime.manifest import Manifest
 
-PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_ort_fusions", "onnx_attention",
+PASSES = ("onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_ort_fusions", "onnx_simplify_attention",
           "onnx_mixed_precision", "onnx_quantize")
 
 
@@ -51,8 +51,7 @@ class OnnxRuntimeBackend(Backend):
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "int8", "int8-weight"})
     options: ClassVar[dict[str, Any]] = OPTIONS
 
-    def capture_precision(self, precision: str) -> str:
-        return "fp32"
+    captures_precision: ClassVar[bool] = False
 
     def resolve_options(self, config: Any) -> dict[str, Any]:
         options = super().resolve_options(config)

@@ -45,14 +45,16 @@ from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
 from optimize.onnx import prepare_onnx
 from optimize.onnx.export import save_model
 from optimize.runtime.backends.openvino import HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine
+from optimize.precision import native_on_cpu
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError
+from optimize.runtime.precision import facts
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.specs import Dim
 from optimize.verify import compare_real_tokens
 
-PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention")
+PASSES = ("onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_simplify_attention")
 
 
 def _openvino() -> Any:
@@ -85,8 +87,7 @@ class OpenVINOBackend(Backend):
     # the runtime's options, and the build-only int8 ones
     options: ClassVar[dict[str, Any]] = {**OPTIONS, "int8_smooth_quant": 0.95, "int8_keep_sensitive": False}
 
-    def capture_precision(self, precision: str) -> str:
-        return "fp32"
+    captures_precision: ClassVar[bool] = False
 
     def can_run_here(self) -> tuple[bool, str]:
         try:
@@ -99,11 +100,12 @@ class OpenVINOBackend(Backend):
         return True, ""
 
     def native_precisions(self) -> frozenset[str]:
-        return self.precisions if native_bf16() else self.precisions - {"bf16"}
+        cpu_bf16 = native_bf16()
+        return frozenset(p for p in self.precisions if native_on_cpu(p, cpu_bf16))
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         options = super().resolve_options(config)
-        if config.precision == "bf16" and options["device"] == "CPU" and not native_bf16():
+        if facts(config.precision).compute == torch.bfloat16 and options["device"] == "CPU" and not native_bf16():
             raise ConfigError("backend 'openvino' offers bf16 only on CPUs with native bf16 (AVX512_BF16 or AMX); "
                               "this one would emulate it, slower than fp32")
         if options["hint"] not in HINTS:
@@ -125,14 +127,14 @@ class OpenVINOBackend(Backend):
             ])
             for port in ov_model.inputs
         })
-        precision = ctx.config.precision
-        if precision == "int8-weight":
+        plan = ctx.plan or self.precision_plan(ctx.config)
+        if plan.weight_only:
             # why: optional (kiln[cpu-engines])
             import nncf
 
             ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
             ctx.record["quantization"] = {"mode": "weight_only", "tool": f"nncf {nncf.__version__}", "weights": "int8 asymmetric"}
-        elif precision == "int8":
+        elif plan.calibrated:
             ov_model = self._quantize(ov_model, ctx)
         ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=False)
         ctx.record["openvino"] = {"version": ov.__version__, "hint": options["hint"], "device": options["device"]}

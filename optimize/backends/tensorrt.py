@@ -39,6 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
+import torch
 from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
@@ -50,17 +51,16 @@ from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError, OptimizeError
 from optimize.runtime.manifest import Manifest
+from optimize.runtime.precision import FLOAT_NAMES, facts
 
 TIMING_CACHE_FILE = "timing.cache"
-PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention", "onnx_quantize",
+PASSES = ("onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_simplify_attention", "onnx_quantize",
           "onnx_mixed_precision")
 # Oldest target per compute type in TensorRT-RTX: bf16 needs Ampere (SM80)+, fp8 Ada (SM89)+
 # ("Cannot compile for target(s) sm80, because the model contains HW-specific datatypes:
 # fp8_e4m3", tensorrt_rtx 1.7), and fp32 GEMMs are not compiled for Turing ("Cannot compile
 # operation ... for Turing (SM75): FP32 GEMM is not supported", building all-MiniLM-L6-v2 at fp32).
 MIN_SM = {"fp32": 80, "bf16": 80, "fp8": 89}
-# Precisions whose graph has Q/DQ nodes; their other ops compute in `quantized_fallback`.
-QUANTIZED = ("int8", "int8-weight", "fp8")
 
 
 class TensorRTBuildError(OptimizeError):
@@ -164,7 +164,7 @@ def build_plan(model_bytes: bytes, ctx: BuildContext, options: dict[str, Any], p
     if int(options["workspace_mib"]) > 0:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options["workspace_mib"]) << 20)
     targets = resolve_targets(trt, flavour, options["compute_capabilities"], ctx.config.precision,
-                              options["quantized_fallback"] if ctx.config.precision in QUANTIZED else None)
+                              options["quantized_fallback"] if facts(ctx.config.precision).quantized else None)
     if targets:
         config.num_compute_capabilities = len(targets)
         for i, target in enumerate(targets):
@@ -233,8 +233,10 @@ class TensorRTBackend(Backend):
         "int8_keep_sensitive": True,
     }
 
-    def capture_precision(self, precision: str) -> str:
-        return "fp32"
+    captures_precision: ClassVar[bool] = False
+
+    def quantized_compute(self, options: dict[str, Any]) -> torch.dtype:
+        return FLOAT_NAMES[options["quantized_fallback"]]
 
     def can_run_here(self) -> tuple[bool, str]:
         found = library()
@@ -248,12 +250,12 @@ class TensorRTBackend(Backend):
         """The options over their defaults; raises `ConfigError` for a bad value, and for
         targets too old for the precision (fp8 needs SM89+) before anything is built."""
         options = super().resolve_options(config)
-        if options["quantized_fallback"] not in ("fp16", "bf16", "fp32"):
+        if options["quantized_fallback"] not in FLOAT_NAMES:
             raise ConfigError(f"backend option quantized_fallback must be fp16, bf16 or fp32; got {options['quantized_fallback']!r}")
         found = library()
         if found is not None:
             resolve_targets(*found, options["compute_capabilities"], config.precision,
-                            options["quantized_fallback"] if config.precision in QUANTIZED else None)
+                            options["quantized_fallback"] if facts(config.precision).quantized else None)
         return options
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:

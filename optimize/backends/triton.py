@@ -73,9 +73,9 @@ class TritonBackend(Backend):
         takes 62), so `--backend auto` does not spend builds on them."""
         return self.precisions if torch.cuda.is_available() else frozenset()
 
-    def capture_precision(self, precision: str) -> str:
+    def quantized_compute(self, options: dict[str, Any]) -> torch.dtype:
         # weight-only int8 keeps 16-bit activations; the int8 GEMM dequantizes in its epilogue
-        return "fp16" if precision == "int8-weight" else precision
+        return torch.float16
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         options = super().resolve_options(config)

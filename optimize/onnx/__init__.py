@@ -2,16 +2,15 @@
 backend (TensorRT, ONNX Runtime, OpenVINO) with small passes, one module each, that report what
 they matched.
 
-Passes run in the fixed order of `PIPELINE`; a backend names the ones it wants, a pass skips
-itself when it does not apply (e.g. mixed precision at fp32), and `CompileConfig.passes` turns
-any of them off by name. With `CompileConfig.verify_passes` the model is run by ONNX Runtime
-after every pass that changed something and compared with the fp32 eager model, so the first
-pass that breaks accuracy is named.
+The passes are the ONNX stage of the pass order (`optimize.passes.order`); a backend names the
+ones it wants, a pass skips itself when it does not apply (e.g. mixed precision at fp32), and
+`CompileConfig.passes` turns any of them off by name. With `CompileConfig.verify_passes` the
+model is run by ONNX Runtime after every pass that changed something and compared with the fp32
+eager model, so the first pass that breaks accuracy is named.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,23 +32,18 @@ from optimize.onnx.graph import Graph
 from optimize.onnx.mixed_precision import MixedPrecision
 from optimize.onnx.ort_fusions import OrtFusions
 from optimize.onnx.quantize import Quantize
-from optimize.passes.base import PassResult
-from optimize.runtime.errors import AccuracyError, ConfigError, OptimizeError
+from optimize.passes.base import ONNX, PassResult
+from optimize.passes import order
+from optimize.runtime.errors import ConfigError, OptimizeError
 from optimize.verify import compare_real_tokens
 
 if TYPE_CHECKING:
     from optimize.backends.base import BuildContext
 
-# Clean-ups and fusions first, so precision passes see the final structure (Q/DQ nodes would
-# hide patterns from the fusions). ORT's fusions look for the exporter's attention pattern, so
-# they run before the attention clean-up rewrites it. Quantization calibrates on the fp32
-# graph; mixed precision comes last, so int8 engines can run their other ops in fp16.
-PIPELINE: list[type[OnnxPass]] = [
+ONNX_PASSES: dict[str, type[OnnxPass]] = {p.name: p for p in (
     FoldConstants, FuseLayerNorm, FuseGelu, OrtFusions, AttentionCleanup, Quantize, MixedPrecision,
-]
-ONNX_PASSES: dict[str, type[OnnxPass]] = {p.name: p for p in PIPELINE}
-ALL_ONNX_PASSES = tuple(ONNX_PASSES)
-
+)}
+ALL_ONNX_PASSES = tuple(order.names(ONNX))
 Verifier = Callable[[onnx.ModelProto], dict[str, Any]]
 
 
@@ -91,42 +85,26 @@ def run_onnx_passes(
     names: Sequence[str] = ALL_ONNX_PASSES,
     verifier: Verifier | None = None,
 ) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run the passes of `PIPELINE` named in `names`, in pipeline order; return the final model
-    and one result per pass. Raises `AccuracyError` naming the first pass that broke accuracy
+    """Run the ONNX passes named in `names` (old names accepted), in the pass order; return
+    the final model and one result per pass named. Raises `AccuracyError` naming the first pass that broke accuracy
     (with `verifier`), `InvalidModelError` when a pass produced an invalid model."""
-    unknown = sorted(set(names) - set(ONNX_PASSES))
+    wanted = {order.RENAMED.get(n, n) for n in names}
+    unknown = sorted(wanted - set(ONNX_PASSES))
     if unknown:
         raise ConfigError(f"unknown ONNX pass(es) {', '.join(unknown)}; available: {', '.join(ONNX_PASSES)}")
-    tol = ctx.config.tolerance
-    results = []
-    for cls in PIPELINE:
-        if cls.name not in names:
-            continue
-        p = cls()
-        reason = "disabled in config" if not ctx.config.passes.get(p.name, True) else p.applies(ctx)
-        if reason:
-            results.append(PassResult(p.name, skipped=reason))
-            continue
-        t0 = time.perf_counter()
+
+    def apply(p: OnnxPass, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
         model, matches = p.run(model, ctx)
         model = _tidy(model)
         try:
             check_model(model)
         except onnx.checker.ValidationError as exc:
             raise InvalidModelError(f"ONNX pass {p.name} produced an invalid model: {str(exc).splitlines()[0]}") from exc
-        result = PassResult(p.name, matches, time.perf_counter() - t0)
-        if verifier is not None and result.total:
-            result.accuracy = verifier(model)
-            if tol is not None and "max_abs_error" in result.accuracy and not (
-                result.accuracy["max_abs_error"] <= tol.max_abs_error and result.accuracy["min_cosine"] >= tol.min_cosine
-            ):
-                raise AccuracyError(
-                    f"ONNX pass {p.name} broke accuracy: max abs error {result.accuracy['max_abs_error']:.3g} "
-                    f"(allowed {tol.max_abs_error:.3g}), min cosine {result.accuracy['min_cosine']:.6f} "
-                    f"(allowed {tol.min_cosine})"
-                )
-        results.append(result)
-    return model, results
+        return model, matches
+
+    model, results = order.run_stage(ONNX, ONNX_PASSES, model, ctx, apply, wanted, verifier, ctx.config.tolerance,
+                                     label="ONNX pass")
+    return model, [r for r in results if r.name in wanted]
 
 
 def ort_verifier(ctx: OnnxPassContext) -> Verifier | None:
@@ -175,15 +153,17 @@ def prepare_onnx(
     pctx = OnnxPassContext(
         config=ctx.config, inputs=ctx.inputs, outputs=ctx.outputs, backend=backend, workdir=workdir,
         samples=ctx.samples, reference=ctx.reference, reporter=ctx.reporter, options=dict(options or {}),
+        plan=ctx.plan,
     )
     verifier = ort_verifier(pctx) if ctx.config.verify_passes else None
-    model, results = run_onnx_passes(model, pctx, passes, verifier)
+    with pctx.progress("ONNX passes"):  # the ONNX stage of the pass order, shown as its own step
+        model, results = run_onnx_passes(model, pctx, passes, verifier)
     ctx.passes.extend(results)
     ctx.record.update(pctx.record)
     return model
 
 
 __all__ = [
-    "OnnxPass", "OnnxPassContext", "PIPELINE", "ONNX_PASSES", "ALL_ONNX_PASSES", "run_onnx_passes",
+    "OnnxPass", "OnnxPassContext", "ONNX_PASSES", "ALL_ONNX_PASSES", "run_onnx_passes",
     "prepare_onnx", "export_program", "save_model", "Feeds", "InvalidModelError", "ort_verifier",
 ]

@@ -1,4 +1,4 @@
-"""Pass `onnx_attention`: clean up the attention subgraphs the exporter leaves behind.
+"""Pass `onnx_simplify_attention`: clean up the attention subgraphs the exporter leaves behind.
 
 torch's SDPA decomposition transposes K through a flatten → 3-D transpose → unflatten chain
 built from Shape/Slice/Concat arithmetic (9 nodes per layer in BERT-family models), and applies
@@ -216,7 +216,7 @@ def _fold_one_scale(g: Graph, mul: onnx.NodeProto) -> bool:
 
 
 class AttentionCleanup(OnnxPass):
-    name: ClassVar[str] = "onnx_attention"
+    name: ClassVar[str] = "onnx_simplify_attention"
     description: ClassVar[str] = "collapse K-transpose chains, merge transposes, fold softmax scales into Q/K"
 
     def run(self, model: onnx.ModelProto, ctx: OnnxPassContext) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,10 @@ import time
 import onnx
 import torch
 
+from optimize.passes.base import ONNX, Pass
+from optimize.precision import PrecisionPlan
 from optimize.runtime.config import CompileConfig
+from optimize.runtime.precision import FLOAT_NAMES
 from optimize.runtime.specs import TensorSpec
 
 if TYPE_CHECKING:
@@ -30,7 +33,9 @@ class OnnxPassContext:
     first use, because only calibrated passes need them). `reference` is the fp32 eager model,
     for passes verified one by one. `record` collects details for the manifest's `build` entry
     (e.g. which nodes stayed in fp32 and why). `workdir` is scratch space for tools that only
-    read files (ONNX Runtime's calibrators and quantizer).
+    read files (ONNX Runtime's calibrators and quantizer). `plan` is the precision plan
+    (`optimize.precision`); None: the config's precision over an fp32 capture, a quantized
+    precision's other ops in the `quantized_fallback` option (fp32 without it).
     """
 
     config: CompileConfig
@@ -43,8 +48,12 @@ class OnnxPassContext:
     reporter: Reporter | None = None
     options: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    plan: PrecisionPlan = None  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:
+        if self.plan is None:
+            fallback = FLOAT_NAMES.get(str(self.options.get("quantized_fallback")), torch.float32)
+            self.plan = PrecisionPlan.resolve(self.config, captures_precision=False, quantized_compute=fallback)
         if self.samples is not None:
             self.samples = functools.cache(self.samples)
 
@@ -74,16 +83,12 @@ class StageProgress:
             self.reporter.finish(self.stage, round(time.perf_counter() - self._t0, 3))
 
 
-class OnnxPass(ABC):
-    """A named rewrite of an ONNX model. `run` may edit `model` in place or return a new one;
-    it returns the model to continue with and its match counts by kind."""
+class OnnxPass(Pass):
+    """An ONNX pass (`optimize.passes.base.Pass`): a named rewrite of an ONNX model. `run` may
+    edit `model` in place or return a new one; it returns the model to continue with and its
+    match counts by kind."""
 
-    name: ClassVar[str]
-    description: ClassVar[str]
-
-    def applies(self, ctx: OnnxPassContext) -> str:
-        """Empty when the pass should run in `ctx`, else the reason it is skipped."""
-        return ""
+    stage: ClassVar[str] = ONNX
 
     @abstractmethod
     def run(self, model: onnx.ModelProto, ctx: OnnxPassContext) -> tuple[onnx.ModelProto, dict[str, int]]:

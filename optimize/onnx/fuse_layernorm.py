@@ -1,4 +1,4 @@
-"""Pass `onnx_fuse_layernorm`: decomposed layer norms → the standard `LayerNormalization` op.
+"""Pass `onnx_fuse_layer_norm`: decomposed layer norms → the standard `LayerNormalization` op.
 
 Graphs from older exporters or hand-written norms spell a layer norm as ReduceMean, Sub, Pow,
 ReduceMean, Add(eps), Sqrt, Div, Mul, Add. One `LayerNormalization` (opset 17) computes the same
@@ -27,7 +27,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 class FuseLayerNorm(OnnxPass):
-    name: ClassVar[str] = "onnx_fuse_layernorm"
+    name: ClassVar[str] = "onnx_fuse_layer_norm"
     description: ClassVar[str] = "decomposed layer norms → LayerNormalization (opset 17)"
 
     def run(self, model: onnx.ModelProto, ctx: OnnxPassContext) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
+import torch
 
 from optimize.onnx.base import OnnxPass, OnnxPassContext
 from optimize.onnx.calibration import tensor_ranges
@@ -55,7 +56,7 @@ TYPE_AGNOSTIC = frozenset({"Shape", "Size", "IsNaN", "IsInf"})
 FIXED_OUTPUT = frozenset({"Cast", "CastLike", "ConstantOfShape", "RandomNormal", "RandomUniform",
                           "RandomNormalLike", "RandomUniformLike", "EyeLike", "Range"})
 
-_LOW = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+_LOW = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
 _NUMPY_LOW = {onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 
 
@@ -195,19 +196,15 @@ class MixedPrecision(OnnxPass):
     description: ClassVar[str] = "fp16/bf16 compute with LayerNorm, softmax, reductions and overflowing tensors in fp32"
 
     @staticmethod
-    def low_precision(ctx: OnnxPassContext) -> str | None:
-        """fp16/bf16 for those precisions; for quantized precisions the backend's
-        `quantized_fallback` option (the type of the ops left unquantized), if any."""
-        if ctx.config.precision in _LOW:
-            return ctx.config.precision
-        fallback = ctx.options.get("quantized_fallback")
-        if ctx.config.precision in ("int8", "int8-weight", "fp8") and fallback in _LOW:
-            return str(fallback)
-        return None
+    def low_precision(ctx: OnnxPassContext) -> torch.dtype | None:
+        """The plan's compute type when it is 16 bits: fp16/bf16 for those precisions, and for
+        quantized ones the type the backend leaves their other ops in (TensorRT's
+        `quantized_fallback`)."""
+        return ctx.plan.compute if ctx.plan.compute in _LOW else None
 
     def applies(self, ctx: OnnxPassContext) -> str:
         if self.low_precision(ctx) is None:
-            return f"precision is {ctx.config.precision}"
+            return f"precision is {ctx.plan.precision}"
         return ""
 
     def run(self, model: onnx.ModelProto, ctx: OnnxPassContext) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -7,7 +7,7 @@ optimizer targets TorchScript exports and, on ours, fuses little: measured here 
 the GELUs.) all-MiniLM-L6-v2 fp32, batch 8 × seq 128, 2 threads, ORT 1.32 on the 2-core CI CPU:
 90 ms plain, 70 ms fused.
 
-Runs only for the onnxruntime backend, before `onnx_attention` (which would otherwise rewrite
+Runs only for the onnxruntime backend, before `onnx_simplify_attention` (which would otherwise rewrite
 the attention pattern these fusions look for). The rules are written for encoder graphs; on
 others they can emit a graph ONNX Runtime rejects (GPT-2: a `Gemm` over a 3-D input), so the
 fused graph must run once at a small shape before it replaces the original.

@@ -396,15 +396,15 @@ class Quantize(OnnxPass):
     description: ClassVar[str] = "int8 / fp8 (E4M3) Q/DQ: per-channel weights, calibrated per-tensor activations"
 
     def applies(self, ctx: OnnxPassContext) -> str:
-        if ctx.config.precision not in ("int8", "int8-weight", "fp8"):
-            return f"precision is {ctx.config.precision}"
+        if not ctx.plan.quantized:
+            return f"precision is {ctx.plan.precision}"
         return ""
 
     def mode(self, ctx: OnnxPassContext) -> str:
-        if ctx.config.precision == "int8":
-            return "static"
-        if ctx.config.precision == "fp8":
+        if ctx.plan.fp8:
             return "fp8"
+        if ctx.plan.calibrated:
+            return "static"
         return str(ctx.options.get("int8_weight_mode", "weight_only"))
 
     def run(self, model: onnx.ModelProto, ctx: OnnxPassContext) -> tuple[onnx.ModelProto, dict[str, int]]:

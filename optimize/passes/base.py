@@ -1,4 +1,6 @@
-"""The graph-pass interface: one rewrite over a torch.fx graph that reports what it matched."""
+"""The pass protocol (`Pass`: a named rewrite of one stage that says when it does not apply and
+reports what it matched in a `PassResult`), and its FX form: one rewrite over a torch.fx graph.
+The ONNX form is `optimize.onnx.base.OnnxPass`; the order of both is `optimize.passes.order`."""
 
 from __future__ import annotations
 
@@ -9,45 +11,59 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
+from optimize.precision import PrecisionPlan
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.specs import TensorSpec
 
 aten = torch.ops.aten
 
+# The stages of the pass order: over the captured torch.fx graph, over the exported ONNX model.
+FX = "fx"
+ONNX = "onnx"
+
 # Passes every backend can take: they only remove or precompute aten nodes.
-GENERIC_PASSES = frozenset({"remove_dropout", "constant_folding", "dead_code"})
+GENERIC_PASSES = frozenset({"remove_dropout", "fold_constants", "remove_dead_code"})
 # Passes whose result calls kiln kernels (torch.ops.kiln / kernels_cuda) or relies on their
 # fp32 accumulation: only backends that execute those ops (`triton`) take them.
 KERNEL_PASSES = frozenset({"fuse_attention", "fuse_qkv", "fuse_embedding_layer_norm", "fuse_residual_layer_norm",
-                           "fuse_bias_gelu", "quantize_int8", "precision", "remove_padding"})
+                           "fuse_bias_gelu", "quantize", "mixed_precision", "remove_padding"})
 
 
 @dataclass
 class PassContext:
-    """What a pass may consult: the compile config, the engine's inputs, and the backend that
-    will run the result (fusions into kiln kernels only make sense for backends that run them)."""
+    """What an FX pass may consult: the compile config, the engine's inputs, the backend that
+    will run the result (fusions into kiln kernels only make sense for backends that run them)
+    and the precision plan (`optimize.precision`; None: the config's precision as a backend
+    that captures in it would build it)."""
 
     config: CompileConfig
     inputs: list[TensorSpec]
     backend: str
+    plan: PrecisionPlan = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = PrecisionPlan.resolve(self.config)
 
 
 @dataclass
 class PassResult:
-    """One line of the compile report."""
+    """One line of the compile report, for a pass of either stage."""
 
     name: str
     matches: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    accuracy: dict[str, float] | None = None
+    accuracy: dict[str, Any] | None = None
     skipped: str = ""
+    stage: str = FX
 
     @property
     def total(self) -> int:
         return sum(self.matches.values())
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pass": self.name, "matches": self.matches, "seconds": round(self.seconds, 4)}
+        out: dict[str, Any] = {"pass": self.name, "stage": self.stage, "matches": self.matches,
+                               "seconds": round(self.seconds, 4)}
         if self.accuracy is not None:
             out["accuracy"] = self.accuracy
         if self.skipped:
@@ -55,16 +71,26 @@ class PassResult:
         return out
 
 
-class GraphPass(ABC):
-    """A named rewrite of an unlifted `torch.export` graph module (parameters are `get_attr`
-    nodes, so a pass may add or replace weights with `register_buffer`)."""
+class Pass(ABC):
+    """The protocol of every pass: a `name` (see `optimize.passes.order` for the scheme), the
+    `stage` it runs in, a one-line `description`, `applies(ctx)` (empty when it should run,
+    else why not) and `run`, which rewrites its stage's artifact and returns match counts by
+    kind; the pass manager turns those into a `PassResult`."""
 
     name: ClassVar[str]
+    stage: ClassVar[str]
     description: ClassVar[str]
 
-    def applies(self, ctx: PassContext) -> str:
+    def applies(self, ctx: Any) -> str:
         """Empty when the pass should run in `ctx`, else the reason it is skipped."""
         return ""
+
+
+class GraphPass(Pass):
+    """An FX pass: a named rewrite of an unlifted `torch.export` graph module (parameters are
+    `get_attr` nodes, so a pass may add or replace weights with `register_buffer`)."""
+
+    stage: ClassVar[str] = FX
 
     @abstractmethod
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:

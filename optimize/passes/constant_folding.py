@@ -17,7 +17,7 @@ _MAX_GROWTH = 4  # a folded constant may be at most 4x larger than the inputs it
 
 
 class ConstantFolding(GraphPass):
-    name: ClassVar[str] = "constant_folding"
+    name: ClassVar[str] = "fold_constants"
     description: ClassVar[str] = "precompute nodes whose inputs are all constants"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:

@@ -11,7 +11,7 @@ from optimize.passes.base import GraphPass, PassContext
 
 
 class DeadCode(GraphPass):
-    name: ClassVar[str] = "dead_code"
+    name: ClassVar[str] = "remove_dead_code"
     description: ClassVar[str] = "remove nodes and weights no output depends on"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:

@@ -46,12 +46,12 @@ def _cast_target(node: fx.Node) -> torch.dtype | None:
 
 
 class Precision(GraphPass):
-    name: ClassVar[str] = "precision"
+    name: ClassVar[str] = "mixed_precision"
     description: ClassVar[str] = "fp16/bf16 engines: norms, softmax and reductions in fp32"
 
     def applies(self, ctx: PassContext) -> str:
-        if ctx.config.precision == "fp32":
-            return "precision is fp32"
+        if ctx.plan.capture == torch.float32:
+            return f"precision is {ctx.plan.precision}"
         return ""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:

@@ -20,12 +20,12 @@ _EPILOGUES = {"none": "gelu", "tanh": "gelu_tanh"}  # bias_gelu approximate -> i
 
 
 class QuantizeInt8(GraphPass):
-    name: ClassVar[str] = "quantize_int8"
+    name: ClassVar[str] = "quantize"
     description: ClassVar[str] = "weight-only int8 (per-channel) linears → kiln.int8_weight_linear"
 
     def applies(self, ctx: PassContext) -> str:
-        if ctx.config.precision != "int8-weight":
-            return f"precision is {ctx.config.precision} (runs for int8-weight)"
+        if not ctx.plan.weight_only:
+            return f"precision is {ctx.plan.precision} (runs for int8-weight)"
         return ""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from optimize.capture import PRECISION_DTYPES, CastPrecision
+from optimize.capture import CastPrecision
 from optimize.profile.memory import weights_bytes
 from optimize.profile.recorder import has_module_hierarchy
 from optimize.runtime.config import CompileConfig
@@ -29,6 +29,7 @@ from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError, OptimizeError
 from optimize.runtime.loading import load
 from optimize.runtime.manifest import MANIFEST_FILE
+from optimize.runtime.precision import FLOAT_NAMES
 from optimize.runtime.program import load_program
 from optimize.runtime.specs import TensorSpec
 from optimize.runtime.specs import torch_dtype
@@ -131,8 +132,9 @@ def load_engine_source(engine: Engine) -> tuple[Source | None, str]:
 
 
 def _source_program(source: Source, precision: str) -> torch.nn.Module:
-    if precision in PRECISION_DTYPES and precision != "fp32":
-        return CastPrecision(source.module, PRECISION_DTYPES[precision])
+    dtype = FLOAT_NAMES.get(precision, torch.float32)
+    if dtype != torch.float32:
+        return CastPrecision(source.module, dtype)
     return source.module
 
 

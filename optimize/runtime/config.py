@@ -8,16 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimize.runtime.errors import ConfigError
+from optimize.runtime.precision import AUTO_PRECISION, PRECISIONS
 from optimize.runtime.specs import Dim
 
-# int8: weights and activations in int8 (calibrated Q/DQ); int8-weight: weights only, no calibration.
-# auto: whichever precision keeps the accuracy guard (only with backend auto, see optimize.auto).
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weight", "fp8", "auto")
-# Precisions whose error random inputs exaggerate: they are judged on real samples when the
-# source has them (see optimize.samples).
-QUANTIZED_PRECISIONS = frozenset({"int8", "int8-weight", "fp8"})
-# What a precision needs beyond a backend that lists it, said when another backend is asked for it.
-PRECISION_NEEDS = {"fp8": "fp8 (E4M3) needs backend tensorrt and an SM89+ GPU (Ada, Hopper, Blackwell)"}
 CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
 CONFIG_VERSION = 1
 
@@ -64,8 +57,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8-weight": Tolerance(max_abs_error=5e-1, min_cosine=0.99),
     "fp8": Tolerance(max_abs_error=1.0, min_cosine=0.98),
 }
-# "auto" takes the task's guard (optimize.guards) unless a tolerance is given.
-AUTO_PRECISION = "auto"
+# AUTO_PRECISION takes the task's guard (optimize.guards) unless a tolerance is given.
 
 
 @dataclass

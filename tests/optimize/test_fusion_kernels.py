@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import fx
 
+from optimize.backends import get_backend
 from optimize.capture import capture
 from optimize.passes import PASSES, PassContext, run_passes
 from optimize.runtime.config import CompileConfig
@@ -63,8 +64,9 @@ def test_fused_graph_on_the_triton_kernels_matches_eager(model: str, precision: 
     config = CompileConfig(backend="triton", precision=precision, max_batch=4, max_seq=16,
                            passes={} if packed else {"remove_padding": False})
     src = load_source(source, config)
-    gm = capture(src, "fp16" if precision == "int8-weight" else precision).module()
-    run_passes(gm, PassContext(config, src.inputs, "triton"), frozenset(PASSES))
+    plan = get_backend("triton").precision_plan(config)
+    gm = capture(src, plan.capture).module()
+    run_passes(gm, PassContext(config, src.inputs, "triton", plan), frozenset(PASSES))
     feeds = src.make_inputs({"batch": 3, "seq": 7}, torch.Generator().manual_seed(1))
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     interpreter = OnTriton(gm)

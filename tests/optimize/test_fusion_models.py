@@ -79,7 +79,7 @@ def test_fusion_counts_follow_the_architecture_and_scale_with_layers(fused: tupl
     architecture, f = fused
     for name, counts in expected_counts(architecture, LAYERS).items():
         assert f.results[name].matches == counts, name
-    assert f.results["quantize_int8"].skipped and f.results["precision"].skipped  # fp32
+    assert f.results["quantize"].skipped and f.results["mixed_precision"].skipped  # fp32
     assert f.packing.matches["packed_attention"] == LAYERS
 
 

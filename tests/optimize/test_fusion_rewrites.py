@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from optimize.backends import get_backend
 from optimize.capture import capture
 from optimize.passes import PASSES, PassContext, run_passes
 from optimize.passes.base import call_nodes
@@ -26,9 +27,9 @@ def run(factory: str, precision: str = "fp32", **passes: bool):
     pass; return (graph, results by pass name, eager module, source)."""
     config = CompileConfig(backend="triton", precision=precision, max_batch=4, max_seq=16, passes=passes)
     src = load_source(f"{__name__}:{factory}", config)
-    capture_precision = "fp16" if precision == "int8-weight" else precision
-    gm = capture(src, capture_precision).module()
-    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "triton"), frozenset(PASSES))}
+    plan = get_backend("triton").precision_plan(config)
+    gm = capture(src, plan.capture).module()
+    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "triton", plan), frozenset(PASSES))}
     return gm, results, src
 
 
@@ -184,7 +185,7 @@ def pooler():
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_keeps_reductions_in_fp32_and_fp32_outputs(precision):
     gm, results, src = run("pooler", precision)
-    assert results["precision"].matches["fp32_islands"] >= 2  # the sum and the norm
+    assert results["mixed_precision"].matches["fp32_islands"] >= 2  # the sum and the norm
     for node in call_nodes(gm, aten.sum.dim_IntList, aten.linalg_vector_norm.default):
         assert node.meta.get("kiln_fp32") or node.args[0].meta.get("val").dtype == torch.float32
     x = torch.randn(3, 7, 16)
@@ -196,7 +197,7 @@ def test_reduced_precision_keeps_reductions_in_fp32_and_fp32_outputs(precision):
 
 def test_int8_weight_quantizes_every_linear_and_moves_gelu_into_the_epilogue():
     gm, results, src = run("pooler", "int8-weight")
-    assert results["quantize_int8"].matches == {"linear": 1, "gelu_epilogue": 1}
+    assert results["quantize"].matches == {"linear": 1, "gelu_epilogue": 1}
     (node,) = call_nodes(gm, ops.int8_weight_linear.default)
     assert node.args[1].op == "get_attr" and node.args[4] == "gelu"
     assert not call_nodes(gm, ops.bias_gelu.default, aten.linear.default)
@@ -205,8 +206,8 @@ def test_int8_weight_quantizes_every_linear_and_moves_gelu_into_the_epilogue():
 
 def test_fp32_engines_skip_the_precision_and_int8_passes():
     _, results, _ = run("pooler")
-    assert results["precision"].skipped == "precision is fp32"
-    assert "int8-weight" in results["quantize_int8"].skipped
+    assert results["mixed_precision"].skipped == "precision is fp32"
+    assert "int8-weight" in results["quantize"].skipped
 
 
 # --------------------------------------------------------------------------------- packing

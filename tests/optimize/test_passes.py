@@ -5,7 +5,7 @@ import torch
 
 import optimize
 from optimize.capture import capture
-from optimize.passes import GENERIC_PASSES, PassContext, register_pass, run_passes
+from optimize.passes import GENERIC_PASSES, PassContext, register_pass, run_passes, unregister_pass
 from optimize.passes.base import GraphPass, call_nodes
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.errors import AccuracyError, ConfigError
@@ -44,8 +44,8 @@ def test_generic_passes_remove_dropout_fold_constants_and_dead_code():
     assert call_nodes(gm, aten.dropout.default)
     results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "eager"), GENERIC_PASSES)}
     assert results["remove_dropout"].matches["dropout"] == 1
-    assert results["constant_folding"].matches["folded"] >= 2, "w.t().t() and scale + 1 are constants"
-    assert results["dead_code"].matches["nodes"] >= 1, "the unused linear is removed"
+    assert results["fold_constants"].matches["folded"] >= 2, "w.t().t() and scale + 1 are constants"
+    assert results["remove_dead_code"].matches["nodes"] >= 1, "the unused linear is removed"
     assert not call_nodes(gm, aten.dropout.default)
     assert len(call_nodes(gm, aten.linear.default)) == 1
     x = torch.randn(3, 8)
@@ -53,12 +53,13 @@ def test_generic_passes_remove_dropout_fold_constants_and_dead_code():
 
 
 def test_passes_disabled_in_config_or_unsupported_by_backend_are_reported_as_skipped():
-    config = CompileConfig(backend="eager", max_batch=4, passes={"dead_code": False})
+    config = CompileConfig(backend="eager", max_batch=4, passes={"dead_code": False})  # the old name still works
     src, gm = graph_of(config)
-    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "eager"),
-                                             frozenset({"remove_dropout", "dead_code"}))}
-    assert results["dead_code"].skipped == "disabled in config"
-    assert results["constant_folding"].skipped == "not supported by backend eager"
+    with pytest.warns(FutureWarning, match="'dead_code' is now called 'remove_dead_code'"):
+        results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "eager"),
+                                                 frozenset({"remove_dropout", "remove_dead_code"}))}
+    assert results["remove_dead_code"].skipped == "disabled in config"
+    assert results["fold_constants"].skipped == "not supported by backend eager"
     assert results["remove_dropout"].total == 1
 
 
@@ -85,8 +86,6 @@ class BreakLinear(GraphPass):
 
 
 def test_verification_mode_names_the_first_pass_that_breaks_accuracy(tmp_path: Path):
-    from optimize import passes
-
     register_pass(BreakLinear)
     try:
         config = CompileConfig(backend="eager", max_batch=4, verify_passes=True)
@@ -96,8 +95,7 @@ def test_verification_mode_names_the_first_pass_that_breaks_accuracy(tmp_path: P
                        verifier=lambda g: {"max_abs_error": _error(g, src), "min_cosine": 1.0},
                        tolerance=(1e-4, 0.999))
     finally:
-        passes.PIPELINE.remove(BreakLinear)
-        del passes.PASSES["break_linear"]
+        unregister_pass("break_linear")
 
 
 def _error(gm, src) -> float:

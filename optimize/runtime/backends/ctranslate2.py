@@ -13,9 +13,9 @@ from optimize.runtime.engine import Engine
 from optimize.runtime.errors import EngineError
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.pooling import pool
+from optimize.runtime.precision import facts
 
 MODEL_DIR = "ctranslate2"
-COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32"}
 # The backend's options (`CompileConfig.backend_options`) and their defaults; engines read
 # theirs from the manifest over these.
 OPTIONS: dict[str, Any] = {"threads": 0}
@@ -32,7 +32,7 @@ class CTranslate2Engine(Engine):
         options = {**OPTIONS, **manifest.config.backend_options}
         try:
             self._encoder = ctranslate2.Encoder(str(path / MODEL_DIR), device="cpu",
-                                                compute_type=COMPUTE_TYPES[manifest.config.precision],
+                                                compute_type=compute_type(manifest.config.precision),
                                                 intra_threads=int(options["threads"]))
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError with long messages
             raise EngineError(f"CTranslate2 cannot open {path / MODEL_DIR}: {str(exc).splitlines()[0]}") from exc
@@ -60,8 +60,14 @@ class CTranslate2Engine(Engine):
         return {name: results[name] for name in self._outputs}
 
 
+def compute_type(precision: str) -> str:
+    """CTranslate2's compute type for a precision: int8 weights (activations quantized on the
+    fly, CTranslate2's int8_float32) for int8, else float32."""
+    return "int8_float32" if facts(precision).weights == torch.int8 else "float32"
+
+
 def load(directory: Path, manifest: Manifest) -> Engine:
     return CTranslate2Engine(directory, manifest)
 
 
-__all__ = ["CTranslate2Engine", "OPTIONS", "MODEL_DIR", "COMPUTE_TYPES", "load"]
+__all__ = ["CTranslate2Engine", "OPTIONS", "MODEL_DIR", "compute_type", "load"]

@@ -1,4 +1,4 @@
-"""`onnx_fuse_layernorm` and `onnx_fuse_gelu` on the decomposed graphs exporters below opset 20 emit."""
+"""`onnx_fuse_layer_norm` and `onnx_fuse_gelu` on the decomposed graphs exporters below opset 20 emit."""
 
 import numpy as np
 import onnx

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 import optimize
-from optimize.onnx import ONNX_PASSES, ort_verifier, run_onnx_passes
+from optimize.onnx import ort_verifier, run_onnx_passes
+from optimize.passes.order import PASS_ORDER
 from optimize.runtime.config import CompileConfig, Tolerance
 from optimize.runtime.errors import AccuracyError, ConfigError
 
@@ -20,23 +21,24 @@ def test_each_pass_that_changed_something_is_verified(minilm_onnx, pass_context)
     ctx = _context(pass_context)
     _, results = run_onnx_passes(minilm_onnx, ctx, verifier=ort_verifier(ctx))
     by_name = {r.name: r for r in results}
-    assert [r.name for r in results] == list(ONNX_PASSES), "pipeline order"
+    assert [r.name for r in results] == [s.name for s in PASS_ORDER if s.stage == "onnx"], "the pass order"
     assert by_name["onnx_ort_fusions"].skipped == "contrib ops run only on ONNX Runtime"
     assert by_name["onnx_fold_constants"].accuracy is None, "nothing changed, nothing to verify"
-    for name in ("onnx_attention", "onnx_mixed_precision"):
+    for name in ("onnx_simplify_attention", "onnx_mixed_precision"):
         assert by_name[name].accuracy["min_cosine"] > 0.9999
 
 
 def test_the_first_pass_that_breaks_accuracy_is_named(minilm_onnx, pass_context):
     ctx = _context(pass_context, tolerance=Tolerance(max_abs_error=0.0, min_cosine=1.0))
-    with pytest.raises(AccuracyError, match="ONNX pass onnx_attention broke accuracy"):
+    with pytest.raises(AccuracyError, match="ONNX pass onnx_simplify_attention broke accuracy"):
         run_onnx_passes(minilm_onnx, ctx, verifier=ort_verifier(ctx))
 
 
 def test_passes_turn_off_by_name_and_unknown_names_are_refused(minilm_onnx, pass_context):
-    ctx = _context(pass_context, passes={"onnx_attention": False})
-    model, results = run_onnx_passes(minilm_onnx, ctx, names=["onnx_fold_constants", "onnx_attention"])
-    assert [(r.name, r.skipped) for r in results] == [("onnx_fold_constants", ""), ("onnx_attention", "disabled in config")]
+    ctx = _context(pass_context, passes={"onnx_attention": False})  # its old name, still accepted
+    model, results = run_onnx_passes(minilm_onnx, ctx, names=["onnx_fold_constants", "onnx_simplify_attention"])
+    assert [(r.name, r.stage, r.skipped) for r in results] == [
+        ("onnx_fold_constants", "onnx", ""), ("onnx_simplify_attention", "onnx", "disabled in config")]
     with pytest.raises(ConfigError, match="unknown ONNX pass.es. onnx_magic"):
         run_onnx_passes(model, ctx, names=["onnx_magic"])
 
@@ -46,6 +48,8 @@ def test_compile_accepts_onnx_pass_names_in_the_config(tmp_path: Path):
     engine = optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e", config)
     entry = next(p for p in engine.manifest.passes if p["pass"] == "onnx_fuse_gelu")
     assert entry["skipped"] == "disabled in config"
+    # the report is the whole pass order, FX then ONNX, each pass with its stage
+    assert [(p["pass"], p["stage"]) for p in engine.manifest.passes] == [(s.name, s.stage) for s in PASS_ORDER]
     with pytest.raises(ConfigError, match="unknown pass.es. no_such_pass"):
         optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "f",
                          optimize.CompileConfig(backend="onnxruntime", passes={"no_such_pass": False}))
