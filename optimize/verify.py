@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from optimize.runtime.config import CompileConfig
-from optimize.runtime.precision import facts
+from optimize.runtime.precision import FACTS
 from optimize.runtime.specs import Dim, TensorSpec
 
 
@@ -197,7 +197,8 @@ def judge(random: AccuracyReport, samples: AccuracyReport | None, config: Compil
     assert tol is not None
     judged = [("random inputs", random)]
     if samples is not None:
-        real_only = facts(config.precision).quantized or tol.real_samples_only
+        quantized = config.precision in FACTS and FACTS[config.precision].quantized  # "auto": a guard, no precision
+        real_only = quantized or tol.real_samples_only
         judged = [("real samples", samples)] if real_only else [*judged, ("real samples", samples)]
     entry: dict[str, Any] = {**random.to_json(), "tolerance": tol.to_json(), "reference": "fp32 eager",
                              "judged_on": [label for label, _ in judged]}
