@@ -10,21 +10,21 @@ on CPUs that have it), bf16 for `bf16` — offered only on CPUs with native bf16
 emulate it. Payload: `model.xml` + `model.bin`.
 
 int8 (weights and activations) keeps transformers accurate by three means: SmoothQuant (NNCF
-moves activation outliers into the weights, per MatMul, by `int8_smooth_quant`: alpha 0.95 by
-default), per-channel int8 weights (NNCF's transformer preset; activations per tensor, symmetric,
-with the mixed preset's asymmetric ones where ranges are lopsided), and sensitive layers kept in
-float: with `int8_keep_sensitive` NNCF's accuracy control ranks the quantized operations by the
-error each adds and returns the worst to float, one by one, until the calibration texts'
-outputs are within the guard's cosine of the fp32 model's (held-out texts then judge the
-engine, as always). It is off by default: each step re-ranks every remaining operation, which
-on all-MiniLM-L6-v2 (50 quantized operations) takes many minutes on 2 cores. On CPUs with AMX
-or VNNI the int8 MatMuls run on them. Measured on all-MiniLM-L6-v2 (held-out sentences): the
-transformer preset with SmoothQuant 0.95 reaches cosine 0.987.
+moves activation outliers into the weights, per MatMul, by `int8_smooth_quant`), per-channel int8
+weights (NNCF's transformer preset; activations per tensor, symmetric, with the mixed preset's
+asymmetric ones where ranges are lopsided), and sensitive MatMuls kept in float
+(`int8_keep_sensitive`, on by default): the build measures what each activation quantizer costs
+on the calibration texts and keeps the costliest MatMuls out of int8 until the calibration texts
+meet the guard's cosine (`optimize.backends.openvino_int8`); a guard no selection meets is
+refused by name. The manifest's `quantization` record lists the MatMuls kept, the int8 count and
+the calibration cosine of each step; held-out texts then judge the engine, as always. On CPUs
+with native bf16 everything outside int8 (kept MatMuls, attention, normalization) computes in
+bf16 on AMX, elsewhere in fp32; on CPUs with AMX or VNNI the int8 MatMuls run on them.
 
 Options (`CompileConfig.backend_options`):
 - `hint` ("latency" default | "throughput"): OpenVINO's performance hint;
 - `int8_smooth_quant` (0.95): SmoothQuant's alpha for MatMuls (-1 turns it off);
-- `int8_keep_sensitive` (False): keep the layers int8 hurts most in float, as above (slow);
+- `int8_keep_sensitive` (True): keep the MatMuls int8 hurts most in float until the guard is met;
 - `threads` (0 = OpenVINO's choice): inference threads;
 - `device` ("CPU" default): the OpenVINO device.
 """
@@ -43,7 +43,7 @@ from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
 from optimize.config import CompileConfig
 from optimize.engine import Engine
-from optimize.errors import ConfigError, EngineError
+from optimize.errors import AccuracyError, ConfigError, EngineError
 from optimize.manifest import Manifest
 from optimize.specs import Dim, numpy_dtype
 
@@ -66,7 +66,7 @@ def _config(options: dict[str, Any], precision: str) -> dict[str, Any]:
     # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs). The precision is pinned, so an
     # engine computes in the precision its manifest says.
     config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]],
-                              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+                              "INFERENCE_PRECISION_HINT": _float_compute(options, precision)}
     if int(options["threads"]) > 0:
         config["INFERENCE_NUM_THREADS"] = int(options["threads"])
     if options["device"] == "CPU":
@@ -76,6 +76,16 @@ def _config(options: dict[str, Any], precision: str) -> dict[str, Any]:
         # or without bounded dims; with the cache off every shape is exact.
         config["CPU_RUNTIME_CACHE_CAPACITY"] = 0
     return config
+
+
+def _float_compute(options: dict[str, Any], precision: str = "int8") -> str:
+    """The precision OpenVINO computes in where the engine is not int8: bf16 for `bf16`, and for
+    `int8` on a CPU with native bf16 (the MatMuls kept out of int8, attention and the rest run
+    on AMX-BF16 instead of fp32: measured on all-MiniLM-L6-v2, calibration cosine 0.99996 for
+    the whole model in bf16); f32 otherwise (`int8-weight` included, whose point is accuracy)."""
+    if precision == "bf16" or (precision == "int8" and native_bf16(options["device"])):
+        return "bf16"
+    return "f32"
 
 
 def native_bf16(device: str = "CPU") -> bool:
@@ -125,7 +135,7 @@ class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "int8", "int8-weight"})
     options: ClassVar[dict[str, Any]] = {"hint": "latency", "threads": 0, "device": "CPU", "int8_smooth_quant": 0.95,
-                                         "int8_keep_sensitive": False}
+                                         "int8_keep_sensitive": True}
 
     def capture_precision(self, precision: str) -> str:
         return "fp32"
@@ -183,7 +193,8 @@ class OpenVINOBackend(Backend):
 
     def _quantize(self, ov_model: Any, ctx: BuildContext) -> Any:
         """NNCF post-training quantization (transformer preset, SmoothQuant) on the calibration
-        samples; with `int8_keep_sensitive`, NNCF's accuracy control against the fp32 model."""
+        samples; with `int8_keep_sensitive` and a guard, the MatMuls int8 hurts most are kept in
+        float until the calibration texts meet the guard's cosine (`openvino_int8`)."""
         import time
 
         import nncf
@@ -200,43 +211,82 @@ class OpenVINOBackend(Backend):
         alpha = float(options["int8_smooth_quant"])
         advanced = nncf.AdvancedQuantizationParameters(
             smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha))
-        items = list(enumerate(batches))
-        dataset = nncf.Dataset(items, lambda item: {n: item[1][n].numpy() for n in names})
-        common = {"subset_size": len(batches), "model_type": nncf.ModelType.TRANSFORMER,
-                  "preset": nncf.QuantizationPreset.MIXED, "advanced_parameters": advanced}
+        dataset = nncf.Dataset(batches, lambda feeds: {n: feeds[n].numpy() for n in names})
+
+        def quantize(keep: list[str]) -> Any:
+            return nncf.quantize(ov_model.clone(), dataset, subset_size=len(batches), model_type=nncf.ModelType.TRANSFORMER,
+                                 preset=nncf.QuantizationPreset.MIXED, advanced_parameters=advanced,
+                                 ignored_scope=nncf.IgnoredScope(names=keep, validate=False))
+
         t0 = time.perf_counter()
         record: dict[str, Any] = {"mode": "static", "tool": f"nncf {nncf.__version__}", "preset": "mixed",
                                   "model_type": "transformer", "batches": len(batches), "smooth_quant_alpha": alpha,
-                                  "weights": "int8 per channel"}
+                                  "weights": "int8 per channel", "float_compute": _float_compute(options)}
+        quantized = quantize([])
         tol = ctx.config.tolerance
         if options["int8_keep_sensitive"] and ctx.reference is not None and tol is not None:
-            from optimize.verify import compare_real_tokens
-
-            with torch.inference_mode():
-                references = [ctx.reference(**feeds) for feeds in batches]
-            outputs = [s.name for s in ctx.outputs]
-
-            def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
-                worst = []
-                for index, feeds in data:
-                    result = compiled({n: feeds[n].numpy() for n in names})
-                    got = {port.get_any_name(): torch.from_numpy(np.array(value)) for port, value in result.items()}
-                    stats = compare_real_tokens(feeds, references[index], {n: got[n] for n in outputs})
-                    worst.append(min(v["min_cosine"] for v in stats.values()))
-                return min(worst), worst
-
-            common.pop("advanced_parameters")
-            quantized = nncf.quantize_with_accuracy_control(
-                ov_model, dataset, dataset, validate, max_drop=max(1.0 - tol.min_cosine, 1e-5),
-                drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
-            record["kept_in_float"] = ("NNCF accuracy control: worst layers in float until calibration "
-                                       f"cosine >= {tol.min_cosine}")
-        else:
-            quantized = nncf.quantize(ov_model, dataset, **common)
+            quantized = self._keep_sensitive(quantized, quantize, batches, ctx, options, record)
         if reporter is not None:
             reporter.finish(stage, round(time.perf_counter() - t0, 3))
         ctx.record["quantization"] = record
         return quantized
+
+    def _keep_sensitive(self, quantized: Any, quantize: Any, batches: list[dict[str, torch.Tensor]],
+                        ctx: BuildContext, options: dict[str, Any], record: dict[str, Any]) -> Any:
+        """Rank the activation quantizers by the calibration cosine each costs and keep the worst
+        MatMuls in float until the calibration texts meet the guard; the choice goes to `record`."""
+        import time
+
+        from optimize.backends import openvino_int8
+        from optimize.verify import compare_real_tokens
+
+        ov = _openvino()
+        assert ctx.reference is not None and ctx.config.tolerance is not None
+        target = ctx.config.tolerance.min_cosine
+        core = ov.Core()
+        with torch.inference_mode():
+            references = [ctx.reference(**feeds) for feeds in batches]
+        outputs = [s.name for s in ctx.outputs]
+        inputs = [p.get_any_name() for p in quantized.inputs]
+
+        def score(model: Any) -> float:
+            compiled = core.compile_model(model, options["device"], _config(options, "int8"))
+            worst = 1.0
+            for feeds, expected in zip(batches, references):
+                result = compiled({n: feeds[n].numpy() for n in inputs})
+                got = {port.get_any_name(): torch.from_numpy(np.array(value)) for port, value in result.items()}
+                stats = compare_real_tokens(feeds, expected, {n: got[n] for n in outputs})
+                worst = min(worst, *(v["min_cosine"] for v in stats.values()))
+            return worst
+
+        base = score(quantized)
+        record["calibration_cosine_all_int8"] = round(base, 6)
+        quantizers = openvino_int8.activation_quantizers(quantized)
+        total = len({m for q in quantizers for m in q.matmuls})
+        if base >= target:
+            record["kept_in_float"] = {"matmuls": [], "quantized": total, "calibration_cosine": round(base, 6)}
+            return quantized
+        reporter = ctx.reporter
+        stage = f"rank {len(quantizers)} int8 quantizers by the cosine each costs"
+        t0 = time.perf_counter()
+        if reporter is not None:
+            reporter.start(stage)
+        ranked = openvino_int8.rank(quantized, quantizers, score, base)
+        if reporter is not None:
+            reporter.finish(stage, round(time.perf_counter() - t0, 3))
+
+        def step(count: int, cosine: float) -> None:
+            if reporter is not None:
+                reporter.advance(f"{count} costliest quantizers in float: calibration cosine {cosine:.5f}")
+
+        model, selection = openvino_int8.keep_until(ranked, quantize, score, target, total, step)
+        record["kept_in_float"] = {"matmuls": selection.kept, "quantized": selection.quantized,
+                                   "calibration_cosine": round(selection.cosine, 6), "target": target,
+                                   "steps": selection.steps}
+        if selection.cosine < target:
+            raise AccuracyError(f"int8 cannot reach cosine {target} on the calibration texts even with every ranked "
+                              f"MatMul in float (best {selection.cosine:.5f}); ask for a lower --min-cosine or bf16")
+        return model
 
     def load(self, directory: Path, manifest: Manifest) -> Engine:
         return OpenVINOEngine(directory, manifest)
