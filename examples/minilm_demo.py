@@ -34,7 +34,7 @@ from rich.table import Table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import optimize  # noqa: E402
-from optimize.manifest import Manifest  # noqa: E402
+from optimize.runtime.manifest import Manifest  # noqa: E402
 
 console = Console()
 

@@ -37,9 +37,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from optimize.config import AUTO_PRECISION, PRECISIONS, CompileConfig
-from optimize.errors import ConfigError, OptimizeError
+from optimize.backends import available_backends, get_backend
+from optimize.build import build_engine
 from optimize.guards import INT8_REACHABLE_COSINE, task_guard, with_task_checks
+from optimize.runtime.config import AUTO_PRECISION, PRECISIONS, CompileConfig
+from optimize.runtime.errors import ConfigError, OptimizeError
+from optimize.runtime.loading import load
+from optimize.runtime.manifest import Manifest
+from optimize.sources import load_source
 from optimize.timing import ROUNDS, EngineTimes, Timings, time_engines
 from optimize.tuning import TuningCache, tuning_key
 
@@ -97,8 +102,6 @@ def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
     them wins only on a few exotic graphs; `--backend auto --precision fp32` tries both), and
     eager only where inductor cannot build (inductor compiles the same program, and the
     search should take minutes, not a quarter of an hour, on 2 cores)."""
-    from optimize.backends import available_backends, get_backend
-
     unknown = sorted(set(config.backend_options) - set(AUTO_OPTIONS))
     if unknown:
         raise ConfigError(f"backend 'auto' has no option(s) {', '.join(unknown)}; its options: {', '.join(AUTO_OPTIONS)}")
@@ -155,8 +158,6 @@ def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
 
 
 def _inductor_builds() -> bool:
-    from optimize.backends import get_backend
-
     try:
         backend = get_backend("inductor")
     except (OptimizeError, ImportError):
@@ -242,9 +243,6 @@ def _rebuild_winner(source: str | Path, out_dir: Path, config: CompileConfig, ca
                     tuning: TuningCache, name: str | None, reporter: Any) -> Any:
     """Build and verify only the candidate a cached search chose; None when it no longer
     passes (then the caller searches again)."""
-    import optimize
-    from optimize.manifest import Manifest
-
     auto = cached["auto"]
     chosen = next(c for c in auto["candidates"] if c["candidate"] == cached["chosen"])
     stage = f"tuning cache: {chosen['candidate']} was fastest here ({tuning.path}, {cached.get('recorded', '?')})"
@@ -254,7 +252,7 @@ def _rebuild_winner(source: str | Path, out_dir: Path, config: CompileConfig, ca
     sub = replace(config, backend=chosen["backend"], precision=chosen["precision"],
                   backend_options=dict(chosen.get("options") or {}), tolerance=config.tolerance)
     try:
-        optimize.compile(source, out_dir, sub, name=name, reporter=reporter)
+        build_engine(source, out_dir, sub, name=name, reporter=reporter)
     except OptimizeError as exc:
         if reporter is not None:
             note = f"cached choice {chosen['candidate']} no longer passes ({str(exc)[:80]}): searching again"
@@ -265,17 +263,13 @@ def _rebuild_winner(source: str | Path, out_dir: Path, config: CompileConfig, ca
     manifest.build["auto"] = {**auto, "tuning": {"cache": str(tuning.path), "hit": True,
                                                   "recorded": cached.get("recorded")}}
     manifest.write(out_dir)
-    return optimize.load(out_dir)
+    return load(out_dir)
 
 
 def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig, *, name: str | None = None,
                  reporter: Any = None, tuning: TuningCache | None = None) -> Any:
     """Compile every candidate, time the ones that pass, install the fastest at `out_dir`;
     with `tuning`, reuse (and record) the choice for this machine and model."""
-    import optimize
-    from optimize.manifest import Manifest
-    from optimize.sources import load_source
-
     out_dir = Path(out_dir)
     key = None
     if config.precision == AUTO_PRECISION or tuning is not None:
@@ -306,7 +300,7 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
             sub = replace(config, backend=candidate.backend, precision=candidate.precision,
                           backend_options={**candidate.options}, tolerance=tolerance)
             try:
-                engine = optimize.compile(source, workdir / str(index), sub, name=name)
+                engine = build_engine(source, workdir / str(index), sub, name=name)
                 candidate.accuracy = judged_accuracy(engine.manifest.accuracy)
                 candidate.status = "passed"
                 del engine
@@ -345,4 +339,4 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
         chosen_dir.rename(out_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return optimize.load(out_dir)
+    return load(out_dir)

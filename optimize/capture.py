@@ -21,9 +21,9 @@ from torch.export import Dim as ExportDim
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from optimize.errors import CaptureError
+from optimize.runtime.errors import CaptureError
+from optimize.runtime.specs import Dim, TensorSpec, dtype_name
 from optimize.sources.base import Source
-from optimize.specs import Dim, TensorSpec, dtype_name
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -16,10 +16,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimize.config import (AUTO_PRECISION, CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS, CompileConfig,
-                             Tolerance)
-from optimize.errors import OptimizeError
+import optimize
+from optimize.runtime.config import (AUTO_PRECISION, CALIBRATION_METHODS, DEFAULT_TOLERANCES, PRECISIONS,
+                                     CompileConfig, Tolerance)
+from optimize.runtime.errors import OptimizeError
+from optimize.runtime.manifest import Manifest
+from optimize.backends import available_backends
+from optimize.guards import FP32_LEVEL_COSINE
+from optimize.profile.cli import add_profile_parser
 from optimize.sources.tasks import TASKS
+from optimize.tuning import TuningCache, default_path
 
 console = Console(stderr=True)
 
@@ -51,8 +57,6 @@ class RichReporter:
 
 
 def _summary(engine_dir: Path) -> Table:
-    from optimize.manifest import Manifest
-
     m = Manifest.read(engine_dir)
     table = Table(title=f"engine {m.name} → {engine_dir}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -99,8 +103,6 @@ def _summary(engine_dir: Path) -> Table:
 
 
 def _passes_table(engine_dir: Path) -> Table:
-    from optimize.manifest import Manifest
-
     table = Table(title="graph passes", title_justify="left")
     for column in ("pass", "matched", "time", "accuracy after"):
         table.add_column(column)
@@ -122,8 +124,6 @@ def _auto_table(engine_dir: Path) -> Table | None:
     """The candidates `--backend auto` tried, fastest first, with why any was rejected, and
     underneath how sure the choice is and how busy the machine was while timing. A time marked
     (cpu) is the CPU time of a run, shorter than any run was on the busy machine."""
-    from optimize.manifest import Manifest
-
     auto = Manifest.read(engine_dir).build.get("auto")
     if not auto:
         return None
@@ -167,10 +167,6 @@ def _auto_table(engine_dir: Path) -> Table | None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    import optimize
-    from optimize.guards import FP32_LEVEL_COSINE
-    from optimize.tuning import TuningCache, default_path
-
     # No --backend: measure (auto); no --precision either: any precision that keeps the task's
     # guard (optimize.guards). A backend named alone builds fp32, as it always did.
     backend = args.backend or "auto"
@@ -219,8 +215,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from optimize.manifest import Manifest
-
     if args.json:
         print(json.dumps(Manifest.read(args.engine).to_json(), indent=2))
     else:
@@ -243,8 +237,6 @@ def _backend_option(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from optimize.backends import available_backends
-
     parser = argparse.ArgumentParser(prog="python -m optimize", description="Compile transformer models into verified engines.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,7 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_info)
 
-    from optimize.profile.cli import add_profile_parser
 
     add_profile_parser(sub)
     return parser

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from optimize.config import Tolerance
+from optimize.runtime.config import Tolerance
 
 FP32_LEVEL_COSINE = 0.9999
 # Above the best cosine int8 is known to reach on real text (all-MiniLM-L6-v2, held-out

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.pipeline import Pipeline
 from optimize.sources.base import Source
 
 Feeds = dict[str, torch.Tensor]
@@ -149,8 +151,6 @@ def text_batches(
 def _tokenizer(source: Source, config: CompileConfig) -> tuple[Callable[[list[str]], dict[str, np.ndarray]], int]:
     """The source's tokenizer, capped at `config.max_seq`. Pair models get each text paired
     with the next one, so real samples exercise both segments."""
-    from optimize.pipeline import Pipeline
-
     assert source.pipeline is not None and source.pipeline_dir is not None
     entry = dict(source.pipeline, max_length=min(int(source.pipeline["max_length"]), config.max_seq))
     pipeline = Pipeline.from_manifest(source.pipeline_dir, entry, directory="")
@@ -160,8 +160,6 @@ def _tokenizer(source: Source, config: CompileConfig) -> tuple[Callable[[list[st
 
 
 def _tensor_samples(path: Path, source: Source, config: CompileConfig) -> list[Feeds]:
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path))
     names = [s.name for s in source.inputs]
     missing = [n for n in names if n not in tensors]

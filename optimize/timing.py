@@ -57,7 +57,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import OptimizeError
+import torch
+
+from optimize.runtime.errors import OptimizeError
+from optimize.runtime.loading import load
+from optimize.runtime.specs import torch_dtype
 
 TIMING_WARMUP = 3  # runs per shape before any timing: first runs allocate, compile kernels, fill caches
 ROUNDS = 8
@@ -309,8 +313,6 @@ Runner = Callable[[str, str, int], tuple[list[float], list[float]]]
 
 def _has_cuda() -> bool:
     """Whether engines here may compute on a GPU (then their CPU time says nothing of their time)."""
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -327,12 +329,10 @@ def time_engines(paths: Mapping[str, Path], shapes: Sequence[tuple[int, int]], *
     """Time every engine of `paths` (name -> engine directory) at each (batch, seq) shape, by
     the method of this module. An engine whose worker fails is listed in `failed` with the
     reason; the others are still timed. `progress` is called after each batch of runs."""
-    import optimize
-
     keys = [shape_key(s) for s in shapes]
     # From the directory holding the `optimize` package this process imported, so the worker
     # runs the same kiln (an installed one, or a checkout's) whatever the caller's directory.
-    root = Path(optimize.__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     return time_workers({name: engine_command(path, keys) for name, path in paths.items()}, shapes, cwd=root,
                         progress=progress)
 
@@ -455,9 +455,6 @@ def _summarize(batches: list[Batch], shapes: Sequence[str], cpu_bound: bool) -> 
 def _feeds(engine: Any, batch: int, seq: int) -> dict[str, Any]:
     """Inputs of one shape: all-ones attention masks (no padding, so padding-free engines do the
     full work too), random floats, and integers in the input's value range."""
-    import torch
-
-    from optimize.specs import torch_dtype
 
     sizes = {"batch": batch, "seq": seq}
     generator = torch.Generator().manual_seed(0)
@@ -476,12 +473,8 @@ def _feeds(engine: Any, batch: int, seq: int) -> dict[str, Any]:
 
 
 def _worker_main(args: argparse.Namespace) -> int:
-    import torch
-
-    import optimize
-
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = optimize.load(args.engine)
+    engine = load(args.engine)
     feeds = {text: _feeds(engine, *parse_shape(text)) for text in args.shape}
     for text in args.shape:
         for _ in range(TIMING_WARMUP):

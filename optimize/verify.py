@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from optimize.config import CompileConfig
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.config import QUANTIZED_PRECISIONS
+from optimize.runtime.specs import Dim, TensorSpec
 
 
 @dataclass
@@ -192,8 +193,6 @@ def judge(random: AccuracyReport, samples: AccuracyReport | None, config: Compil
     activations no real input produces and exaggerate quantization error (optimize/samples.py); their
     random-input numbers are still recorded. Every other precision must pass on both.
     """
-    from optimize.config import QUANTIZED_PRECISIONS
-
     tol = config.tolerance
     assert tol is not None
     judged = [("random inputs", random)]

@@ -10,7 +10,7 @@ or from Python (inside a running event loop):
     ...
     await server.stop()
 
-The server sees engines only through optimize's Engine API (`optimize.load`, specs, `run`).
+The server sees engines only through optimize's runtime (`optimize.runtime.load`, specs, `run`).
 """
 
 from server.app import Server, create_server

@@ -23,13 +23,13 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-import optimize
+from optimize import runtime
 from server.auth import bearer_token_matches
 from server.config import ServerConfig
 from server.errors import ConfigError, ServerError
 from server.handlers import abort, add_service
-from server.logs import Throttled
 from server.http import HttpServer
+from server.logs import Throttled
 from server.metrics import MetricsServer, registry_for
 from server.proto import POOL, grpc_service_pb2
 from server.repository import EngineLoader, Repository
@@ -179,7 +179,7 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
 
 
 def create_server(config: ServerConfig, repository: Repository | None = None,
-                  loader: EngineLoader = optimize.load) -> tuple[Server, int]:
+                  loader: EngineLoader = runtime.load) -> tuple[Server, int]:
     """Build a server for `config` and bind its ports; `port` 0 picks a free one, returned here
     (likewise `http_port`, see `Server.http_port`).
 

@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-import optimize
-from optimize.errors import OptimizeError
-from optimize.specs import Dim
+from optimize import runtime
+from optimize.runtime.errors import OptimizeError
+from optimize.runtime.specs import Dim
 
 log = logging.getLogger("server.batch")
 
@@ -87,7 +87,7 @@ class OutputColumn:
     shape: tuple[int, ...]
 
 
-def output_columns(engine: optimize.Engine, names: Sequence[str] | None = None) -> list[OutputColumn]:
+def output_columns(engine: runtime.Engine, names: Sequence[str] | None = None) -> list[OutputColumn]:
     """The outputs a batch job writes: `names`, or the pipeline's answer (e.g.
     `sentence_embedding`). Raises `BatchError` when the engine has no single-text pipeline, does
     not batch, or an output is not one fixed-size value or vector per row (token-level outputs
@@ -123,7 +123,7 @@ class EngineBatches:
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, text_column: str = "text", id_column: str = "id",
                  outputs: Sequence[str] | None = None) -> None:
-        self.engine = optimize.load(engine_dir)
+        self.engine = runtime.load(engine_dir)
         self.columns = output_columns(self.engine, outputs)
         self.pipeline = self.engine.pipeline
         self.text_column, self.id_column = text_column, id_column
@@ -132,6 +132,7 @@ class EngineBatches:
         self.min_seq = seq.min if isinstance(seq, Dim) else 1
 
     def __call__(self, batch: Any) -> Any:
+        # why: optional (kiln[ray])
         import pyarrow as pa
 
         texts = batch.column(self.text_column).to_pylist()
@@ -177,6 +178,7 @@ def _cut(array: np.ndarray, width: int, pad: int) -> np.ndarray:
 def _arrow_column(values: np.ndarray, column: OutputColumn) -> Any:
     """A per-row scalar column, or a fixed-size list column for vectors (a plain Arrow type that
     pandas, DuckDB and Spark read without Ray's tensor extension)."""
+    # why: optional (kiln[ray])
     import pyarrow as pa
 
     flat = pa.array(np.ascontiguousarray(values).reshape(-1))
@@ -195,11 +197,12 @@ def embed_dataset(ds: Any, engine_dir: str | os.PathLike[str], *, text_column: s
     Dataset: nothing runs until it is consumed or written.
 
     Raises `BatchError` when the engine cannot run a batch job or `ds` lacks a column."""
+    # why: optional (kiln[ray])
     import ray.data
 
     engine_dir = Path(engine_dir).resolve()
     try:
-        columns = output_columns(optimize.load(engine_dir), outputs)
+        columns = output_columns(runtime.load(engine_dir), outputs)
     except OptimizeError as exc:
         raise BatchError(f"cannot load engine {engine_dir}: {exc}") from None
     missing = [c for c in (id_column, text_column) if c not in ds.columns()]
@@ -221,6 +224,7 @@ def read_input(path: str | os.PathLike[str], input_format: str | None = None) ->
     """A Ray Dataset over a Parquet, JSON Lines or CSV file, or a directory of them (the format
     from the file names unless `input_format` says "parquet", "json" or "csv"). Raises
     `BatchError` when the path does not exist or the format cannot be told."""
+    # why: optional (kiln[ray])
     import ray.data
 
     source = Path(path)
@@ -252,6 +256,7 @@ def _format_of(source: Path) -> str:
 
 def _drop_done(batch: Any, column: str, done: Any) -> Any:
     """The rows of `batch` whose id is not in `done` (ids a previous run already wrote)."""
+    # why: optional (kiln[ray])
     import pyarrow.compute as pc
 
     ids = batch.column(column)
@@ -261,6 +266,7 @@ def _drop_done(batch: Any, column: str, done: Any) -> Any:
 # -- the output directory ---------------------------------------------------------------------------
 
 def _datasink_base() -> type:
+    # why: optional (kiln[ray])
     from ray.data import Datasink
 
     return Datasink
@@ -276,6 +282,7 @@ class PartFiles:
         self.id_column = id_column
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        # why: optional (kiln[ray])
         import pyarrow as pa
         import pyarrow.parquet as pq
         from ray.data.block import BlockAccessor
@@ -312,7 +319,7 @@ def part_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob(f"{PART_PREFIX}*{PART_SUFFIX}") if p.is_file())
 
 
-def run_identity(engine: optimize.Engine, columns: Sequence[OutputColumn], id_column: str,
+def run_identity(engine: runtime.Engine, columns: Sequence[OutputColumn], id_column: str,
                  text_column: str) -> dict[str, Any]:
     """What an output directory's rows are: the engine (as `Engine.describe` tells it), the
     outputs and the columns. A resumed run must match it."""
@@ -325,6 +332,7 @@ def prepare_output(directory: Path, identity: dict[str, Any], id_column: str, ov
     possibly empty): remove temporary files a crashed run left; with `overwrite`, remove every
     part file too; refuse (`BatchError`) a directory holding another engine's or another
     configuration's rows, or files this tool did not write."""
+    # why: optional (kiln[ray])
     import pyarrow as pa
     import pyarrow.dataset as pads
 
@@ -361,6 +369,7 @@ def deduplicate(directory: Path, id_column: str) -> tuple[int, int]:
     """Check that every id of `directory`'s part files appears once; an id found more than once
     keeps its first row in file name order (only the files that lose rows are rewritten).
     Returns (rows kept, duplicate rows removed). Reads the id column of every file."""
+    # why: optional (kiln[ray])
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -449,7 +458,7 @@ def run(args: argparse.Namespace) -> Summary:
     """Run the job `args` describes on the Ray that is initialized. Raises `BatchError`."""
     engine_dir, output = args.engine.resolve(), args.output.resolve()
     try:
-        engine = optimize.load(engine_dir)
+        engine = runtime.load(engine_dir)
     except OptimizeError as exc:
         raise BatchError(f"cannot load engine {engine_dir}: {exc}") from None
     columns = output_columns(engine, args.outputs)
@@ -480,6 +489,7 @@ def run(args: argparse.Namespace) -> Summary:
 def _check_room(actors: int, cpus_per_actor: float, joined: bool) -> None:
     """Refuse a pool that would leave Ray Data no CPU for its own tasks (the job would wait
     forever); on a joined cluster only warn, since an autoscaling one adds nodes."""
+    # why: optional (kiln[ray])
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
@@ -500,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        # why: optional (kiln[ray])
         import ray
     except ImportError:
         print(f"python -m server.batch: error: {_RAY_MISSING}", file=sys.stderr)

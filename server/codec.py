@@ -22,7 +22,7 @@ from server.proto import grpc_service_pb2 as pb
 from server.repository import TEXT_INPUT, Model
 from server.text import TextLimits
 
-# KServe v2 datatype → numpy dtype name (optimize.specs' canonical names). BYTES is a numpy
+# KServe v2 datatype → numpy dtype name (optimize.runtime.specs' canonical names). BYTES is a numpy
 # object array of `bytes`; BF16 has no numpy dtype.
 DTYPE_OF: dict[str, str] = {
     "BOOL": "bool",

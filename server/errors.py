@@ -30,6 +30,12 @@ class MalformedRequest(InvalidArgument):
     model's rules are plain `InvalidArgument`s, as over gRPC."""
 
 
+class TextTooLong(InvalidArgument):
+    """A text holds more tokens than the model reads, and the request did not ask to truncate
+    it. INVALID_ARGUMENT over gRPC (a property of the request, as Triton's shape errors); 413
+    over HTTP, as text-embeddings-inference answers it."""
+
+
 class PayloadTooLarge(ServerError):
     """A request is larger than the server accepts (`max_message_bytes`)."""
 
@@ -122,6 +128,7 @@ _HTTP_STATUS: dict[type[ServerError], int] = {
     ConfigError: 400,
     InvalidArgument: 400,
     MalformedRequest: 422,
+    TextTooLong: 413,
     PayloadTooLarge: 413,
     NotFound: 404,
     Unavailable: 503,

@@ -16,8 +16,13 @@ outputs into one result per request. Pure numpy; unit-tested without an engine.
   `cu_seqlens` (see `Packed` for the contract).
 - `Unbatched`: models that do not batch run each request as it came.
 - `Text`: requests that carried a BYTES `text` input, tokenized by the service before they
-  were queued; every text request shares one key, the batch is padded to its longest text and
-  laid out by the model's token layout.
+  were queued, and queued one text at a time (`split`) so the batcher can group texts of
+  similar length; every text shares one key, the batch is padded to its longest text (rounded
+  up to a bucket boundary where the model has buckets) and laid out by the model's token
+  layout.
+
+A request's parts (`split`, `slices`) run in whichever batches the batcher puts them; `join`
+puts their results back together in order.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.specs import Dim, TensorSpec
 
 Tensors = dict[str, np.ndarray]
 TEXT_KEY = ("text",)
@@ -80,6 +85,47 @@ def split(outputs: Mapping[str, np.ndarray], sizes: Sequence[int]) -> list[Tenso
         for part, piece in zip(parts, np.split(array, bounds, axis=0), strict=True):
             part[name] = piece
     return parts
+
+
+def round_up(length: int, buckets: Sequence[int], limit: int | None = None) -> int:
+    """`length` rounded up to the first of `buckets` (sorted) that holds it, never past `limit`;
+    `length` itself when no bucket holds it."""
+    for boundary in buckets:
+        if length <= boundary:
+            return min(boundary, limit) if limit else boundary
+    return length
+
+
+def token_length(inputs: Mapping[str, np.ndarray]) -> int:
+    """Tokens per row of a token request (`input_ids` [rows, seq]); 0 when it has no such input."""
+    ids = inputs.get("input_ids")
+    return int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 0
+
+
+def slices(inputs: Mapping[str, np.ndarray], rows_per_part: int) -> list[Tensors]:
+    """A request cut along dim 0 into parts of at most `rows_per_part` rows, in order."""
+    rows = _rows(inputs)
+    if rows <= rows_per_part:
+        return [dict(inputs)]
+    return [{name: array[start:start + rows_per_part] for name, array in inputs.items()}
+            for start in range(0, rows, rows_per_part)]
+
+
+def join(parts: Sequence[Mapping[str, np.ndarray]]) -> Tensors:
+    """The results of a request's parts as one result, rows in order. Parts whose outputs differ
+    beyond dim 0 (token outputs, each cut to its own texts' length) are zero-padded to the
+    longest, as if they had run in one batch."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    joined: Tensors = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        widest = tuple(max(a.shape[axis] for a in arrays) for axis in range(1, arrays[0].ndim))
+        padded = [a if a.shape[1:] == widest else
+                  np.pad(a, [(0, 0)] + [(0, w - n) for w, n in zip(widest, a.shape[1:], strict=True)])
+                  for a in arrays]
+        joined[name] = np.concatenate(padded, axis=0)
+    return joined
 
 
 def _run(engine: Any, inputs: Tensors) -> Tensors:
@@ -281,21 +327,47 @@ class Text:
     of [n, longest of the request], as the engine pipeline's `tokenize` returns them.
 
     Texts of any length share a batch (one key): the batch's requests are padded to its longest
-    text (`pad_id` in `input_ids`, 0 elsewhere, so the attention mask hides the padding) and
-    laid out by `inner` (the model's token layout) as one request. Each request gets its rows
-    back, with token-axis outputs cut to its own longest text.
+    text (`pad_id` in `input_ids`, 0 elsewhere, so the attention mask hides the padding), rounded
+    up to the first of `buckets` that holds it (never past `max_length`), and laid out by
+    `inner` (the model's token layout) as one request. Each request gets its rows back, with
+    token-axis outputs cut to its own longest text.
     """
 
-    def __init__(self, inner: Layout, outputs: Sequence[TensorSpec], pad_id: int = 0) -> None:
+    def __init__(self, inner: Layout, outputs: Sequence[TensorSpec], pad_id: int = 0, buckets: Sequence[int] = (),
+                 max_length: int | None = None) -> None:
         self.inner = inner
         self.pad_id = pad_id
+        self.buckets = tuple(sorted(buckets))
+        self.max_length = max_length
         self.output_axes = {s.name: {1: s.shape[1].name} for s in outputs if _token_layout(s)}
 
     def key(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         return TEXT_KEY
 
+    def padded_length(self, length: int) -> int:
+        """The token length a batch whose longest text has `length` tokens is padded to."""
+        return round_up(length, self.buckets, self.max_length)
+
+    def split(self, inputs: Mapping[str, np.ndarray], max_batch_tokens: int = 0,
+              by_text: bool = True) -> list[tuple[Tensors, int, int]]:
+        """A tokenized text request as parts `(inputs, rows, padded tokens per row)` for the
+        batcher to group by length: `by_text`, one per text, each cut to its own tokens (for
+        requests whose answer reads no token-axis output: pooled embeddings, labels, pair
+        scores; such outputs of a text are cut to its own length, and `join` zero-pads them).
+        Otherwise the request stays one padded block, as its answer reads every position the
+        engine computed, or is cut into slices of rows within `max_batch_tokens`."""
+        rows = _rows(inputs)
+        width = int(inputs["input_ids"].shape[1])
+        if not by_text:
+            per_part = max(1, max_batch_tokens // self.padded_length(width)) if max_batch_tokens else rows
+            return [(part, _rows(part), self.padded_length(width)) for part in slices(inputs, per_part)]
+        mask = inputs.get("attention_mask")
+        lengths = mask.sum(axis=1).tolist() if mask is not None else [width] * rows
+        return [({name: array[row:row + 1, :int(length)] for name, array in inputs.items()}, 1,
+                 self.padded_length(int(length))) for row, length in enumerate(lengths)]
+
     def assemble(self, requests: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, tuple[Any, list[_Cut]]]:
-        longest = max(int(r["input_ids"].shape[1]) for r in requests)
+        longest = self.padded_length(max(int(r["input_ids"].shape[1]) for r in requests))
         total = sum(_rows(r) for r in requests)
         tokens: Tensors = {}
         for name, first in requests[0].items():

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from server.errors import ConfigError
 from server.errors import DeadlineExceeded, Internal, Rejected, ServerError, Unavailable
 from server.http import create_app
 from server.layout import Layout
@@ -114,11 +115,11 @@ class ServeBatchScheduler(ModelScheduler):
             self._running = True
 
     async def infer(self, inputs: Mapping[str, np.ndarray], size: int, request_id: str = "", *, text: bool = False,
-                    priority: int = 0, timeout_us: int = 0, deadline_in_s: float | None = None,
-                    timings: Timings | None = None) -> Tensors:
+                    outputs: Sequence[str] | None = None, priority: int = 0, timeout_us: int = 0,
+                    deadline_in_s: float | None = None, timings: Timings | None = None) -> Tensors:
         """Queue one validated request in Serve's batch queue and return its outputs
-        (`priority` is not applied: the queue is first come, first served). Raises as
-        `ModelScheduler.infer` does."""
+        (`priority` is not applied: the queue is first come, first served; `outputs` is not
+        looked at: Serve batches whole requests). Raises as `ModelScheduler.infer` does."""
         if not self.accepting:
             raise Unavailable(f"model '{self.model.name}' is not accepting requests: the replica is shutting down")
         layout = self.model.text_layout if text else self.model.layout
@@ -251,7 +252,5 @@ def build_app(args: dict[str, Any] | KilnServeArgs) -> serve.Application:
     path = Path(args.repository).resolve()
     ServerConfig(repository=path, max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace_s)
     if not path.is_dir():
-        from server.errors import ConfigError
-
         raise ConfigError(f"model repository {path} is not a directory")
     return KilnDeployment.bind(str(path), args.batch_wait_timeout_s, args.max_message_bytes, args.shutdown_grace_s)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-import optimize
-from optimize.errors import OptimizeError
-from optimize.specs import Dim, TensorSpec
+from optimize import runtime
+from optimize.runtime.errors import OptimizeError
+from optimize.runtime.specs import Dim, TensorSpec
 from server import layout as layouts
 from server.config import CONFIG_FILE, ModelConfig
 from server.errors import ConfigError, InvalidArgument, NotFound
@@ -33,7 +33,7 @@ from server.text import TextLimits, TextTask
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[[Path], optimize.Engine]
+EngineLoader = Callable[[Path], runtime.Engine]
 TEXT_INPUT = "text"
 # A model name is one directory entry: letters, digits, '_', '-', '.', not starting with '.',
 # so neither '..' nor a path separator nor a hidden directory can be named.
@@ -47,13 +47,13 @@ class Model:
 
     name: str
     version: int
-    engine: optimize.Engine
+    engine: runtime.Engine
     config: ModelConfig
     path: Path | None = None
 
     def __post_init__(self) -> None:
         self.pipeline = self.engine.pipeline
-        # The text interface of the engine's task (optimize.pipeline.TextInterface): its BYTES
+        # The text interface of the engine's task (optimize.runtime.pipeline.TextInterface): its BYTES
         # inputs, its outputs, the options its requests take and the post-processing. None
         # without a pipeline, or for a task the pipeline has no text interface for
         # (`text_refusal` says why; its token inputs are still served).
@@ -77,7 +77,9 @@ class Model:
         self.text_layout: layouts.Layout | None = None
         self.text_limits: TextLimits | None = None
         if self.text is not None and not {t.name for t in self.text.inputs} & set(self._inputs):
-            self.text_layout = layouts.Text(self.layout, self.engine.outputs, pad_id=self.pipeline.pad_id)
+            self.text_layout = layouts.Text(self.layout, self.engine.outputs, pad_id=self.pipeline.pad_id,
+                                            buckets=self.config.text_buckets(self.engine.backend),
+                                            max_length=self.pipeline.max_length)
             assert self.config.max_text_bytes is not None and self.config.max_request_text_bytes is not None
             self.text_limits = TextLimits(self.name, self.config.max_text_bytes, self.config.max_request_text_bytes)
 
@@ -198,7 +200,7 @@ class Repository:
     path: Path | None = None
 
     @classmethod
-    def load(cls, path: str | Path, loader: EngineLoader = optimize.load, only: Iterable[str] = ("*",)) -> Repository:
+    def load(cls, path: str | Path, loader: EngineLoader = runtime.load, only: Iterable[str] = ("*",)) -> Repository:
         """Load the latest version of every model under `path` (of those named in `only`;
         "*" is every model).
 
@@ -254,7 +256,7 @@ class Repository:
             return []
         return sorted(p.name for p in self.path.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name))
 
-    def read_model(self, name: str, loader: EngineLoader = optimize.load) -> Model:
+    def read_model(self, name: str, loader: EngineLoader = runtime.load) -> Model:
         """Load model `name` from the repository directory (not yet served: the caller swaps it
         in). Raises `InvalidArgument`/`NotFound` for a bad or unknown name, `ConfigError` or
         `OptimizeError` when it cannot be loaded."""

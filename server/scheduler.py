@@ -7,6 +7,12 @@ deadline passed → `DeadlineExceeded`; shutdown past its grace period → `Unav
 whose client has gone (its task cancelled) is taken out of the queue and never runs; one whose
 timeout or deadline passed never runs either. With `preserve_ordering`, answers are released in
 arrival order.
+
+A request may run in parts (`server.batcher.Batcher.add_parts`): a text request one text per
+part, so the batcher can group texts of similar length across requests; a request of tokens
+whose rows exceed `max_batch_tokens` in slices that fit. Its answer is the parts' results
+joined in order (`server.layout.join`) once the last part has run; if one part fails, the
+request fails and its other parts are taken out of the queue.
 """
 
 from __future__ import annotations
@@ -15,14 +21,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from server.batcher import Batch, Batcher, Clock, Expired, InOrder, QueueFull
+from server import layout as layouts
+from server.batcher import Batch, Batcher, Clock, Expired, InOrder, Pending, QueueFull
 from server.errors import DeadlineExceeded, Internal, Rejected, Unavailable
 from server.layout import Layout
 from server.repository import Model
@@ -31,13 +38,16 @@ from server.stats import ModelStats, Timings
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+# Tasks whose text answers are made from the engine's token-axis outputs (entities from per-token
+# logits, ...): their requests' texts stay together, padded as one block, so those outputs are
+# what the engine computed for every position.
+TOKEN_LEVEL_TASKS = ("token-classification", "fill-mask", "causal-lm")
 
 
 @dataclass(eq=False)
 class Work:
-    """What the batcher carries for one request."""
+    """One request: where its answer goes, and its parts' results as they come in."""
 
-    inputs: Mapping[str, np.ndarray]
     layout: Layout
     future: asyncio.Future[Tensors]
     request_id: str
@@ -45,6 +55,18 @@ class Work:
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     ticket: int = -1  # arrival order, for preserve_ordering
     settled: bool = False
+    results: list[Tensors | None] = field(default_factory=list)
+    pending: list[Pending[Part]] = field(default_factory=list)
+    dispatched: bool = False
+
+
+@dataclass(eq=False)
+class Part:
+    """What the batcher carries: the rows of one request (`index`-th part of `work`)."""
+
+    work: Work
+    index: int
+    inputs: Mapping[str, np.ndarray]
 
 
 class ModelScheduler:
@@ -58,7 +80,9 @@ class ModelScheduler:
     def __init__(self, model: Model, clock: Clock = time.monotonic) -> None:
         self.model = model
         self.stats = ModelStats(model.name, model.version)
-        self.batcher: Batcher[Work] = Batcher(model.config.batch_policy(), clock=clock)
+        self.batcher: Batcher[Part] = Batcher(model.config.batch_policy(), clock=clock)
+        self._max_batch_tokens = model.config.max_batch_tokens
+        self._running = 0  # batches executing now (the model is idle at 0)
         self._clock = clock
         self._in_order: InOrder[tuple[Work, Tensors | None, BaseException | None]] | None = (
             InOrder() if model.config.preserve_ordering else None
@@ -90,12 +114,14 @@ class ModelScheduler:
         self._timer_task = asyncio.create_task(self._watch_timeouts(), name=f"{self.model.name}-timeouts")
 
     async def infer(self, inputs: Mapping[str, np.ndarray], size: int, request_id: str = "", *, text: bool = False,
-                    priority: int = 0, timeout_us: int = 0, deadline_in_s: float | None = None,
-                    timings: Timings | None = None) -> Tensors:
+                    outputs: Sequence[str] | None = None, priority: int = 0, timeout_us: int = 0,
+                    deadline_in_s: float | None = None, timings: Timings | None = None) -> Tensors:
         """Queue one validated request of `size` samples and return its outputs.
 
         `text` marks a request of texts, already tokenized by the engine's pipeline (it batches
-        with other texts through the model's `text_layout`); `priority` and `timeout_us` are
+        with other texts through the model's `text_layout`), `outputs` the outputs it asks for
+        (None: all; its texts are queued one by one unless one of them, or its task's answer,
+        needs the engine's token-axis outputs); `priority` and `timeout_us` are
         the request's parameters (0: none); `deadline_in_s` is the time its client still waits
         (None: forever). `timings`, when given, receives where the time went.
 
@@ -108,26 +134,49 @@ class ModelScheduler:
         layout = self.model.text_layout if text else self.model.layout
         assert layout is not None, "text requests are only queued for models with a text input"
         loop = asyncio.get_running_loop()
-        work = Work(inputs, layout, loop.create_future(), request_id, timings or Timings())
+        work = Work(layout, loop.create_future(), request_id, timings or Timings())
         deadline_s = self._clock() + deadline_in_s if deadline_in_s is not None else None
+        parts = self._parts(inputs, size, text, outputs)
+        work.results = [None] * len(parts)
         try:
-            pending = self.batcher.add(size, layout.key(inputs), work, priority=priority, timeout_us=timeout_us,
-                                       deadline_s=deadline_s)
+            work.pending = self.batcher.add_parts(
+                [(rows, tokens, Part(work, index, part)) for index, (part, rows, tokens) in enumerate(parts)],
+                layout.key(inputs), priority=priority, timeout_us=timeout_us, deadline_s=deadline_s)
         except QueueFull as exc:
             raise Rejected(f"{exc} for model '{self.model.name}'") from None
         if self._in_order is not None:
             work.ticket = self._in_order.admit()
         self._wakeup.set()
-        if pending.timeout_s is not None or pending.deadline_s is not None:
+        if work.pending[0].timeout_s is not None or work.pending[0].deadline_s is not None:
             self._timer_wakeup.set()
         try:
             return await work.future
         except asyncio.CancelledError:
             # The client went away (or the RPC was cancelled): do not run it if it still waits,
             # and do not let it hold back the answers of later requests.
-            self.batcher.remove(pending)
             self._settle(work, None, None)
             raise
+
+    def _parts(self, inputs: Mapping[str, np.ndarray], size: int, text: bool,
+               outputs: Sequence[str] | None = None) -> list[tuple[Mapping[str, np.ndarray], int, int]]:
+        """How a request is queued: `(inputs, rows, tokens per row)` per part. Texts as the text
+        layout splits them (one per part, grouped by length in the batcher); a request of tokens
+        whole, or — when the model has a token budget and the request's rows exceed it — in
+        slices that fit it."""
+        if text:
+            assert self.model.text_layout is not None
+            layout = self.model.text_layout
+            token_outputs = set(layout.output_axes)  # type: ignore[attr-defined]
+            asked = token_outputs if outputs is None else set(outputs)
+            by_text = self.model.task not in TOKEN_LEVEL_TASKS and not asked & token_outputs
+            return layout.split(inputs, self._max_batch_tokens, by_text=by_text)  # type: ignore[attr-defined]
+        if not self._max_batch_tokens or not self.model.max_batch_size:
+            return [(inputs, size, 0)]
+        tokens = layouts.token_length(inputs)
+        if not tokens:
+            return [(inputs, size, 0)]
+        rows = max(1, self._max_batch_tokens // tokens)
+        return [(part, int(next(iter(part.values())).shape[0]), tokens) for part in layouts.slices(inputs, rows)]
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, let the workers finish everything queued and running (partial
@@ -143,7 +192,7 @@ class ModelScheduler:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)  # running batches fail as they unwind
         self._fail_expired()
-        leftovers = [p.payload for p in self.batcher.drain()]
+        leftovers = list(dict.fromkeys(p.payload.work for p in self.batcher.drain()))
         for work in leftovers:
             self._settle(work, None, self._shutdown_error())
         if leftovers:
@@ -172,11 +221,12 @@ class ModelScheduler:
                 return
             await self._execute(batch, index)
 
-    async def _next_batch(self) -> Batch[Work] | None:
-        """The next batch to run, waiting for arrivals or for the deciding request's delay;
-        None once the scheduler is closing and the queue is empty."""
+    async def _next_batch(self) -> Batch[Part] | None:
+        """The next batch to run, waiting for arrivals or for the deciding request's delay (not
+        for a lone request while no batch runs); None once the scheduler is closing and the
+        queue is empty."""
         while True:
-            batch = self.batcher.next_batch(flush=self._closing)
+            batch = self.batcher.next_batch(flush=self._closing, idle=self._running == 0)
             self._fail_expired()
             if batch is not None:
                 return batch
@@ -185,7 +235,7 @@ class ModelScheduler:
             self._wakeup.clear()
             # asyncio.timeout, not wait_for: no task per wait (this loop runs once per batch).
             with contextlib.suppress(TimeoutError):  # the deciding request's delay is up
-                async with asyncio.timeout(self.batcher.wait_s()):
+                async with asyncio.timeout(self.batcher.wait_s(idle=self._running == 0)):
                     await self._wakeup.wait()
 
     async def _watch_timeouts(self) -> None:
@@ -202,29 +252,32 @@ class ModelScheduler:
 
     def _fail_expired(self) -> None:
         for expired in self.batcher.expire():
-            self._settle(expired.pending.payload, None, self._expired_error(expired))
+            self._settle(expired.pending.payload.work, None, self._expired_error(expired))
 
-    def _expired_error(self, expired: Expired[Work]) -> Exception:
+    def _expired_error(self, expired: Expired[Part]) -> Exception:
         if expired.reason == "timeout":
             return Rejected(f"Request timeout expired: model '{self.model.name}' did not start the request in time")
         return DeadlineExceeded(f"deadline exceeded before model '{self.model.name}' could run the request")
 
-    async def _execute(self, batch: Batch[Work], index: int) -> None:
-        # Requests cancelled after dispatch are dropped here rather than computed.
-        members = [p for p in batch.requests if not p.payload.future.done()]
+    async def _execute(self, batch: Batch[Part], index: int) -> None:
+        # Requests cancelled (or failed) after dispatch are dropped here rather than computed.
+        members = [p.payload for p in batch.requests if not p.payload.work.future.done()]
         if not members:
             return
-        works = [p.payload for p in members]
+        works = list(dict.fromkeys(part.work for part in members))  # each request once, in batch order
         dispatched = time.perf_counter_ns()
         for work in works:
-            work.timings.queue_ns = dispatched - work.enqueued_ns
-        samples = sum(p.size for p in members)
+            if not work.dispatched:  # its queue time ends when its first part runs
+                work.dispatched = True
+                work.timings.queue_ns = dispatched - work.enqueued_ns
+        samples = sum(p.size for p in batch.requests if not p.payload.work.future.done())
+        self._running += 1
         try:
             if self._inline.inline:
-                parts, durations = self._run_batch(works)
+                results, durations = self._run_batch(members)
             else:
                 loop = asyncio.get_running_loop()
-                parts, durations = await loop.run_in_executor(self._executor, self._run_batch, works)
+                results, durations = await loop.run_in_executor(self._executor, self._run_batch, members)
         except Exception as exc:  # the engine's failure is the batch's answer, never a lost request
             log.error("model '%s' instance %d failed on a batch of %d request(s)", self.model.name, index, len(works),
                       exc_info=exc, extra={"model": self.model.name, "request_ids": [w.request_id for w in works]})
@@ -239,24 +292,36 @@ class ModelScheduler:
             self._inline.observe(sum(durations))
             self.stats.record_execution(samples, *durations)
             input_ns, infer_ns, output_ns = durations
-            for work, part in zip(works, parts, strict=True):
+            for work in works:
                 # added to what the service counted before queueing (tokenization) and after
                 work.timings.compute_input_ns += input_ns
                 work.timings.compute_infer_ns += infer_ns
                 work.timings.compute_output_ns += output_ns
-                self._settle(work, part, None)
+            for part, result in zip(members, results, strict=True):
+                self._deliver(part, result)
             if log.isEnabledFor(logging.DEBUG):
-                shapes = [list(next(iter(w.inputs.values())).shape) for w in works]
+                shapes = [list(next(iter(p.inputs.values())).shape) for p in members]
                 log.debug("model '%s' instance %d ran a batch of %d sample(s) from %d request(s) (%s) in %.2f ms",
                           self.model.name, index, samples, len(works), batch.reason, sum(durations) / 1e6,
                           extra={"model": self.model.name, "request_ids": [w.request_id for w in works],
                                  "shapes": shapes})
+        finally:
+            self._running -= 1
 
-    def _run_batch(self, works: list[Work]) -> tuple[list[Tensors], tuple[int, int, int]]:
+    def _deliver(self, part: Part, result: Tensors) -> None:
+        """Keep one part's result; answer its request once every part has run."""
+        work = part.work
+        if work.settled:  # failed, or its client went away, while this part ran
+            return
+        work.results[part.index] = result
+        if all(r is not None for r in work.results):
+            self._settle(work, layouts.join(work.results), None)  # type: ignore[arg-type]
+
+    def _run_batch(self, parts: list[Part]) -> tuple[list[Tensors], tuple[int, int, int]]:
         """In an instance thread: assemble, run, disassemble; with the time each took (ns)."""
-        layout = works[0].layout  # one key, so one layout, per batch
+        layout = parts[0].work.layout  # one key, so one layout, per batch
         t0 = time.perf_counter_ns()
-        inputs, plan = layout.assemble([w.inputs for w in works])
+        inputs, plan = layout.assemble([p.inputs for p in parts])
         t1 = time.perf_counter_ns()
         outputs = layout.execute(self.model.engine, inputs)
         t2 = time.perf_counter_ns()
@@ -270,6 +335,9 @@ class ModelScheduler:
         if work.settled:
             return
         work.settled = True
+        for pending in work.pending:  # parts still queued never run (no-op for those that ran)
+            self.batcher.remove(pending)
+        work.results = []
         if self._in_order is None or work.ticket < 0:
             _resolve(work, result, error)
             return

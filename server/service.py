@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-import optimize
-from optimize.specs import Dim, TensorSpec
+from optimize import runtime
+from optimize.runtime.specs import Dim, TensorSpec
 from server import codec, memory
 from server.errors import (
     DeadlineExceeded,
@@ -52,7 +52,7 @@ from server.proto import model_config_pb2 as mc
 from server.repository import Model, Repository, load_failure_reason
 from server.scheduler import ModelScheduler
 from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
-from server.text import TokenizerPool
+from server.text import TokenizerPool, check_tokens
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, repository: Repository, schedulers: Mapping[str, ModelScheduler], *,
                  control_mode: str = "none", set_health: HealthSetter | None = None,
-                 unload_grace_s: float = 30.0, loader: Callable[[Any], optimize.Engine] = optimize.load) -> None:
+                 unload_grace_s: float = 30.0, loader: Callable[[Any], runtime.Engine] = runtime.load) -> None:
         self.repository = repository
         self.schedulers = dict(schedulers)
         self.control_mode = control_mode
@@ -287,7 +287,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             scheduler, prepared = await self._prepare(request, scheduler, options, timings)
             model = scheduler.model
             outputs = await scheduler.infer(
-                prepared.inputs, prepared.size, request_id, text=prepared.text, priority=options.priority,
+                prepared.inputs, prepared.size, request_id, text=prepared.text, outputs=prepared.outputs,
+                priority=options.priority,
                 timeout_us=options.timeout_us, timings=timings,
                 deadline_in_s=deadline_s - time.monotonic() if deadline_s is not None else None)
             if prepared.text:
@@ -327,6 +328,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             started = time.perf_counter_ns()
             encoded = await self._tokenizer.encode(model.pipeline, *texts)
             timings.compute_input_ns += time.perf_counter_ns() - started  # preparing inputs, as Triton counts it
+            check_tokens(model.name, encoded, model.pipeline.max_length, options.truncate)
             served = self._served(request.model_name, request.model_version)
             if served is scheduler:
                 return scheduler, dataclasses.replace(prepared, inputs=encoded.feeds, encoded=encoded)
@@ -580,6 +582,8 @@ def model_config(model: Model) -> mc.ModelConfig:
         result.parameters["sequence_buckets"].string_value = ",".join(map(str, config.sequence_buckets))
     if getattr(model.engine, "accepts_packed", False):
         result.parameters["packed_batches"].string_value = "true"
+    if config.max_batch_tokens:
+        result.parameters["max_batch_tokens"].string_value = str(config.max_batch_tokens)
     if model.text_limits is not None:
         result.parameters["max_text_bytes"].string_value = str(model.text_limits.max_text_bytes)
         result.parameters["max_request_text_bytes"].string_value = str(model.text_limits.max_request_text_bytes)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, TextTooLong
 
 # Default bytes of UTF-8 text allowed per token of the model's maximum length. Measured on
 # all-MiniLM-L6-v2's WordPiece tokenizer, bytes per token over the first 62 tokens: English
@@ -59,9 +59,11 @@ Tensors = dict[str, np.ndarray]
 
 
 class Encoded(Protocol):
-    """Texts tokenized by a pipeline: `feeds` are the engine's token inputs ([n, longest])."""
+    """Texts tokenized by a pipeline: `feeds` are the engine's token inputs ([n, longest]);
+    `truncated` the indices of texts cut to the pipeline's maximum tokens."""
 
     feeds: Tensors
+    truncated: tuple[int, ...]
 
 
 class TextPipeline(Protocol):
@@ -138,6 +140,17 @@ class TextLimits:
                 f"{what} {total} bytes of text, more than model '{self.model}' accepts per request "
                 f"(max_request_text_bytes {self.max_request_text_bytes})")
         return bounded
+
+
+def check_tokens(model: str, encoded: Encoded, max_tokens: int, truncate: bool) -> None:
+    """Refuse a request with a text the tokenizer had to cut to `max_tokens` (the most model
+    `model` reads), unless it asked to `truncate`: a cut text's answer is that of its first
+    tokens only, which a client must choose knowingly. Raises `TextTooLong` naming the text
+    and the limit."""
+    if encoded.truncated and not truncate:
+        raise TextTooLong(
+            f"input 'text' element {encoded.truncated[0]} holds more than {max_tokens} tokens, the most model "
+            f"'{model}' reads; send the request parameter truncate=true to keep its first {max_tokens}")
 
 
 class TokenizerPool:

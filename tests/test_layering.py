@@ -15,9 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = {"kiln_kernels": ROOT / "kernels" / "kiln_kernels", "optimize": ROOT / "optimize", "server": ROOT / "server"}
-# What the server may take from optimize: the engine API (load, Engine, specs, errors).
-SERVER_MAY_IMPORT = {"optimize", "optimize.specs", "optimize.errors"}
-SERVER_MAY_TAKE_FROM_OPTIMIZE = {"load", "Engine", "OptimizeError"}
+# The engine runtime: all that loading and running an engine needs. It imports nothing else of
+# optimize, and it is all of optimize that the server imports.
+RUNTIME = "optimize.runtime"
 # The one test that puts a path on PYTHONPATH does so for a copy of the sources in a temporary
 # directory, to prove a bare checkout generates its gRPC stubs.
 PYTHONPATH_ALLOWED = {"tests/server/test_codegen.py", "tests/test_layering.py"}
@@ -45,17 +45,34 @@ def python_files() -> list[Path]:
 
 
 def imports_of(path: Path) -> list[Import]:
+    """Every import in `path`: module level, function-local and `TYPE_CHECKING` alike, relative
+    ones made absolute, and `importlib.import_module("...")` calls with a literal name."""
     found = []
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found += [Import(path, node.lineno, alias.name, None) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found += [Import(path, node.lineno, node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join([*parts, base] if base else parts)
+            found += [Import(path, node.lineno, base, alias.name) for alias in node.names]
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args:
             arg = node.args[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 found.append(Import(path, node.lineno, arg.value, None))
     return found
+
+
+def module_name(path: Path) -> str:
+    """`optimize/runtime/engine.py` -> `optimize.runtime.engine` (packages by their folder)."""
+    for name, folder in PRODUCT.items():
+        if folder in path.parents:
+            parts = [name, *path.relative_to(folder).with_suffix("").parts]
+            return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return str(path.relative_to(ROOT).with_suffix("")).replace(os.sep, ".")
 
 
 def top(module: str) -> str:
@@ -98,15 +115,111 @@ def test_optimize_never_imports_server():
     assert offenders(lambda pkg, imp: pkg == "optimize" and top(imp.module) == "server") == []
 
 
-def test_server_reaches_optimize_only_through_the_engine_api():
+def target_of(imp: Import) -> str:
+    """The module an import names: `from optimize import runtime` is `optimize.runtime`."""
+    if imp.name is not None and f"{imp.module}.{imp.name}" in MODULES:
+        return f"{imp.module}.{imp.name}"
+    return imp.module
+
+
+def in_runtime(module: str) -> bool:
+    return module == RUNTIME or module.startswith(RUNTIME + ".")
+
+
+def test_server_imports_only_the_runtime_of_optimize():
+    """The server serves engines; it never needs (nor loads) the compiler."""
+    assert offenders(lambda pkg, imp: pkg == "server" and top(imp.module) == "optimize"
+                     and not in_runtime(target_of(imp))) == []
+
+
+def test_the_runtime_imports_nothing_of_the_build_side():
     def breaks(pkg: str | None, imp: Import) -> bool:
-        if pkg != "server" or top(imp.module) != "optimize":
-            return False
-        if imp.module not in SERVER_MAY_IMPORT:
-            return True
-        return imp.module == "optimize" and imp.name is not None and imp.name not in SERVER_MAY_TAKE_FROM_OPTIMIZE
+        return (pkg == "optimize" and in_runtime(module_name(imp.path)) and top(imp.module) == "optimize"
+                and not in_runtime(target_of(imp)))
 
     assert offenders(breaks) == []
+
+
+# ---- no import cycles -----------------------------------------------------------------------
+MODULES = {module_name(path): path for path in ALL if package_of(path) is not None}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Product module -> the product modules it imports anywhere in its text (module level,
+    function-local, `TYPE_CHECKING`). A package's `__init__` running before its submodules is
+    Python's order, not an import of the submodule's, so only named imports make edges."""
+    def resolve(name: str) -> str | None:
+        while name and name not in MODULES:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        targets = {resolve(target_of(imp)) for imp in ALL[path]}
+        graph[name] = {t for t in targets if t is not None and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle (its modules in order, the first repeated at the end), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_cycles_in_the_product_packages():
+    graph = import_graph()
+    assert {"optimize.runtime.engine", "optimize.build", "server.service"} <= set(graph), "the graph missed modules"
+    assert find_cycle(graph) == []
+
+
+def function_local_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every import inside a function body."""
+    lines = path.read_text().splitlines()
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import | ast.ImportFrom):
+                    found.append((sub.lineno, lines[sub.lineno - 1]))
+    return sorted(set(found))
+
+
+def test_function_local_imports_say_why():
+    """An import inside a function hides a dependency from the reader and from this file's
+    checks; it is kept only for an optional dependency or a measured import cost, and says
+    which in a comment on its line or above its group of imports (`# why: ...`)."""
+    missing = []
+    for path in MODULES.values():
+        lines = path.read_text().splitlines()
+        for line, text in function_local_imports(path):
+            above = line - 2
+            while above >= 0 and lines[above].strip().startswith(("import ", "from ")):
+                above -= 1
+            if "#" not in text and not (above >= 0 and lines[above].strip().startswith("#")):
+                missing.append(f"{path.relative_to(ROOT)}:{line}: {text.strip()}")
+    assert missing == []
 
 
 def test_product_code_never_imports_bench_or_tests():

@@ -49,7 +49,7 @@ def describe(entry: Entry, path: Path | None) -> dict[str, Any]:
     if path is None:
         return {"backend": None, "precision": "fp32", "runs_as": "transformers AutoModel, torch.inference_mode"}
     from optimize.auto import judged_accuracy
-    from optimize.manifest import Manifest
+    from optimize.runtime.manifest import Manifest
 
     manifest = Manifest.read(path)
     accuracy = judged_accuracy(manifest.accuracy)

@@ -96,7 +96,7 @@ def build(label: str, model: Path, out: Path, args: list[str], tuning: Path) -> 
 
 
 def engine_precision(path: Path) -> tuple[str, str]:
-    from optimize.manifest import Manifest
+    from optimize.runtime.manifest import Manifest
 
     manifest = Manifest.read(path)
     return f"{manifest.backend}/{manifest.config.precision}", manifest.config.precision

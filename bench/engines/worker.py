@@ -39,7 +39,7 @@ def dense_inputs(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]
 def transformers_runner(model_dir: Path) -> Callable[[dict[str, torch.Tensor]], object]:
     import transformers
 
-    from optimize.sources.hf import pool
+    from optimize.runtime.pooling import pool
 
     model = transformers.AutoModel.from_pretrained(model_dir).eval()
 

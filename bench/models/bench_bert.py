@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import optimize
-from optimize.config import CompileConfig
+from optimize.runtime.config import CompileConfig
 from optimize.verify import compare_real_tokens
 
 SEQ = 128

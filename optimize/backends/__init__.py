@@ -1,7 +1,9 @@
-"""Backend registry: a backend turns a captured program into an engine directory and loads it back.
+"""Backend registry, build half: a backend turns a captured program into an engine directory.
 
-Backends register themselves by name; `optimize.compile` and `optimize.load` look them up here,
-so adding a backend is one new module and one line in `_BUILTIN`.
+Backends register themselves by name; `optimize.compile` and `auto` look them up here. Opening
+the directory again is the backend's runtime half, `optimize.runtime.backends.<name>`, which
+`optimize.load` finds without importing this package. Adding a backend is one module here and
+one in `optimize.runtime.backends`, each with a line in its `_BUILTIN` / `BUILTIN`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import importlib
 
 from optimize.backends.base import Backend, BuildContext
-from optimize.errors import ConfigError, OptimizeError
+from optimize.runtime.backends import BUILTIN as RUNTIME_BUILTIN
+from optimize.runtime.backends import register_loader
+from optimize.runtime.errors import ConfigError, OptimizeError
 
 # name -> module that defines it; imported lazily so a missing optional runtime (TensorRT, ...)
 # only matters when that backend is asked for.
@@ -26,8 +30,12 @@ _REGISTRY: dict[str, type[Backend]] = {}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: make `cls` available under `cls.name`."""
+    """Class decorator: make `cls` available under `cls.name`, and its engines loadable by
+    `optimize.load` when the runtime has no half of its own for that name (a backend defined
+    outside kiln)."""
     _REGISTRY[cls.name] = cls
+    if cls.name not in RUNTIME_BUILTIN:
+        register_loader(cls.name, lambda directory, manifest: cls().load(directory, manifest))
     return cls
 
 

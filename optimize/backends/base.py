@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.export import ExportedProgram
 
-from optimize.config import CompileConfig
-from optimize.engine import Engine
-from optimize.manifest import Manifest
-from optimize.passes import GENERIC_PASSES
-from optimize.specs import TensorSpec
+from optimize.passes.base import GENERIC_PASSES
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.manifest import Manifest
+from optimize.runtime.specs import TensorSpec
 
 if TYPE_CHECKING:
-    from optimize.compiler import Reporter
+    from optimize.reporter import Reporter
     from optimize.passes.base import PassResult
     from optimize.sources.base import Source
 
@@ -63,7 +64,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 class Backend(ABC):
-    """Builds an engine payload from a captured program and loads engines of its kind."""
+    """The build half of a backend: builds an engine payload from a captured program. Its
+    engines are run by the runtime half, `optimize.runtime.backends.<name>`."""
 
     name: ClassVar[str]
     precisions: ClassVar[frozenset[str]]
@@ -100,8 +102,6 @@ class Backend(ABC):
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         """`config.backend_options` over this backend's defaults; raises `ConfigError` naming
         an option this backend does not know."""
-        from optimize.errors import ConfigError
-
         unknown = sorted(set(config.backend_options) - set(self.options))
         if unknown:
             known = ", ".join(sorted(self.options)) or "none"
@@ -114,4 +114,5 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, directory: Path, manifest: Manifest) -> Engine:
-        """Open the engine stored in `directory`."""
+        """Open the engine stored in `directory`: the `Engine` class of this backend's runtime
+        half (`optimize.runtime.backends.<name>`)."""

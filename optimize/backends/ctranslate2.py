@@ -21,63 +21,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
 from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
 from optimize.capture import model_family
-from optimize.engine import Engine
-from optimize.errors import ConfigError, EngineError
-from optimize.manifest import Manifest
-from optimize.sources.hf import pool
-
-MODEL_DIR = "ctranslate2"
-COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32"}
-
-
-class CTranslate2Engine(Engine):
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        super().__init__(path, manifest)
-        try:
-            import ctranslate2
-        except ImportError:
-            raise EngineError(f"engine {path} needs CTranslate2: pip install 'kiln[cpu-engines]'") from None
-        options = {**CTranslate2Backend.options, **manifest.config.backend_options}
-        try:
-            self._encoder = ctranslate2.Encoder(str(path / MODEL_DIR), device="cpu",
-                                                compute_type=COMPUTE_TYPES[manifest.config.precision],
-                                                intra_threads=int(options["threads"]))
-        except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError with long messages
-            raise EngineError(f"CTranslate2 cannot open {path / MODEL_DIR}: {str(exc).splitlines()[0]}") from exc
-        self._pooling = manifest.source.get("pooling")
-        self._normalize = bool(manifest.source.get("normalize"))
-        self._outputs = [s.name for s in manifest.outputs]
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        import ctranslate2
-
-        ids = inputs["input_ids"].detach().cpu()
-        mask = inputs["attention_mask"].detach().cpu()
-        lengths = mask.sum(dim=1).to(torch.int32).clamp(min=1)
-        out = self._encoder.forward_batch(
-            ctranslate2.StorageView.from_array(np.ascontiguousarray(ids.numpy().astype(np.int32))),
-            ctranslate2.StorageView.from_array(lengths.numpy()),
-        )
-        hidden = torch.from_numpy(np.array(out.last_hidden_state, dtype=np.float32, copy=True))
-        if hidden.shape[1] < ids.shape[1]:  # the encoder returns the longest length, not the padded one
-            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
-        results = {"last_hidden_state": hidden}
-        if "sentence_embedding" in self._outputs:
-            results["sentence_embedding"] = pool(hidden, mask, self._pooling or "cls", self._normalize)
-        return {name: results[name] for name in self._outputs}
+from optimize.runtime.backends.ctranslate2 import COMPUTE_TYPES, MODEL_DIR, OPTIONS, CTranslate2Engine
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.manifest import Manifest
 
 
 def _encoder_converter(family: str) -> type:
     """CTranslate2's `TransformersConverter` for a model of `family` (named in the refusal),
     refusing what it converts to anything but an encoder (GPT-2, Llama, Qwen2 become decoders,
     which `ctranslate2.Encoder` cannot open)."""
+    # why: optional (kiln[cpu-engines])
     from ctranslate2.converters import TransformersConverter
     from ctranslate2.specs.transformer_spec import TransformerEncoderModelSpec
 
@@ -105,7 +64,7 @@ def _encoder_converter(family: str) -> type:
 class CTranslate2Backend(Backend):
     name: ClassVar[str] = "ctranslate2"
     precisions: ClassVar[frozenset[str]] = frozenset(COMPUTE_TYPES)
-    options: ClassVar[dict[str, Any]] = {"threads": 0}
+    options: ClassVar[dict[str, Any]] = OPTIONS
 
     def capture_precision(self, precision: str) -> str:
         return "fp32"
@@ -119,6 +78,7 @@ class CTranslate2Backend(Backend):
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
         try:
+            # why: optional (kiln[cpu-engines])
             import ctranslate2
             import ctranslate2.converters  # noqa: F401  (what _encoder_converter subclasses)
         except ImportError:
@@ -157,4 +117,4 @@ class CTranslate2Backend(Backend):
         return CTranslate2Engine(directory, manifest)
 
 
-__all__ = ["CTranslate2Backend", "CTranslate2Engine"]
+__all__ = ["CTranslate2Backend"]

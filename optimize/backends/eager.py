@@ -8,23 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
-from optimize.engine import Engine
-from optimize.manifest import Manifest
-from optimize.program import load_program, save_program
-
-
-class EagerEngine(Engine):
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        super().__init__(path, manifest)
-        self._module = load_program(path).module()
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._module(**inputs)
+from optimize.runtime.backends.eager import EagerEngine
+from optimize.runtime.engine import Engine
+from optimize.runtime.manifest import Manifest
+from optimize.runtime.program import save_program
 
 
 @register_backend

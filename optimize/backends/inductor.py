@@ -13,8 +13,8 @@ them and pre-packs the matmul weights for oneDNN. `bf16` is captured in bf16 (li
 on CPUs with AMX or AVX512_BF16 oneDNN runs its matmuls on those units, norms and softmax stay
 in the fp32 the capture keeps them in. Offered only there (elsewhere bf16 would be emulated).
 
-Building needs a C++ compiler (Inductor's, `CXX` or g++); running does not. The package is
-native code: like every engine, load only engines you built or trust.
+Building needs a C++ compiler (Inductor's, `CXX` or g++); running does not
+(`optimize.runtime.backends.inductor`).
 
 Options (`CompileConfig.backend_options`):
 - `freezing` (default True): fold weights into the compiled graph;
@@ -33,42 +33,22 @@ from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
-from optimize.engine import Engine
-from optimize.errors import ConfigError, EngineError
-from optimize.manifest import Manifest, engine_file
-
-PACKAGE_FILE = "model.pt2"
+from optimize.runtime.backends.inductor import PACKAGE_FILE, InductorEngine
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.manifest import Manifest
 
 
 def cxx_compiler() -> str | None:
     """The C++ compiler Inductor would build with, or None when there is none on this machine."""
     try:
+        # why: a private torch module, so a torch without it only loses this backend
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         compiler = get_cpp_compiler()
     except Exception:  # noqa: BLE001 - torch raises plain RuntimeError when it finds none
         return None
     return compiler if shutil.which(compiler) else None
-
-
-class InductorEngine(Engine):
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        super().__init__(path, manifest)
-        package = engine_file(path, PACKAGE_FILE, "payload")
-        try:
-            self._model = torch._inductor.aoti_load_package(str(package))
-        except Exception as exc:  # a package from another torch or CPU raises RuntimeError
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"cannot open the AOTInductor package {package}: {first} "
-                              "(recompile the engine with this torch)") from exc
-        self._outputs = [s.name for s in manifest.outputs]
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
-            out = self._model(**{k: v.contiguous() for k, v in inputs.items()})
-        if isinstance(out, dict):
-            return {name: out[name] for name in self._outputs}
-        return dict(zip(self._outputs, out))
 
 
 @register_backend

@@ -33,6 +33,7 @@ Options (`CompileConfig.backend_options`):
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -43,16 +44,19 @@ from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
-from optimize.config import CompileConfig
-from optimize.engine import Engine
-from optimize.errors import AccuracyError, ConfigError, EngineError
-from optimize.manifest import Manifest
-from optimize.specs import Dim, numpy_dtype
+from optimize.onnx import prepare_onnx
+from optimize.onnx.export import save_model
+from optimize.backends import openvino_int8
+from optimize.runtime.backends.openvino import (HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine,
+                                                engine_config)
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import AccuracyError, ConfigError
+from optimize.runtime.manifest import Manifest
+from optimize.runtime.specs import Dim
+from optimize.verify import compare_real_tokens
 
-MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
 PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention")
-HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 # SmoothQuant alphas `int8_smooth_quant: "auto"` tries. Measured on all-MiniLM-L6-v2 (held-out
 # sentences, all MatMuls int8): 0.5 -> cosine 0.987, 0.8 -> 0.994, 0.95 -> 0.986; the best
 # differs per model, so the build measures instead of fixing one.
@@ -62,27 +66,11 @@ DEFAULT_SMOOTH_QUANT_ALPHA = 0.8  # without a reference model to measure against
 
 def _openvino() -> Any:
     try:
+        # why: optional (kiln[cpu-engines])
         import openvino
     except ImportError:
         raise ConfigError("backend 'openvino' needs OpenVINO: pip install 'kiln[cpu-engines]' (openvino, nncf)") from None
     return openvino
-
-
-def _config(options: dict[str, Any], precision: str) -> dict[str, Any]:
-    # OpenVINO 2026.4 picks bf16 inference precision on its own on CPUs with AVX512_BF16:
-    # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs). The precision is pinned, so an
-    # engine computes in the precision its manifest says.
-    config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]],
-                              "INFERENCE_PRECISION_HINT": _float_compute(options, precision)}
-    if int(options["threads"]) > 0:
-        config["INFERENCE_NUM_THREADS"] = int(options["threads"])
-    if options["device"] == "CPU":
-        # OpenVINO 2026.4's CPU shape cache returns wrong results: a model with
-        # nn.MultiheadAttention (tests.optimize.factories:tiny_tokens) run at [1, 1] and then at
-        # [4, 16] is off by 0.6 at the second shape, on the same or a fresh infer request, with
-        # or without bounded dims; with the cache off every shape is exact.
-        config["CPU_RUNTIME_CACHE_CAPACITY"] = 0
-    return config
 
 
 def _float_compute(options: dict[str, Any], precision: str = "int8") -> str:
@@ -101,6 +89,7 @@ def native_bf16(device: str = "CPU") -> bool:
     if device == "CPU" and not cpu_has_native_bf16():
         return False
     try:
+        # why: optional (kiln[cpu-engines])
         import openvino as ov
 
         return "BF16" in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
@@ -108,47 +97,19 @@ def native_bf16(device: str = "CPU") -> bool:
         return False
 
 
-class OpenVINOEngine(Engine):
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        super().__init__(path, manifest)
-        try:
-            import openvino as ov
-        except ImportError:
-            raise EngineError(f"engine {path} needs OpenVINO: pip install 'kiln[cpu-engines]'") from None
-        options = {**OpenVINOBackend.options, **manifest.config.backend_options}
-        core = ov.Core()
-        if options["device"] not in core.available_devices:
-            raise EngineError(f"OpenVINO device {options['device']} is not available here; "
-                              f"available: {', '.join(core.available_devices)}")
-        try:
-            self._compiled = core.compile_model(str(path / MODEL_FILE), options["device"],
-                                                _config(options, manifest.config.precision))
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
-            raise EngineError(f"OpenVINO cannot open {path / MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
-        self._request = self._compiled.create_infer_request()
-        self._input_dtypes = {s.name: numpy_dtype(s.dtype) for s in manifest.inputs}
-        self._outputs = [s.name for s in manifest.outputs]
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=self._input_dtypes[k]) for k, v in inputs.items()}
-        results = self._request.infer(feeds)
-        by_name = {port.get_any_name(): value for port, value in results.items()}
-        # The request reuses its output buffers on the next call: copy.
-        return {name: torch.from_numpy(np.array(by_name[name], copy=True)) for name in self._outputs}
-
-
 @register_backend
 class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "int8", "int8-weight"})
-    options: ClassVar[dict[str, Any]] = {"hint": "latency", "threads": 0, "device": "CPU", "int8_smooth_quant": "auto",
-                                         "int8_keep_sensitive": True}
+    # the runtime's options, and the build-only int8 ones
+    options: ClassVar[dict[str, Any]] = {**OPTIONS, "int8_smooth_quant": "auto", "int8_keep_sensitive": True}
 
     def capture_precision(self, precision: str) -> str:
         return "fp32"
 
     def can_run_here(self) -> tuple[bool, str]:
         try:
+            # why: optional (kiln[cpu-engines])
             import openvino as ov
         except ImportError:
             return False, "openvino is not installed"
@@ -172,9 +133,6 @@ class OpenVINOBackend(Backend):
         return options
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
-        from optimize.onnx import prepare_onnx
-        from optimize.onnx.export import save_model
-
         ov = _openvino()
         options = self.resolve_options(ctx.config)
         with tempfile.TemporaryDirectory(prefix="kiln-openvino-") as workdir:
@@ -191,6 +149,7 @@ class OpenVINOBackend(Backend):
         })
         precision = ctx.config.precision
         if precision == "int8-weight":
+            # why: optional (kiln[cpu-engines])
             import nncf
 
             ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
@@ -207,8 +166,7 @@ class OpenVINOBackend(Backend):
         whose all-int8 model scores best on the calibration texts (unless the option fixes it),
         and with `int8_keep_sensitive` and a guard the MatMuls int8 hurts most are kept in float
         until the calibration texts meet the guard's cosine (`openvino_int8`)."""
-        import time
-
+        # why: optional (kiln[cpu-engines])
         import nncf
 
         options = self.resolve_options(ctx.config)
@@ -261,17 +219,16 @@ class OpenVINOBackend(Backend):
                 options: dict[str, Any]) -> Callable[[Any], float]:
         """A function that compiles an OpenVINO model as the engine would run it and returns its
         worst cosine to the fp32 reference over the calibration batches."""
-        from optimize.verify import compare_real_tokens
-
         ov = _openvino()
         assert ctx.reference is not None
         core = ov.Core()
         with torch.inference_mode():
             references = [ctx.reference(**feeds) for feeds in batches]
         outputs = [s.name for s in ctx.outputs]
+        properties = engine_config(options, "int8", _float_compute(options))
 
         def score(model: Any) -> float:
-            compiled = core.compile_model(model, options["device"], _config(options, "int8"))
+            compiled = core.compile_model(model, options["device"], properties)
             inputs = [p.get_any_name() for p in model.inputs]
             worst = 1.0
             for feeds, expected in zip(batches, references):
@@ -287,9 +244,6 @@ class OpenVINOBackend(Backend):
                         base: float, target: float, reporter: Any, record: dict[str, Any]) -> Any:
         """Rank the activation quantizers by the calibration cosine each costs and keep the worst
         MatMuls in float until the calibration texts meet `target`; the choice goes to `record`."""
-        import time
-
-        from optimize.backends import openvino_int8
 
         record["calibration_cosine_all_int8"] = round(base, 6)
         quantizers = openvino_int8.activation_quantizers(quantized)
@@ -323,4 +277,4 @@ class OpenVINOBackend(Backend):
         return OpenVINOEngine(directory, manifest)
 
 
-__all__ = ["OpenVINOBackend", "OpenVINOEngine"]
+__all__ = ["OpenVINOBackend", "native_bf16"]

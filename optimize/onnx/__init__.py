@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import torch
 from torch.export import ExportedProgram
+import onnxruntime as ort
 
 from optimize.capture import model_family
-from optimize.errors import AccuracyError, ConfigError, OptimizeError
 from optimize.onnx.attention import AttentionCleanup
 from optimize.onnx.base import Feeds, OnnxPass, OnnxPassContext
 from optimize.onnx.export import export_program, save_model
@@ -34,6 +34,8 @@ from optimize.onnx.mixed_precision import MixedPrecision
 from optimize.onnx.ort_fusions import OrtFusions
 from optimize.onnx.quantize import Quantize
 from optimize.passes.base import PassResult
+from optimize.runtime.errors import AccuracyError, ConfigError, OptimizeError
+from optimize.verify import compare_real_tokens
 
 if TYPE_CHECKING:
     from optimize.backends.base import BuildContext
@@ -135,9 +137,7 @@ def ort_verifier(ctx: OnnxPassContext) -> Verifier | None:
     for in fp32 behind inserted casts."""
     if ctx.reference is None or ctx.samples is None or not ctx.samples():
         return None
-    import onnxruntime as ort
 
-    from optimize.verify import compare_real_tokens
 
     feeds = ctx.samples()[0]
     with torch.inference_mode():

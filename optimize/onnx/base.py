@@ -8,15 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+import time
 
 import onnx
 import torch
 
-from optimize.config import CompileConfig
-from optimize.specs import TensorSpec
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.specs import TensorSpec
 
 if TYPE_CHECKING:
-    from optimize.compiler import Reporter
+    from optimize.reporter import Reporter
 
 Feeds = dict[str, torch.Tensor]
 
@@ -59,8 +60,6 @@ class StageProgress:
         self.reporter, self.stage, self.total = reporter, stage, total
 
     def __enter__(self) -> StageProgress:
-        import time
-
         self._t0 = time.perf_counter()
         if self.reporter is not None:
             self.reporter.start(self.stage, self.total)
@@ -71,8 +70,6 @@ class StageProgress:
             self.reporter.advance(detail)
 
     def __exit__(self, *exc: object) -> None:
-        import time
-
         if self.reporter is not None:
             self.reporter.finish(self.stage, round(time.perf_counter() - self._t0, 3))
 

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
-from optimize.errors import OptimizeError
 from optimize.onnx.base import Feeds, OnnxPassContext, StageProgress
+from optimize.runtime.errors import OptimizeError
 
 ORT_METHODS = {
     "minmax": CalibrationMethod.MinMax,

@@ -15,8 +15,8 @@ import onnx
 import torch
 from torch.export import ExportedProgram
 
-from optimize.errors import CaptureError
-from optimize.specs import TensorSpec, torch_dtype
+from optimize.runtime.errors import CaptureError
+from optimize.runtime.specs import TensorSpec, torch_dtype
 
 
 def example_inputs(specs: list[TensorSpec]) -> dict[str, torch.Tensor]:

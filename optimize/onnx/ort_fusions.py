@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 import torch
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
+import onnxruntime as ort
 
 from optimize.onnx.base import OnnxPass, OnnxPassContext
 from optimize.sources.base import random_like_spec
@@ -51,8 +52,6 @@ class OrtFusions(OnnxPass):
 
 def _run_failure(model: onnx.ModelProto, ctx: OnnxPassContext) -> str:
     """Why ONNX Runtime cannot run `model` on small random inputs ("" when it can)."""
-    import onnxruntime as ort
-
     sizes = {d.name: max(d.min, min(2, d.max)) for spec in ctx.inputs for d in spec.dims}
     generator = torch.Generator().manual_seed(0)
     feeds = {spec.name: random_like_spec(spec, spec.concrete(sizes), generator).numpy() for spec in ctx.inputs}

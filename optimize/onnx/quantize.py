@@ -40,11 +40,14 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+import onnxruntime as ort
+import torch
 
-from optimize.errors import ConfigError, OptimizeError
 from optimize.onnx.base import Feeds, OnnxPass, OnnxPassContext, StageProgress
 from optimize.onnx.calibration import ORT_METHODS, CalibrationError, SampleReader, samples_or_fail
 from optimize.onnx.graph import Graph, topological_sort
+from optimize.runtime.errors import ConfigError, OptimizeError
+from optimize.verify import compare_real_tokens
 
 # Percentile of |activation| taken as the int8 range in `percentile` calibration: clips the
 # rare outliers (0.001% of values) instead of stretching the scale for them.
@@ -288,8 +291,6 @@ def real_token_values(model: onnx.ModelProto, batches: list[Feeds],
                       names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     """Per sample batch, the values of the named tensors of `model` (run by ONNX Runtime on CPU)
     at real tokens, flattened: positions where `attention_mask` is 0 (padding) are left out."""
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -372,10 +373,6 @@ def fp8_activation_amax(model: onnx.ModelProto, batches: list[Feeds], names: lis
 def _score(model: Path | onnx.ModelProto, batches: list[Feeds], reference: Any) -> tuple[float, float]:
     """(max abs error, min cosine) of a quantized model (a file or in memory) against the fp32
     eager reference."""
-    import onnxruntime as ort
-    import torch
-
-    from optimize.verify import compare_real_tokens
 
     session = ort.InferenceSession(str(model) if isinstance(model, Path) else model.SerializeToString(),
                                    providers=["CPUExecutionProvider"])

@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 from torch import fx
 
-from optimize.errors import AccuracyError, ConfigError
-from optimize.passes.base import GraphPass, PassContext, PassResult
+from optimize.passes.base import GENERIC_PASSES, KERNEL_PASSES, GraphPass, PassContext, PassResult
 from optimize.passes.constant_folding import ConstantFolding
 from optimize.passes.dead_code import DeadCode
 from optimize.passes.fuse_attention import FuseAttention
@@ -26,6 +25,7 @@ from optimize.passes.precision import Precision
 from optimize.passes.quantize_int8 import QuantizeInt8
 from optimize.passes.remove_dropout import RemoveDropout
 from optimize.passes.remove_padding import RemovePadding
+from optimize.runtime.errors import AccuracyError, ConfigError
 
 # The order passes run in. Clean-ups first so the fusions see the simplest graph; embedding + LN
 # before residual + LN (an embedding sum is an add too); bias + GELU before int8 so the GELU
@@ -37,13 +37,6 @@ PIPELINE: list[type[GraphPass]] = [
     QuantizeInt8, Precision, RemovePadding,
 ]
 PASSES: dict[str, type[GraphPass]] = {p.name: p for p in PIPELINE}
-# Passes every backend can take: they only remove or precompute aten nodes.
-GENERIC_PASSES = frozenset({"remove_dropout", "constant_folding", "dead_code"})
-# Passes whose result calls kiln kernels (torch.ops.kiln / kernels_cuda) or relies on their
-# fp32 accumulation: only backends that execute those ops (`triton`) take them.
-KERNEL_PASSES = frozenset({"fuse_attention", "fuse_qkv", "fuse_embedding_layer_norm", "fuse_residual_layer_norm",
-                           "fuse_bias_gelu", "quantize_int8", "precision", "remove_padding"})
-
 Verifier = Callable[[fx.GraphModule], dict[str, float]]
 
 
@@ -60,10 +53,12 @@ def register_pass(cls: type[GraphPass], after: str | None = None) -> type[GraphP
 def check_pass_names(names: list[str] | set[str]) -> None:
     unknown = sorted(set(names) - set(PASSES))
     if unknown:  # `CompileConfig.passes` also toggles the ONNX passes (optimize.onnx)
+        # why: optimize.onnx imports onnx and onnxscript (~4 s, measured): builds without ONNX never pay it
         from optimize.onnx import ONNX_PASSES
 
         unknown = sorted(set(unknown) - set(ONNX_PASSES))
     if unknown:
+        # why: optimize.onnx imports onnx and onnxscript (~4 s, measured): builds without ONNX never pay it
         from optimize.onnx import ONNX_PASSES
 
         raise ConfigError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join([*PASSES, *ONNX_PASSES])}")

@@ -9,10 +9,17 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from optimize.config import CompileConfig
-from optimize.specs import TensorSpec
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.specs import TensorSpec
 
 aten = torch.ops.aten
+
+# Passes every backend can take: they only remove or precompute aten nodes.
+GENERIC_PASSES = frozenset({"remove_dropout", "constant_folding", "dead_code"})
+# Passes whose result calls kiln kernels (torch.ops.kiln / kernels_cuda) or relies on their
+# fp32 accumulation: only backends that execute those ops (`triton`) take them.
+KERNEL_PASSES = frozenset({"fuse_attention", "fuse_qkv", "fuse_embedding_layer_norm", "fuse_residual_layer_norm",
+                           "fuse_bias_gelu", "quantize_int8", "precision", "remove_padding"})
 
 
 @dataclass

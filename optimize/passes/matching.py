@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from optimize.passes.base import add_constant
 from optimize.passes.base import aten, attr_tensor
-from optimize.specs import TensorSpec
+from optimize.runtime.specs import TensorSpec
+from optimize.sources.base import random_like_spec
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -143,8 +147,6 @@ def ensure_meta(gm: fx.GraphModule) -> None:
     recorded on the placeholders, so symbolic dims stay the same symbols."""
     if all("val" in n.meta for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "get_attr")):
         return
-    from torch._guards import detect_fake_mode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(inputs)
@@ -257,8 +259,6 @@ def replace_with_items(gm: fx.GraphModule, tuple_node: fx.Node, olds: list[fx.No
 
 def ones_like_weight(gm: fx.GraphModule, size: int, dtype: torch.dtype, before: fx.Node) -> fx.Node:
     """A constant of ones for norms without an affine weight (the kernels always take one)."""
-    from optimize.passes.base import add_constant
-
     return add_constant(gm, "_kiln_ones", torch.ones(size, dtype=dtype), before)
 
 
@@ -307,8 +307,6 @@ def probe_feeds(
     """Random inputs at a few sizes inside the specs' ranges. Integers span each spec's
     `value_range`, or 0..1 without one, so anything that may be a mask gets random padding
     patterns (zeros included) rather than the rare zero of a wide range."""
-    from optimize.sources.base import random_like_spec
-
     generator = torch.Generator().manual_seed(seed)
     feeds = []
     for v in values:

@@ -11,7 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import ConfigError
+from rich.console import Console
+import torch
+
+from optimize.profile.compare import compare, render_comparison
+from optimize.profile.report import render, save_json, write_plots
+from optimize.profile.report import summary_table
+from optimize.profile.runner import ProfileOptions
+from optimize.profile.runner import profile_target
+from optimize.profile.target import resolve
+from optimize.runtime.errors import ConfigError
 
 
 def add_profile_parser(sub: Any) -> argparse.ArgumentParser:
@@ -38,25 +47,16 @@ def add_profile_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from optimize.profile.runner import ProfileOptions
-
     return ProfileOptions(warmup=args.warmup, repeats=args.repeats, op_repeats=args.op_repeats,
                           roofline=not args.no_roofline, refresh_ceilings=args.refresh_ceilings, nvml=not args.no_nvml,
                           trace=args.trace, seed=args.seed)
 
 
 def _device(args: argparse.Namespace) -> str:
-    import torch
-
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from optimize.profile.report import render, save_json, write_plots
-    from optimize.profile.runner import profile_target
-    from optimize.profile.target import resolve
 
     if (args.target is None) == (args.compare is None):
         raise ConfigError("give either a TARGET or --compare A B")
@@ -72,8 +72,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
             _plots(prof, args.plot, err, write_plots)
         return 0
 
-    from optimize.profile.compare import compare, render_comparison
-    from optimize.profile.report import summary_table
 
     a_path, b_path = args.compare
     target_a = resolve(a_path, batch=args.batch, seq=args.seq, device=device, seed=args.seed)

@@ -14,6 +14,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from optimize.profile.records import Profile
 from optimize.profile.report import layers, ms
 
@@ -109,10 +113,6 @@ def compare(a: Profile, b: Profile) -> Comparison:
 
 def render_comparison(c: Comparison, console: Any = None) -> None:
     """Print the comparison as a table (per layer) or one line (whole model only)."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     console = console or Console()
     table = Table(title=escape(f"speed-up of B = {c.b} ({c.b_mode}) over A = {c.a} ({c.a_mode})"), title_justify="left")
     for col in ("layer", "type", "A median", "B median", "speed-up"):

@@ -8,6 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from optimize.profile.records import ModuleRecord, Profile
 
 
@@ -108,9 +112,6 @@ def nvml_line(profile: Profile) -> str:
 
 
 def summary_table(profile: Profile) -> Any:
-    from rich.markup import escape
-    from rich.table import Table
-
     p, t = profile, profile.totals
     table = Table(title=escape(f"profile {p.name} · {p.mode} · {p.device}"), show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -148,9 +149,6 @@ def summary_table(profile: Profile) -> Any:
 
 
 def layers_table(profile: Profile) -> Any:
-    from rich.markup import escape
-    from rich.table import Table
-
     rows = layers(profile)
     total = profile.latency.median_s if profile.latency is not None else None
     table = Table(title="layers (inclusive of submodules)", title_justify="left")
@@ -166,9 +164,6 @@ def layers_table(profile: Profile) -> Any:
 
 
 def ops_table(profile: Profile, max_rows: int = 15) -> Any:
-    from rich.markup import escape
-    from rich.table import Table
-
     rows = op_types(profile)
     op_time = sum(r["latency_s"] or 0.0 for r in rows)
     table = Table(title=f"ops by type (top {min(max_rows, len(rows))} of {len(rows)})", title_justify="left")
@@ -186,9 +181,6 @@ def ops_table(profile: Profile, max_rows: int = 15) -> Any:
 
 def render(profile: Profile, console: Any = None, max_rows: int = 15) -> None:
     """Print the profile: summary, layers, ops by type, what each number measures, notes."""
-    from rich.console import Console
-    from rich.markup import escape
-
     console = console or Console()
     console.print(summary_table(profile))
     if any(m.depth > 0 for m in profile.modules):
@@ -221,9 +213,11 @@ def load_json(path: str | Path) -> Profile:
 # Plots
 # ------------------------------------------------------------------------------------------
 def _pyplot() -> Any:
+    # why: matplotlib takes ~1.7 s to import (measured): only plots need it
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
+    # why: matplotlib takes ~1.7 s to import (measured): only plots need it
     import matplotlib.pyplot as plt
 
     return plt

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
-from optimize.errors import ConfigError
 from optimize.profile.memory import PeakMemory
 from optimize.profile.nvml import NvmlSampler
 from optimize.profile.recorder import ROOT, Recording, record
+from optimize.runtime.errors import ConfigError
 from optimize.profile.records import (
     LatencyStats,
     ModuleRecord,
@@ -33,6 +35,7 @@ from optimize.profile.records import (
     UncountedOp,
 )
 from optimize.profile.roofline import ceilings_for, place
+from optimize.profile.roofline import device_name
 from optimize.profile.target import Target, resolve
 from optimize.profile.timing import Stopwatch, time_calls, warm_up
 
@@ -161,8 +164,6 @@ def count(model_or_engine: Any, inputs: Any = None, *, batch: int | None = None,
 
 
 def _device_name(device: torch.device) -> str:
-    from optimize.profile.roofline import device_name
-
     return f"{device.type}: {device_name(device)}"
 
 
@@ -276,9 +277,6 @@ def apply_roofline(prof: Profile) -> None:
 
 def write_trace(target: Target, path: Path) -> Path:
     """A chrome trace (chrome://tracing, Perfetto) of one inference, via torch.profiler."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if target.device.type == "cuda" else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch_profile(activities=activities, record_shapes=True) as prof:

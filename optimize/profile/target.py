@@ -21,22 +21,25 @@ from typing import Any
 
 import torch
 
-from optimize.config import CompileConfig
-from optimize.engine import Engine, load
-from optimize.errors import ConfigError, OptimizeError
-from optimize.manifest import MANIFEST_FILE
+from optimize.capture import PRECISION_DTYPES, CastPrecision
 from optimize.profile.memory import weights_bytes
 from optimize.profile.recorder import has_module_hierarchy
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import ConfigError, OptimizeError
+from optimize.runtime.loading import load
+from optimize.runtime.manifest import MANIFEST_FILE
+from optimize.runtime.program import load_program
+from optimize.runtime.specs import TensorSpec
+from optimize.runtime.specs import torch_dtype
+from optimize.sources import load_source
 from optimize.sources.base import Source, random_like_spec
-from optimize.specs import TensorSpec
 
 DEFAULT_BATCH = 1
 DEFAULT_SEQ = 128
 
 
 def _eager_program(engine: Engine, device: torch.device) -> torch.nn.Module:
-    from optimize.program import load_program
-
     return load_program(engine.path, device).module()
 
 
@@ -98,8 +101,6 @@ def spec_inputs(specs: list[TensorSpec], sizes: dict[str, int], seed: int) -> di
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    from optimize.specs import torch_dtype
-
     return torch_dtype(name)
 
 
@@ -115,8 +116,6 @@ def _sizes(specs: list[TensorSpec], batch: int | None, seq: int | None) -> dict[
 
 def load_engine_source(engine: Engine) -> tuple[Source | None, str]:
     """The engine's source model, loaded again from the manifest's location, or None and why."""
-    from optimize.sources import load_source
-
     location = engine.manifest.source.get("location")
     if not location:
         return None, "manifest records no source location"
@@ -132,8 +131,6 @@ def load_engine_source(engine: Engine) -> tuple[Source | None, str]:
 
 
 def _source_program(source: Source, precision: str) -> torch.nn.Module:
-    from optimize.capture import PRECISION_DTYPES, CastPrecision
-
     if precision in PRECISION_DTYPES and precision != "fp32":
         return CastPrecision(source.module, PRECISION_DTYPES[precision])
     return source.module
@@ -235,7 +232,6 @@ def resolve(obj: Any, inputs: Any = None, *, batch: int | None = None, seq: int 
         path = Path(obj)
         if path.is_dir() and (path / MANIFEST_FILE).is_file():
             return _engine_target(load(path), inputs, batch, seq, dev, seed)
-        from optimize.sources import load_source
 
         b, s = batch or DEFAULT_BATCH, seq or DEFAULT_SEQ
         source = load_source(str(obj), CompileConfig(max_batch=b, max_seq=s))

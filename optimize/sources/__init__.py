@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimize.config import CompileConfig
-from optimize.errors import SourceError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import SourceError
 from optimize.sources.base import Source
 from optimize.sources.factory import is_factory, load_factory
 from optimize.sources.hf import is_hf_directory, load_hf_directory

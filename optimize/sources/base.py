@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from optimize.specs import TensorSpec
+from optimize.runtime.specs import TensorSpec
+from optimize.runtime.specs import torch_dtype
 
 InputMaker = Callable[[dict[str, int], torch.Generator], dict[str, torch.Tensor]]
 
@@ -105,8 +106,6 @@ def random_like_spec(
 ) -> torch.Tensor:
     """Random values of `spec`'s dtype: normal floats; integers across `int_range`, else the
     spec's `value_range`, else [0, 100]."""
-    from optimize.specs import torch_dtype
-
     dtype = torch_dtype(spec.dtype)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=generator).to(dtype)

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from optimize.config import CompileConfig
-from optimize.errors import SourceError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import SourceError
+from optimize.runtime.specs import Dim, TensorSpec, dtype_name
 from optimize.sources.base import NamedOutputs, Source, digest_state, random_like_spec
-from optimize.specs import Dim, TensorSpec, dtype_name
 
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError, SourceError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError, SourceError
+from optimize.runtime.pooling import pool
+from optimize.runtime.specs import TensorSpec
 from optimize.sources.base import Source, digest_files
 from optimize.sources.tasks import Task, classifier_activation, detect_task, labels_of
-from optimize.specs import TensorSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -89,31 +90,11 @@ class HeadModel(torch.nn.Module):
         return {"logits": self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()}
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
-    """sentence-transformers pooling of [batch, seq, hidden] token states over the real tokens
-    (`attention_mask` 1): "mean", "max", "cls" (the first token) or "last" (the last real token,
-    wherever padding is: decoders used as embedders pad left or right); fp32, L2-normalized when
-    `normalize`. Engines that cannot compile the pooling into their graph apply it with this."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "last":
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (attention_mask * positions).argmax(dim=1)  # index of the last 1 in each row
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    elif pooling == "mean":
-        # clamp: an all-padding row pools to zeros instead of NaN
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-    elif pooling == "max":
-        pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
-    else:
-        pooled = hidden[:, 0]
-    pooled = pooled.float()
-    return torch.nn.functional.normalize(pooled, p=2.0, dim=1) if normalize else pooled
-
-
 def load_hf_directory(path: Path, config: CompileConfig) -> Source:
     """Load a Hugging Face model directory as a `Source` for its task (`config.task`, else the
     one the directory describes); raises `SourceError` / `ConfigError` with one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # why: transformers takes ~2 s to import (measured): only Hugging Face sources need it
     import transformers
 
     transformers.logging.set_verbosity_error()

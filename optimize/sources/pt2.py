@@ -2,7 +2,7 @@
 
 Its inputs, dtypes and dynamic dims come from the program itself; the compile config's batch
 and sequence ranges must lie inside the ranges the program was exported with. The archive is
-read by `optimize.program.read_archive`: pickled weights or objects and evaluated code are
+read by `optimize.runtime.program.read_archive`: pickled weights or objects and evaluated code are
 refused, the pickled example inputs every `torch.export.save` writes are dropped unread.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError, SourceError
-from optimize.program import read_archive
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError, SourceError
+from optimize.runtime.program import read_archive
+from optimize.runtime.specs import Dim, TensorSpec, dtype_name
 from optimize.sources.base import NamedOutputs, Source, digest_files, random_like_spec
-from optimize.specs import Dim, TensorSpec, dtype_name
 
 _AXIS_NAMES = {0: "batch", 1: "seq"}
 

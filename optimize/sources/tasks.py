@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from optimize.errors import SourceError
+from optimize.runtime.errors import SourceError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.auth import bearer_token_matches
 from server.config import ServerConfig
 from server.errors import ServerError, Unauthenticated
-from server.http import kserve, openai
+from server.http import kserve, openai, tasks
 from server.http.common import api_of, error_body, error_response, json_response
 from server.service import InferenceService
 
@@ -73,7 +73,8 @@ def create_app(service: InferenceService, config: ServerConfig) -> Starlette:
     bearer token when `config.auth_token` is set."""
     limit = config.max_message_bytes
     middleware = [Middleware(BearerToken, token=config.auth_token)] if config.auth_token else []
-    return Starlette(routes=[*kserve.routes(service, limit), *openai.routes(service, limit)], middleware=middleware,
+    routes = [*kserve.routes(service, limit), *openai.routes(service, limit), *tasks.routes(service, limit)]
+    return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: _http_error})
 
 

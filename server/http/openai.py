@@ -16,7 +16,9 @@ thread while the request waits in the queue.
 
 `encoding_format` is "float" (the API's default) or "base64" (the SDKs' default: little-endian
 float32 bytes, base64-encoded); `dimensions` keeps the first N dimensions and scales the result
-back to unit length (Matryoshka truncation).
+back to unit length (Matryoshka truncation). `truncate` (not OpenAI's; text-embeddings-
+inference's, sent with the SDKs' `extra_body`) cuts texts longer than the model reads instead
+of refusing them with 413.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from server.service import InferenceService
 # OpenAI's own limit on the inputs of one request.
 MAX_INPUTS = 2048
 ENCODINGS = ("float", "base64")
-FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate")
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 E = TypeVar("E", bound=ServerError)
 T = TypeVar("T")
@@ -64,6 +66,7 @@ class EmbeddingsRequest:
     token_ids: list[list[int]] | None
     encoding_format: str = "float"
     dimensions: int | None = None
+    truncate: bool = False
 
     @property
     def inputs(self) -> Sequence[Any]:
@@ -95,7 +98,10 @@ class EmbeddingsRequest:
             raise _about(MalformedRequest(f"'dimensions' must be an integer >= 1, got {dimensions!r}"), "dimensions")
         if not isinstance(document.get("user", ""), str):
             raise _about(MalformedRequest("'user' must be a string"), "user")
-        return cls(model, texts, token_ids, encoding, dimensions)
+        truncate = document.get("truncate", False)
+        if not isinstance(truncate, bool):
+            raise _about(MalformedRequest("'truncate' must be true or false"), "truncate")
+        return cls(model, texts, token_ids, encoding, dimensions, truncate)
 
 
 def _inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -192,12 +198,15 @@ class OpenAIRoutes:
         """The embeddings of every input ([inputs, width] float32) and the tokens counted."""
         step = model.max_batch_size or model.engine.max_batch_size or 1
         items = params.inputs
-        parts = await _all([self._embed_part(model, items[i:i + step], text=params.texts is not None)
+        parts = await _all([self._embed_part(model, items[i:i + step], params.texts is not None, params.truncate)
                             for i in range(0, len(items), step)])
         return np.concatenate([vectors for vectors, _ in parts]), sum(tokens for _, tokens in parts)
 
-    async def _embed_part(self, model: Model, items: Sequence[Any], text: bool) -> tuple[np.ndarray, int]:
+    async def _embed_part(self, model: Model, items: Sequence[Any], text: bool,
+                          truncate: bool) -> tuple[np.ndarray, int]:
         request = pb.ModelInferRequest(model_name=model.name)
+        if truncate and text:
+            request.parameters["truncate"].bool_param = True
         assert model.text_output is not None
         request.outputs.add(name=model.text_output)
         counting: asyncio.Future[int] | None = None
@@ -281,7 +290,7 @@ def _card(model: Model) -> dict[str, Any]:
 
 
 def routes(service: InferenceService, limit_bytes: int) -> list[Route]:
-    """The OpenAI routes kiln serves (embeddings only: no engine reranks or classifies yet)."""
+    """The OpenAI embeddings routes (reranking and classification: `server.http.tasks`)."""
     handlers = OpenAIRoutes(service, limit_bytes)
     return [
         Route("/v1/embeddings", endpoint(OPENAI, "HTTP embeddings", handlers.embeddings), methods=["POST"]),

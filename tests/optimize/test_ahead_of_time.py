@@ -12,8 +12,8 @@ import torch
 import optimize
 from optimize.backends import register_backend
 from optimize.backends.eager import EagerBackend
-from optimize.engine import AheadOfTimeEngine
-from optimize.errors import EngineError
+from optimize.runtime.engine import AheadOfTimeEngine
+from optimize.runtime.errors import EngineError
 
 
 @register_backend

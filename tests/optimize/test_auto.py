@@ -14,7 +14,7 @@ import torch
 import optimize
 from optimize.auto import candidates, judged_accuracy, timing_shapes
 from optimize.backends.base import cpu_has_native_bf16
-from optimize.errors import ConfigError
+from optimize.runtime.errors import ConfigError
 from tests.optimize.hf_random import TINY_BERT, hf_dir
 
 

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 import optimize
-from optimize.errors import AccuracyError, ConfigError, EngineError
-from optimize.manifest import FORMAT_VERSION
+from optimize.runtime.errors import AccuracyError, ConfigError, EngineError
+from optimize.runtime.manifest import FORMAT_VERSION
 
 SENTENCES = ["A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today."]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimize.config import CompileConfig, Tolerance
+from optimize.runtime.config import CompileConfig, Tolerance
 from optimize.guards import task_guard
 from optimize.tuning import TuningCache, tuning_key
 from optimize.verify import AccuracyReport, compare, judge
@@ -94,7 +94,7 @@ def test_tuning_cache_keys_on_model_and_request_and_sets_aside_what_it_cannot_re
 
 
 def test_precision_auto_needs_backend_auto():
-    from optimize.errors import ConfigError
+    from optimize.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="precision 'auto'.*needs backend 'auto'"):
         CompileConfig(backend="onnxruntime", precision="auto")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import optimize
-from optimize.config import CompileConfig
-from optimize.errors import CaptureError, ConfigError, OptimizeError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import CaptureError, ConfigError, OptimizeError
 from tests.optimize.families import FAMILIES, family_dir, pooled, write_pooling
 
 SENTENCES = ["A man is playing a guitar.", "The new movie is awesome, I loved every minute of it!",

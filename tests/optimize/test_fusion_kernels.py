@@ -13,8 +13,8 @@ import torch
 from torch import fx
 
 from optimize.capture import capture
-from optimize.config import CompileConfig
 from optimize.passes import PASSES, PassContext, run_passes
+from optimize.runtime.config import CompileConfig
 from optimize.sources import load_source
 from optimize.verify import compare_real_tokens
 from tests.optimize.hf_random import TINY_BERT, hf_dir

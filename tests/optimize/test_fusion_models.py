@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from optimize.capture import capture
-from optimize.config import CompileConfig
 from optimize.passes import PASSES, PassContext, PassResult, run_passes
 from optimize.passes.remove_padding import RemovePadding
+from optimize.runtime.config import CompileConfig
 from optimize.sources import load_source
 from optimize.verify import compare, compare_real_tokens
 from tests.optimize.hf_random import hf_dir

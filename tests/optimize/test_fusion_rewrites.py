@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from optimize.capture import capture
-from optimize.config import CompileConfig
 from optimize.passes import PASSES, PassContext, run_passes
 from optimize.passes.base import call_nodes
+from optimize.runtime.config import CompileConfig
 from optimize.sources import load_source
 from optimize.verify import compare_real_tokens
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import optimize
-from optimize.errors import EngineError
-from optimize.manifest import engine_file
+from optimize.runtime.errors import EngineError
+from optimize.runtime.manifest import engine_file
 
 
 @pytest.fixture(scope="module")

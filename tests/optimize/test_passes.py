@@ -5,10 +5,10 @@ import torch
 
 import optimize
 from optimize.capture import capture
-from optimize.config import CompileConfig
-from optimize.errors import AccuracyError, ConfigError
 from optimize.passes import GENERIC_PASSES, PassContext, register_pass, run_passes
 from optimize.passes.base import GraphPass, call_nodes
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import AccuracyError, ConfigError
 from optimize.sources import load_source
 
 aten = torch.ops.aten

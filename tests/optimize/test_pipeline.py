@@ -1,4 +1,4 @@
-"""The text pipeline's task interfaces (`optimize/pipeline.py`): the answers it makes from a
+"""The text pipeline's task interfaces (`optimize/runtime/pipeline.py`): the answers it makes from a
 model's outputs equal what transformers' own pipelines and sentence-transformers' CrossEncoder
 answer for the same model and real sentences; offsets point back into the texts; options are
 checked per task.
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from optimize.config import CompileConfig
-from optimize.pipeline import Encoded, Pipeline, TextInterface, TextOptions
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.pipeline import Encoded, Pipeline, TextInterface, TextOptions
+from optimize.runtime.specs import Dim, TensorSpec
 from optimize.sources import load_source
-from optimize.specs import Dim, TensorSpec
 from tests.optimize.task_models import task_dir
 
 SENTENCES = ["The new movie is awesome, I loved every minute of it!", "The food was cold and the service was terrible.",

@@ -1,4 +1,4 @@
-"""Task post-processing in numpy (`optimize/postprocess.py`): scores, top-k, entity grouping and
+"""Task post-processing in numpy (`optimize/runtime/postprocess.py`): scores, top-k, entity grouping and
 embedding truncation on hand-made and random arrays of odd shapes. Agreement with transformers
 itself on real models and sentences is tests/optimize/test_pipeline.py's."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimize.postprocess import activate, group_entities, top_labels, truncate_embeddings
+from optimize.runtime.postprocess import activate, group_entities, top_labels, truncate_embeddings
 
 LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import optimize
-from optimize.errors import ConfigError
 from optimize.profile import roofline
 from optimize.profile.memory import weights_bytes
 from optimize.profile.nvml import NvmlSampler
 from optimize.profile.records import Ceilings, Profile
+from optimize.runtime.errors import ConfigError
 
 REPEATS = 4
 

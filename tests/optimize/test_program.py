@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import optimize
-from optimize.errors import EngineError, SourceError
-from optimize.program import PROGRAM_FILE, load_program
+from optimize.runtime.errors import EngineError, SourceError
+from optimize.runtime.program import PROGRAM_FILE, load_program
 from optimize.sources import load_source
 
 

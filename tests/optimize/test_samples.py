@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError
 from optimize.samples import CALIBRATION_SENTENCES, VERIFICATION_SENTENCES, calibration_feeds, read_texts, text_batches
 from optimize.sources import load_source
 

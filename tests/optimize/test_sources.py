@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError, SourceError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError, SourceError
+from optimize.runtime.specs import Dim
 from optimize.sources import load_source
-from optimize.specs import Dim
 
 CONFIG = CompileConfig(max_batch=4, max_seq=16)
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from optimize.config import DEFAULT_TOLERANCES, CompileConfig
-from optimize.errors import ConfigError
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.config import DEFAULT_TOLERANCES, CompileConfig
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.specs import Dim, TensorSpec
 
 
 def test_dim_rejects_inverted_range():

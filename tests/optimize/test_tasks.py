@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import optimize
-from optimize.config import CompileConfig
-from optimize.errors import ConfigError, SourceError
-from optimize.pipeline import Pipeline
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import ConfigError, SourceError
+from optimize.runtime.pipeline import Pipeline
 from optimize.sources import load_source
 from tests.optimize.task_models import task_dir
 
@@ -151,7 +151,7 @@ def test_ctranslate2_refuses_a_classifier_by_name(dirs, tmp_path: Path):
 
 
 def test_last_token_pooling_finds_the_last_real_token_with_either_padding():
-    from optimize.sources.hf import pool
+    from optimize.runtime.pooling import pool
 
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import optimize
-from optimize.errors import OptimizeError
+from optimize.runtime.errors import OptimizeError
 from optimize.timing import BUSY_FRACTION, EXTRA_ROUNDS, ROUNDS, RUNS_PER_ROUND, measure, time_engines
 
 SLOWDOWN = 3.0  # a run during a spell takes this much longer, unless the engine says otherwise

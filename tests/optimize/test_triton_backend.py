@@ -11,8 +11,8 @@ import torch
 
 import optimize
 from optimize.cli import main
-from optimize.config import CompileConfig
-from optimize.errors import AccuracyError, ConfigError
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import AccuracyError, ConfigError
 from optimize.sources import load_source
 from optimize.verify import compare_real_tokens
 from tests.optimize.hf_random import TINY_BERT, hf_dir

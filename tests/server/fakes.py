@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from optimize.config import CompileConfig
-from optimize.engine import Engine
-from optimize.manifest import Manifest
-from optimize.pipeline import Encoded, Pipeline
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.engine import Engine
+from optimize.runtime.manifest import Manifest
+from optimize.runtime.pipeline import Encoded, Pipeline
+from optimize.runtime.specs import Dim, TensorSpec
 
 VOCAB = 100
 WIDTH = 4

@@ -389,3 +389,92 @@ def test_in_order_skips_requests_that_ended_without_an_answer():
     assert order.finish(first, None) == ["b"]  # its client went away: it must not block "b"
     with pytest.raises(ValueError, match="not outstanding"):
         order.finish(first, "again")
+
+
+# -- token budget and length grouping ------------------------------------------------------------
+def test_a_batch_holds_at_most_max_batch_tokens_padded_tokens():
+    batcher, _ = make(max_batch_size=8, max_batch_tokens=100)
+    for name in "abcdef":
+        batcher.add(1, A, name, tokens=30)
+    batch = batcher.next_batch()
+    assert batch is not None and batch.reason == "full"
+    assert payloads(batch) == ["a", "b", "c"] and batch.tokens == 90  # a 4th row would make 120
+
+
+def test_texts_are_grouped_by_length_so_padding_stays_small():
+    batcher, _ = make(max_batch_size=3, max_batch_tokens=0)
+    lengths = {"long1": 100, "short1": 10, "short2": 12, "long2": 98, "short3": 11, "long3": 99}
+    for name, tokens in lengths.items():
+        batcher.add(1, A, name, tokens=tokens)
+    first, second = batcher.next_batch(), batcher.next_batch()
+    assert first is not None and second is not None
+    assert set(payloads(first)) == {"long1", "long2", "long3"}  # the oldest decides, its neighbours join
+    assert set(payloads(second)) == {"short1", "short2", "short3"}
+
+
+def test_the_deciding_request_always_runs_in_the_next_batch_whatever_its_length():
+    batcher, clock = make(max_batch_size=2, max_batch_tokens=0)
+    batcher.add(1, A, "oldest-long", tokens=120)
+    for i in range(5):
+        batcher.add(1, A, f"short{i}", tokens=8)
+    batch = batcher.next_batch()
+    assert batch is not None and "oldest-long" in payloads(batch)
+
+
+def test_a_row_longer_than_the_budget_runs_alone():
+    batcher, _ = make(max_batch_size=8, max_batch_tokens=64)
+    batcher.add(1, A, "huge", tokens=128)
+    batcher.add(1, A, "small", tokens=8)
+    batch = batcher.next_batch()
+    assert batch is not None and payloads(batch) == ["huge"]
+
+
+def test_the_parts_of_a_request_count_as_one_request_in_the_queue_bounds():
+    batcher, _ = make(max_batch_size=2, queue_policy=QueuePolicy(max_queue_size=1))
+    parts = batcher.add_parts([(1, 10, "r0"), (1, 20, "r1"), (1, 30, "r2")], A)
+    assert len(parts) == 3 and len(batcher) == 1
+    with pytest.raises(QueueFull):
+        batcher.add(1, A, "another")
+    first = batcher.next_batch()
+    assert first is not None and payloads(first) == ["r0", "r1"] and len(batcher) == 1  # r2 still queued
+    last = batcher.next_batch(flush=True)
+    assert last is not None and payloads(last) == ["r2"] and len(batcher) == 0
+
+
+def test_a_lone_request_on_an_idle_model_goes_at_once_without_waiting_for_the_delay():
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=1_000_000)
+    batcher.add_parts([(1, 10, "a0"), (1, 12, "a1")], A)
+    assert batcher.next_batch() is None  # a busy model: it waits for company
+    assert batcher.wait_s(idle=True) == 0.0
+    batch = batcher.next_batch(idle=True)
+    assert batch is not None and batch.reason == "idle" and sorted(payloads(batch)) == ["a0", "a1"]
+
+
+def test_two_queued_requests_on_an_idle_model_still_wait_for_the_delay():
+    batcher, clock = make(max_batch_size=8, max_queue_delay_us=1000)
+    batcher.add(1, A, "a", tokens=10)
+    batcher.add(1, A, "b", tokens=10)
+    assert batcher.next_batch(idle=True) is None
+    clock.advance_us(1000)
+    batch = batcher.next_batch(idle=True)
+    assert batch is not None and batch.reason == "delay" and payloads(batch) == ["a", "b"]
+
+
+def test_a_preferred_size_formed_by_length_still_holds_the_deciding_request():
+    batcher, _ = make(max_batch_size=8, preferred_batch_sizes=(2,))
+    batcher.add(1, A, "oldest", tokens=50)
+    for name, tokens in (("b", 47), ("c", 48), ("d", 49)):
+        batcher.add(1, A, name, tokens=tokens)
+    batch = batcher.next_batch()
+    assert batch is not None and batch.reason == "preferred" and payloads(batch)[0] == "oldest" and batch.size == 2
+
+
+def test_rows_of_far_other_lengths_are_left_for_a_batch_of_their_own():
+    batcher, _ = make(max_batch_size=8, max_queue_delay_us=1_000_000)
+    batcher.add(1, A, "oldest", tokens=120)
+    for name, tokens in (("s1", 8), ("s2", 9), ("l1", 118)):
+        batcher.add(1, A, name, tokens=tokens)
+    first = batcher.next_batch()  # padding the short ones to 120 tokens would cost more than a call
+    assert first is not None and first.reason == "full" and payloads(first) == ["oldest", "l1"]
+    second = batcher.next_batch(flush=True)
+    assert second is not None and sorted(payloads(second)) == ["s1", "s2"]

@@ -105,7 +105,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, mini
 
     from tests.server.harness import make_repository
 
-    # A long queue delay keeps requests queued until the shutdown flushes them.
+    # A long queue delay keeps requests that arrive together queued until the shutdown flushes them.
     repository = make_repository(tmp_path, minilm_engine_dir, max_batch_size=8, max_queue_delay_us=3_000_000)
     log = tmp_path / "server.log"
     process = start(["--repository", str(repository), "--port", "0", "--metrics-port", "0", "--shutdown-grace-s", "20"],
@@ -132,7 +132,9 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, mini
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
-        while pending(metrics) < 6:  # all six accepted and waiting for company
+        # All six accepted: answered, or waiting for company (a request that finds the model idle
+        # and nothing else queued runs at once; the others wait 3 s).
+        while len(answers) + pending(metrics) < 6:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
@@ -145,7 +147,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, mini
             process.wait(timeout=10)
     assert answers == [(1, 384)] * 6, answers
     text = log.read_text()
-    assert "shutting down: 6 request(s) queued" in text and "server stopped" in text
+    assert re.search(r"shutting down: [0-6] request\(s\) queued", text) and "server stopped" in text
 
 
 def pending(metrics_url: str) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.batcher import QueuePolicy
-from server.config import DEFAULT_MAX_MESSAGE_BYTES, ModelConfig, ServerConfig
+from server.config import DEFAULT_MAX_MESSAGE_BYTES, SHAPE_BUCKETS, ModelConfig, ServerConfig
 from server.errors import ConfigError
 
 
@@ -132,3 +132,17 @@ def test_tls_needs_both_certificate_and_key(tmp_path: Path):
     with pytest.raises(ConfigError, match="tls_client_ca_file needs"):
         ServerConfig(tls_client_ca_file=pem)
     assert ServerConfig(tls_cert_file=pem, tls_key_file=pem).tls
+
+
+def test_text_batches_of_openvino_engines_are_padded_to_a_few_lengths_unless_configured():
+    assert ModelConfig().text_buckets("openvino") == SHAPE_BUCKETS["openvino"]
+    assert ModelConfig().text_buckets("onnxruntime") == ()
+    assert ModelConfig(sequence_buckets=[]).text_buckets("openvino") == ()
+    assert ModelConfig(sequence_buckets=[64, 32]).text_buckets("openvino") == (32, 64)
+
+
+def test_max_batch_tokens_reaches_the_batch_policy_and_is_checked():
+    config = ModelConfig.from_dict({"max_batch_tokens": 4096}).resolve(32)
+    assert config.batch_policy().max_batch_tokens == 4096
+    with pytest.raises(ConfigError, match="max_batch_tokens must be an integer between 0 and"):
+        ModelConfig.from_dict({"max_batch_tokens": -1})

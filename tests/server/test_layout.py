@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimize.specs import Dim, TensorSpec
-from server.layout import BucketPadding, Concatenate, Packed, Text, Unbatched, batch_key, concatenate, split
+from optimize.runtime.specs import Dim, TensorSpec
+from server.layout import BucketPadding, Concatenate, Packed, Text, Unbatched, batch_key, concatenate, join, split
 
 BATCH, SEQ = Dim("batch", 1, 8, 8), Dim("seq", 1, 64, 64)
 INPUTS = [TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, SEQ))]
@@ -141,3 +141,30 @@ def test_text_layout_pads_tokenized_requests_to_the_batch_longest_and_gives_each
     assert first["hidden"].shape == (2, 2, 2) and second["hidden"].shape == (1, 5, 2)
     np.testing.assert_allclose(first["pooled"][:, 0], [1.5, 3.0], rtol=1e-6)  # mean word length per text
     np.testing.assert_allclose(second["pooled"][:, 0], [2.4], rtol=1e-6)
+
+
+def test_text_layout_pads_a_batch_up_to_its_bucket_never_past_the_pipelines_maximum():
+    layout = Text(Concatenate(), [OUTPUTS[1]], buckets=[4, 8, 64], max_length=10)
+    inputs, _ = layout.assemble([fake_tokenize(["a bb", "ccc"])])  # 2 tokens wide: bucket 4
+    assert inputs["input_ids"].shape == (2, 4) and inputs["attention_mask"].sum() == 3
+    inputs, _ = layout.assemble([fake_tokenize(["a " * 9])])  # 9 tokens: bucket 64, capped at 10
+    assert inputs["input_ids"].shape == (1, 10)
+
+
+def test_text_layout_splits_a_request_into_one_part_per_text_cut_to_its_own_tokens():
+    layout = Text(Concatenate(), [OUTPUTS[1]], buckets=[4, 8])
+    parts = layout.split(fake_tokenize(["a bb", "ccc dd ee ff g", "x"]))
+    assert [(p["input_ids"].shape, rows, tokens) for p, rows, tokens in parts] == [
+        ((1, 2), 1, 4), ((1, 5), 1, 8), ((1, 1), 1, 4)]
+    # A request whose answer reads token outputs stays one padded block, in slices within the budget.
+    whole = Text(Concatenate(), OUTPUTS, buckets=[4, 8]).split(fake_tokenize(["a bb", "ccc dd ee ff g"]), 8,
+                                                               by_text=False)
+    assert [(p["input_ids"].shape, rows, tokens) for p, rows, tokens in whole] == [((1, 5), 1, 8), ((1, 5), 1, 8)]
+
+
+def test_join_puts_parts_back_in_order_padding_token_outputs_to_the_longest():
+    parts = [{"pooled": np.ones((1, 2)), "hidden": np.ones((1, 2, 3))},
+             {"pooled": np.zeros((2, 2)), "hidden": np.full((2, 4, 3), 2.0)}]
+    joined = join(parts)
+    assert joined["pooled"].tolist() == [[1, 1], [0, 0], [0, 0]]
+    assert joined["hidden"].shape == (3, 4, 3) and joined["hidden"][0, 2:].sum() == 0

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from optimize.errors import EngineError
+from optimize.runtime.errors import EngineError
 from tests.server.harness import RunningServer, fake_repository, int64_inputs, running_server
 from tests.server.fakes import EchoEngine, FakeEngine, FakeTextEngine, expected_features, token_manifest
 

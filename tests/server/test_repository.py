@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from optimize.errors import EngineError
+from optimize.runtime.errors import EngineError
 from server.errors import ConfigError, NotFound
 from server.repository import Repository
 from tests.server.fakes import FakeEngine, token_manifest

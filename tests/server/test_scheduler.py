@@ -137,13 +137,15 @@ def test_a_cancelled_request_leaves_the_queue_and_never_runs():
 
     async def main():  # type: ignore[no-untyped-def]
         await scheduler.start()
-        task = asyncio.create_task(scheduler.infer(request(1), 1))
+        # Two requests, so they wait for company (a lone one on an idle model would go at once).
+        tasks = [asyncio.create_task(scheduler.infer(request(i), 1)) for i in (1, 2)]
         await asyncio.sleep(0.05)
-        assert len(scheduler.batcher) == 1
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert len(scheduler.batcher) == 0
+        assert len(scheduler.batcher) == 2
+        for queued, task in enumerate(tasks):
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert len(scheduler.batcher) == 1 - queued
         await scheduler.stop(grace_s=1)
 
     run(main())
@@ -355,3 +357,39 @@ def test_a_stopped_scheduler_is_freed_without_the_cyclic_garbage_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_a_request_of_tokens_over_the_token_budget_runs_in_slices_and_is_answered_whole_in_order():
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch_size=8, max_batch_tokens=8)
+    big = request(5, batch=6, seq=4)  # 24 padded tokens: three slices of 2 rows x 4 tokens
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        result = await scheduler.infer(big, 6)
+        await scheduler.stop(grace_s=5)
+        return result
+
+    result = run(main())
+    assert engine.calls == [2, 2, 2]
+    np.testing.assert_array_equal(result["features"], expected_features(big["input_ids"], big["attention_mask"]))
+
+
+def test_a_text_request_is_split_across_batches_by_length_and_rejoined_in_its_order():
+    engine = FakeTextEngine(delay_s=0.02)
+    scheduler = scheduler_for(engine, max_batch_size=8, max_batch_tokens=12, max_queue_delay_us=20_000)
+    texts = [["a " * 9, "b", "c c c c c c c c c c", "d d"], ["e e e", "f"]]  # 9, 1, 10, 2 | 3, 1 tokens
+    tokenized = [engine.fake_pipeline.tokenize(t) for t in texts]
+
+    async def main():  # type: ignore[no-untyped-def]
+        await scheduler.start()
+        results = await asyncio.gather(*(scheduler.infer(t, len(t["input_ids"]), text=True) for t in tokenized))
+        await scheduler.stop(grace_s=5)
+        return results
+
+    results = run(main())
+    assert sum(engine.calls) == 6 and len(engine.calls) > 1  # no batch over 12 padded tokens
+    for tokens, result in zip(tokenized, results, strict=True):
+        assert result["lengths"].tolist() == tokens["attention_mask"].sum(1).tolist()
+        want = expected_features(tokens["input_ids"], tokens["attention_mask"])
+        np.testing.assert_array_equal(result["features"][:, 3], want[:, 3])  # masked sums, row by row

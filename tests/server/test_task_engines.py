@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -22,7 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import optimize
-from optimize.config import CompileConfig
+from optimize.runtime.config import CompileConfig
 from server import Model, ModelConfig, Repository
 from server.errors import ConfigError
 from tests.optimize.task_models import task_dir
@@ -246,6 +247,65 @@ def test_only_feature_extraction_engines_are_embedding_models(served: RunningSer
     reply = fetch(base_url(served) + "/v1/embeddings", {"model": "sentiment", "input": "hello"})
     error = openai_error(reply, 400)
     assert "text-classification engine, not an embedding model" in error["message"]
+
+
+DOCUMENTS = ["Click 'Forgot password' on the sign-in page.", "A man is playing a guitar.",
+             "The Eiffel Tower is in Paris, France.", "Passwords can be reset from the account settings."]
+
+
+def test_rerank_answers_documents_by_cross_encoder_score_best_first(served: RunningServer, sources: dict[str, Path]):
+    from sentence_transformers import CrossEncoder
+
+    query = "How do I reset my password?"
+    want = CrossEncoder(str(sources["cross_encoder"]), device="cpu").predict([(query, d) for d in DOCUMENTS])
+    body = {"model": "reranker", "query": query, "documents": DOCUMENTS}
+    reply = httpx.post(base_url(served) + "/v1/rerank", json=body, timeout=TIMEOUT_S)
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    assert answer["model"] == "reranker" and answer["usage"]["total_tokens"] > len(DOCUMENTS) * 4
+    results = answer["results"]
+    assert [r["index"] for r in results] == np.argsort(-want, kind="stable").tolist()
+    np.testing.assert_allclose([r["relevance_score"] for r in results], np.sort(want)[::-1], atol=1e-5)
+    assert all("document" not in r for r in results)
+    top = httpx.post(base_url(served) + "/v1/rerank", json={**body, "top_n": 2, "return_documents": True},
+                     timeout=TIMEOUT_S).json()["results"]
+    assert [(r["index"], r["document"]["text"]) for r in top] == [
+        (r["index"], DOCUMENTS[r["index"]]) for r in results[:2]]
+
+
+def test_classify_answers_every_label_best_first_as_transformers_pipeline(served: RunningServer,
+                                                                          sources: dict[str, Path]):
+    want = hf("text-classification", sources["classifier"])(SENTENCES, top_k=None)
+    reply = httpx.post(base_url(served) + "/v1/classify", json={"model": "sentiment", "input": SENTENCES},
+                       timeout=TIMEOUT_S)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [[d["label"] for d in row] for row in data] == [[d["label"] for d in row] for row in want]
+    np.testing.assert_allclose([[d["score"] for d in row] for row in data],
+                               [[d["score"] for d in row] for row in want], atol=1e-5)
+    raw = httpx.post(base_url(served) + "/v1/classify", json={"model": "sentiment", "input": SENTENCES[0],
+                                                              "raw_scores": True}, timeout=TIMEOUT_S).json()["data"]
+    assert [d["label"] for d in raw[0]] == [d["label"] for d in want[0]]  # logits rank the labels as the softmax
+
+
+@pytest.mark.parametrize("route, body, status, words", [
+    ("/v1/rerank", {"model": "sentiment", "query": "q", "documents": ["d"]}, 400,
+     "model 'sentiment' is a text-classification engine; /v1/rerank serves sentence-pair engines"),
+    ("/v1/classify", {"model": "reranker", "input": ["x"]}, 400,
+     "model 'reranker' is a sentence-pair engine; /v1/classify serves text-classification engines"),
+    ("/v1/classify", {"model": "minilm", "input": ["x"]}, 400, "feature-extraction engine"),
+    ("/v1/rerank", {"model": "nope", "query": "q", "documents": ["d"]}, 404, "nope"),
+    ("/v1/rerank", {"model": "reranker", "query": "q", "documents": []}, 422, "'documents'"),
+    ("/v1/rerank", {"model": "reranker", "query": "q", "documents": ["d"], "top_n": 0}, 422, "'top_n'"),
+    ("/v1/classify", {"model": "sentiment", "input": ["x"], "top_k": 2}, 422, "top_k"),
+    ("/v1/classify", {"model": "sentiment", "input": ["word " * 40]}, 413, "more than 32 tokens"),
+])
+def test_rerank_and_classify_refuse_bad_requests_with_the_status_a_client_expects(
+        served: RunningServer, route: str, body: dict[str, Any], status: int, words: str):
+    reply = httpx.post(base_url(served) + route, json=body, timeout=TIMEOUT_S)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
 def test_a_task_without_a_text_interface_serves_its_tokens_and_refuses_texts(engines: dict[str, Path]):

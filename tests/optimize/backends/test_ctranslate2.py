@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optimize
-from optimize.errors import ConfigError
+from optimize.runtime.errors import ConfigError
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install 'kiln[cpu-engines]')")
 

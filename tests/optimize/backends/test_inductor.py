@@ -12,7 +12,7 @@ import torch
 import optimize
 from optimize.auto import survey
 from optimize.backends.inductor import cxx_compiler
-from optimize.errors import ConfigError
+from optimize.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(cxx_compiler() is None, reason="AOTInductor needs a C++ compiler to build")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import optimize
-from optimize.backends.onnxruntime import session_providers
-from optimize.errors import EngineError
+from optimize.runtime.backends.onnxruntime import session_providers
+from optimize.runtime.errors import EngineError
 
 
 def test_providers_are_preferred_tensorrt_then_cuda_then_cpu(monkeypatch):

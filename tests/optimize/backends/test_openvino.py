@@ -7,7 +7,7 @@ import torch
 
 import optimize
 from optimize.backends.openvino import native_bf16
-from optimize.errors import ConfigError
+from optimize.runtime.errors import ConfigError
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'kiln[cpu-engines]')")
 

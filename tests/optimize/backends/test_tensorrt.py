@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import optimize
-from optimize.engine import AheadOfTimeEngine
-from optimize.errors import ConfigError, EngineError
+from optimize.runtime.engine import AheadOfTimeEngine
+from optimize.runtime.errors import ConfigError, EngineError
 
 trt_backend = pytest.importorskip("optimize.backends.tensorrt")
 if trt_backend.library() is None:
@@ -116,12 +116,12 @@ def test_fp8_engine_builds_from_e4m3_qdq_for_sm89_and_newer(tmp_path, minilm_mod
 def test_fp8_for_sm80_is_refused_before_anything_is_built(tmp_path, minilm_model_dir, monkeypatch):
     if trt_backend.library()[1] != "tensorrt_rtx":
         pytest.skip("compute capabilities are a TensorRT-RTX build option")
-    import optimize.compiler
+    import optimize.build
 
     def no_capture(*args, **kwargs):
         raise AssertionError("the model was captured before the targets were checked")
 
-    monkeypatch.setattr(optimize.compiler, "capture", no_capture)
+    monkeypatch.setattr(optimize.build, "capture", no_capture)
     config = optimize.CompileConfig(backend="tensorrt", precision="fp8", max_batch=4, max_seq=64,
                                     backend_options={"compute_capabilities": ["sm80"]})
     with pytest.raises(ConfigError, match="^precision fp8 needs SM89 or newer; SM80 was asked for$"):

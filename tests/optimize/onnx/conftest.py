@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from optimize.config import CompileConfig
 from optimize.onnx import OnnxPassContext, export_program
+from optimize.runtime.config import CompileConfig
 from optimize.sources.base import Source
 from tests.optimize.onnx.shapes import CONFIG
 

@@ -5,12 +5,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from optimize.config import CompileConfig
 from optimize.onnx import OnnxPassContext
 from optimize.onnx.attention import AttentionCleanup
 from optimize.onnx.graph import Graph
 from optimize.onnx.mixed_precision import KEEP_OPS, MixedPrecision
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.specs import Dim, TensorSpec
 from tests.optimize.onnx.helpers import embedding_cosines, run_ort
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 import optimize
-from optimize.config import CompileConfig, Tolerance
-from optimize.errors import AccuracyError, ConfigError
 from optimize.onnx import ONNX_PASSES, ort_verifier, run_onnx_passes
+from optimize.runtime.config import CompileConfig, Tolerance
+from optimize.runtime.errors import AccuracyError, ConfigError
 
 
 def _context(pass_context, **config):

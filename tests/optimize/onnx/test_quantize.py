@@ -31,7 +31,7 @@ def _scales(model: onnx.ModelProto, op_type: str) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def static_int8(minilm_export, minilm_source, tmp_path_factory):
     """MiniLM with TensorRT-style int8 Q/DQ (symmetric), percentile and min/max calibrated."""
-    from optimize.config import CompileConfig
+    from optimize.runtime.config import CompileConfig
     from optimize.onnx import OnnxPassContext
     from optimize.samples import calibration_feeds
 
@@ -123,7 +123,7 @@ E4M3_MIN_NORMAL = 2.0**-6
 
 def _fp8_context(minilm_source, minilm_export, workdir, method="percentile", reporter=None, reference=None,
                  tolerance=None):
-    from optimize.config import CompileConfig
+    from optimize.runtime.config import CompileConfig
     from optimize.onnx import OnnxPassContext
     from optimize.samples import calibration_feeds
 
@@ -229,7 +229,7 @@ def test_fp8_calibration_reports_progress_per_batch(fp8_minilm):
 
 def test_fp8_refuses_entropy_calibration_naming_the_methods_it_takes(minilm_onnx, minilm_source, minilm_export,
                                                                      tmp_path):
-    from optimize.errors import ConfigError
+    from optimize.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="^calibration_method entropy is for int8; fp8 takes minmax or percentile$"):
         Quantize().run(minilm_onnx, _fp8_context(minilm_source, minilm_export, tmp_path, "entropy"))
@@ -237,7 +237,7 @@ def test_fp8_refuses_entropy_calibration_naming_the_methods_it_takes(minilm_onnx
 
 def test_fp8_keeps_the_lowest_sqnr_matmuls_in_float_until_within_tolerance(minilm_onnx, minilm_source,
                                                                           minilm_export, tmp_path):
-    from optimize.config import Tolerance
+    from optimize.runtime.config import Tolerance
 
     # All 36 MatMuls in fp8 score 0.987 per token on the calibration samples: below 0.99.
     ctx = _fp8_context(minilm_source, minilm_export, tmp_path, reference=minilm_source.module,
@@ -265,7 +265,7 @@ def test_fp8_on_a_tiny_opset_17_graph_matches_an_e4m3_reference(tmp_path, extra_
     import ml_dtypes
     import torch
 
-    from optimize.config import CompileConfig
+    from optimize.runtime.config import CompileConfig
     from optimize.onnx import OnnxPassContext
     from tests.optimize.onnx.helpers import run_ort
 

@@ -33,7 +33,7 @@ TOKEN = "s3cret-token"
 
 
 def test_one_process_serves_http_beside_grpc_and_drains_both_on_sigterm(tmp_path: Path, minilm_engine_dir: Path):
-    # A long queue delay keeps requests queued until the shutdown flushes them.
+    # A long queue delay keeps requests that arrive together queued until the shutdown flushes them.
     repository = make_repository(tmp_path, minilm_engine_dir, max_batch_size=8, max_queue_delay_us=3_000_000)
     log = tmp_path / "server.log"
     process = start(["--repository", str(repository), "--port", "0", "--http-port", "0", "--metrics-port", "0",
@@ -67,7 +67,9 @@ def test_one_process_serves_http_beside_grpc_and_drains_both_on_sigterm(tmp_path
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 20
-        while pending(metrics) < 4:  # all four accepted, over both ports, waiting for company
+        # All four accepted, over both ports: answered, or waiting for company (a request that
+        # finds the model idle and nothing else queued runs at once; the others wait 3 s).
+        while len(answers) + pending(metrics) < 4:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
@@ -81,7 +83,7 @@ def test_one_process_serves_http_beside_grpc_and_drains_both_on_sigterm(tmp_path
     assert sorted(answers, key=str) == sorted([("openai", 200, 384)] * 2 + [("kserve", 200, [1, 384]),
                                                                           ("grpc", 200, [1, 384])], key=str)
     text = log.read_text()
-    assert "shutting down: 4 request(s) queued" in text and "server stopped" in text
+    assert re.search(r"shutting down: [0-4] request\(s\) queued", text) and "server stopped" in text
 
 
 def test_an_http_port_in_use_stops_the_start_with_one_line(tmp_path: Path):

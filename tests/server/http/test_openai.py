@@ -193,7 +193,7 @@ def test_a_too_large_body_is_413_also_when_it_inflates_past_the_limit(fake_serve
 
 
 def test_unknown_routes_and_methods_answer_in_openais_shape(fake_server: RunningServer):
-    openai_error(fetch(f"{base_url(fake_server)}/v1/rerank", {"model": "fake"}), 404)
+    openai_error(fetch(f"{base_url(fake_server)}/v1/completions", {"model": "fake"}), 404)
     reply = fetch(f"{base_url(fake_server)}/v1/embeddings")
     openai_error(reply, 405)
     assert reply.headers["allow"] == "POST"

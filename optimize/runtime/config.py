@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from optimize.errors import ConfigError
-from optimize.specs import Dim
+from optimize.runtime.errors import ConfigError
+from optimize.runtime.specs import Dim
 
 # int8: weights and activations in int8 (calibrated Q/DQ); int8-weight: weights only, no calibration.
 # auto: whichever precision keeps the accuracy guard (only with backend auto, see optimize.auto).

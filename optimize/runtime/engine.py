@@ -1,7 +1,8 @@
 """`Engine`: the only thing backends produce and the only thing the server sees.
 
-An engine is a directory (manifest + weights + backend payload); `load(dir)` turns it back into
-an object whose `run` takes a dict of named tensors and returns a dict of named tensors.
+An engine is a directory (manifest + weights + backend payload); `optimize.runtime.load(dir)`
+turns it back into an object whose `run` takes a dict of named tensors and returns a dict of
+named tensors. Each backend's subclass lives in `optimize.runtime.backends`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from optimize.errors import EngineError
-from optimize.manifest import MANIFEST_FILE, Manifest, check_links, engine_file
-from optimize.specs import Dim, TensorSpec, dtype_name
-
-if TYPE_CHECKING:
-    from optimize.pipeline import Pipeline
+from optimize.runtime.errors import EngineError
+from optimize.runtime.manifest import MANIFEST_FILE, Manifest
+from optimize.runtime.pipeline import Pipeline
+from optimize.runtime.specs import Dim, TensorSpec, dtype_name
 
 Array = torch.Tensor | np.ndarray
 
@@ -123,8 +122,6 @@ class Engine(ABC):
     def pipeline(self) -> Pipeline | None:
         """The text pre/post-processing stored with the engine, if its source had a tokenizer."""
         if self._pipeline is None and self.manifest.pipeline is not None:
-            from optimize.pipeline import Pipeline
-
             self._pipeline = Pipeline.from_manifest(self.path, self.manifest.pipeline)
         return self._pipeline
 
@@ -207,24 +204,4 @@ class AheadOfTimeEngine(Engine):
         raise EngineError(f"engine {self.path} cannot run on this machine: {self.reason}")
 
 
-def load(directory: str | Path) -> Engine:
-    """Load the engine stored in `directory` (a directory holding `manifest.json`).
-
-    Raises `EngineError` when the directory is not an engine, was written by an incompatible
-    kiln, names an unknown backend, misses payload files, or names a file (or holds a
-    symlink) outside itself.
-    """
-    from optimize.backends import get_backend
-
-    path = Path(directory)
-    if path.is_dir():
-        check_links(path)
-    manifest = Manifest.read(path)
-    for what, rel in manifest.files():
-        if not engine_file(path, rel, what).exists():
-            raise EngineError(f"engine {path} is incomplete: {what} {rel} is missing")
-    backend = get_backend(manifest.backend, error=EngineError)
-    return backend.load(path, manifest)
-
-
-__all__ = ["Engine", "AheadOfTimeEngine", "load", "MANIFEST_FILE"]
+__all__ = ["Engine", "AheadOfTimeEngine", "MANIFEST_FILE"]

@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from optimize.config import CompileConfig
-from optimize.errors import EngineError
-from optimize.specs import TensorSpec
+import torch
+
+from optimize.runtime.config import CompileConfig
+from optimize.runtime.errors import EngineError
+from optimize.runtime.specs import TensorSpec
 
 FORMAT_VERSION = 2
 #: Why each older format cannot be read, for the refusal message.
 _FORMAT_CHANGES = {
     1: "its programs call kernel ops by their old names (torch.ops.kernels.*, now torch.ops.kiln.*)",
 }
+PIPELINE_DIR = "pipeline"  # where an engine directory keeps its text pipeline (tokenizer files)
 MANIFEST_FILE = "manifest.json"
 
 
@@ -48,8 +51,6 @@ class Manifest:
     def files(self) -> list[tuple[str, str]]:
         """Every file this manifest names, as (what it is, path relative to the engine
         directory): the payload, and the text pipeline's tokenizer."""
-        from optimize.pipeline import PIPELINE_DIR
-
         named = [("payload file", rel) for rel in self.payload]
         if self.pipeline is not None:
             named.append(("pipeline tokenizer", f"{PIPELINE_DIR}/{self.pipeline.get('tokenizer')}"))
@@ -152,8 +153,6 @@ def check_links(directory: str | Path) -> None:
 
 def build_environment() -> dict[str, Any]:
     """Versions and device of the build machine, so a mismatch at load time can be explained."""
-    import torch
-
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),

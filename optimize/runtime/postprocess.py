@@ -11,7 +11,7 @@ reference answers for the same model and text:
 - `truncate_embeddings`: Matryoshka truncation, scaled back to unit length as OpenAI's
   `dimensions` does.
 
-Pure numpy on one request's arrays; `optimize.pipeline.TextInterface` applies them to engine
+Pure numpy on one request's arrays; `optimize.runtime.pipeline.TextInterface` applies them to engine
 outputs and requests' options.
 """
 

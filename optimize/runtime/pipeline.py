@@ -3,7 +3,7 @@
 Stored in the engine directory (`pipeline/tokenizer.json` + the manifest's `pipeline` entry),
 so anything holding an engine can turn sentences into the engine's input tensors without
 knowing the model, and the engine's outputs into the task's answer. Tokenization uses Hugging
-Face `tokenizers` (Rust, batched); post-processing is numpy (`optimize.postprocess`).
+Face `tokenizers` (Rust, batched); post-processing is numpy (`optimize.runtime.postprocess`).
 
 `Pipeline.text_interface` describes what a text request to the engine sends and gets back,
 per task (server/README.md, "Tasks", documents it for clients):
@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from optimize import postprocess
-from optimize.specs import Dim, TensorSpec
+from optimize.runtime import postprocess
+from optimize.runtime.manifest import PIPELINE_DIR, engine_file
+from optimize.runtime.specs import Dim, TensorSpec
 
-PIPELINE_DIR = "pipeline"
 TEXT, TEXT_PAIR = "text", "text_pair"
 # The options a text request may send as request parameters, with their type; which ones a task
 # takes is `_TASK_OPTIONS`'.
@@ -49,13 +50,15 @@ _LABELLED = ("text-classification", "token-classification", "sentence-pair")
 class Encoded:
     """Texts tokenized for an engine: `feeds` are its inputs ([n, longest] int64); `offsets`
     ([n, longest, 2] int64) the character span of each token in its text (in `pairs` for the
-    second text's tokens), `special` ([n, longest] bool) marks special tokens and padding."""
+    second text's tokens), `special` ([n, longest] bool) marks special tokens and padding;
+    `truncated` lists the texts (by index) that held more than `max_length` tokens and were cut."""
 
     feeds: dict[str, np.ndarray]
     texts: tuple[str, ...]
     pairs: tuple[str, ...] | None
     offsets: np.ndarray
     special: np.ndarray
+    truncated: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,6 @@ class Pipeline:
     token_types: bool = False
 
     def __post_init__(self) -> None:
-        from tokenizers import Tokenizer
-
         self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         self._tokenizer.enable_truncation(max_length=self.max_length)
         self._tokenizer.enable_padding(pad_id=self.pad_id)
@@ -257,6 +258,7 @@ class Pipeline:
             feeds=feeds, texts=texts, pairs=pairs,
             offsets=np.array([e.offsets for e in encodings], dtype=np.int64).reshape(len(encodings), longest, 2),
             special=np.array([e.special_tokens_mask for e in encodings], dtype=bool).reshape(len(encodings), longest),
+            truncated=tuple(i for i, e in enumerate(encodings) if e.overflowing),
         )
 
     def text_interface(self, engine_outputs: Sequence[TensorSpec]) -> TextInterface:
@@ -299,8 +301,6 @@ class Pipeline:
         `engine_dir/directory` (a source directory holds them at its top: directory "").
         Raises `EngineError` when an engine's tokenizer path leads outside `engine_dir`. (A
         source directory is the user's own and may link elsewhere, as Hugging Face's cache does.)"""
-        from optimize.manifest import engine_file
-
         if directory:
             tokenizer = engine_file(engine_dir, f"{directory}/{entry['tokenizer']}", "pipeline tokenizer")
         else:

@@ -34,12 +34,15 @@ import re
 import zipfile
 from pathlib import Path
 from typing import Any
+import inspect
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.export import ExportedProgram
+import sympy
+import torch.utils._sympy.functions as functions
 
-from optimize.errors import EngineError, OptimizeError
+from optimize.runtime.errors import EngineError, OptimizeError
 
 PROGRAM_FILE = "program.pt2"
 WEIGHTS_FILE = "weights.safetensors"
@@ -211,10 +214,6 @@ _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Po
 
 @functools.cache
 def _torch_sympy_classes() -> frozenset[str]:
-    import inspect
-
-    import sympy
-    import torch.utils._sympy.functions as functions
 
     return frozenset(n for n, o in vars(functions).items()
                      if inspect.isclass(o) and issubclass(o, sympy.Basic) and not n.startswith("_"))

@@ -1,0 +1,67 @@
+"""Engines of backend `ctranslate2`: a CTranslate2 encoder directory run on the CPU, with the
+sentence-transformers pooling applied in torch after it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from optimize.runtime.engine import Engine
+from optimize.runtime.errors import EngineError
+from optimize.runtime.manifest import Manifest
+from optimize.runtime.pooling import pool
+
+MODEL_DIR = "ctranslate2"
+COMPUTE_TYPES = {"fp32": "float32", "int8": "int8_float32"}
+# The backend's options (`CompileConfig.backend_options`) and their defaults; engines read
+# theirs from the manifest over these.
+OPTIONS: dict[str, Any] = {"threads": 0}
+
+
+class CTranslate2Engine(Engine):
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        super().__init__(path, manifest)
+        try:
+            # why: optional (kiln[cpu-engines])
+            import ctranslate2
+        except ImportError:
+            raise EngineError(f"engine {path} needs CTranslate2: pip install 'kiln[cpu-engines]'") from None
+        options = {**OPTIONS, **manifest.config.backend_options}
+        try:
+            self._encoder = ctranslate2.Encoder(str(path / MODEL_DIR), device="cpu",
+                                                compute_type=COMPUTE_TYPES[manifest.config.precision],
+                                                intra_threads=int(options["threads"]))
+        except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError with long messages
+            raise EngineError(f"CTranslate2 cannot open {path / MODEL_DIR}: {str(exc).splitlines()[0]}") from exc
+        self._pooling = manifest.source.get("pooling")
+        self._normalize = bool(manifest.source.get("normalize"))
+        self._outputs = [s.name for s in manifest.outputs]
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # why: optional (kiln[cpu-engines])
+        import ctranslate2
+
+        ids = inputs["input_ids"].detach().cpu()
+        mask = inputs["attention_mask"].detach().cpu()
+        lengths = mask.sum(dim=1).to(torch.int32).clamp(min=1)
+        out = self._encoder.forward_batch(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(ids.numpy().astype(np.int32))),
+            ctranslate2.StorageView.from_array(lengths.numpy()),
+        )
+        hidden = torch.from_numpy(np.array(out.last_hidden_state, dtype=np.float32, copy=True))
+        if hidden.shape[1] < ids.shape[1]:  # the encoder returns the longest length, not the padded one
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
+        results = {"last_hidden_state": hidden}
+        if "sentence_embedding" in self._outputs:
+            results["sentence_embedding"] = pool(hidden, mask, self._pooling or "cls", self._normalize)
+        return {name: results[name] for name in self._outputs}
+
+
+def load(directory: Path, manifest: Manifest) -> Engine:
+    return CTranslate2Engine(directory, manifest)
+
+
+__all__ = ["CTranslate2Engine", "OPTIONS", "MODEL_DIR", "COMPUTE_TYPES", "load"]
