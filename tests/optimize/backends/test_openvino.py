@@ -67,7 +67,7 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path: Path, monkeypa
 
 
 def _tiny_bert_int8(tmp_path: Path, min_cosine: float) -> optimize.Engine:
-    from optimize.config import Tolerance
+    from optimize.runtime.config import Tolerance
     from tests.optimize.hf_random import TINY_BERT, hf_dir
 
     config = optimize.CompileConfig(backend="openvino", precision="int8", max_batch=2, max_seq=16,
@@ -92,7 +92,7 @@ def test_int8_keeps_the_costliest_matmuls_in_float_until_the_guard_is_met(tmp_pa
 
 
 def test_int8_is_refused_by_name_when_no_selection_reaches_the_guard(tmp_path: Path):
-    from optimize.errors import AccuracyError
+    from optimize.runtime.errors import AccuracyError
 
     with pytest.raises(AccuracyError, match="int8 cannot reach cosine 1.0 on the calibration texts"):
         _tiny_bert_int8(tmp_path, 1.0)
