@@ -21,6 +21,7 @@ from optimize.runtime.config import (AUTO_PRECISION, CALIBRATION_METHODS, DEFAUL
                                      CompileConfig, Tolerance)
 from optimize.runtime.errors import OptimizeError
 from optimize.runtime.manifest import Manifest
+from optimize.runtime.pipeline import Pipeline
 from optimize.backends import available_backends
 from optimize.guards import FP32_LEVEL_COSINE
 from optimize.profile.cli import add_profile_parser
@@ -96,10 +97,23 @@ def _summary(engine_dir: Path) -> Table:
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     table.add_row("size on disk", f"{size / 2**20:.1f} MiB")
     if m.pipeline:
-        table.add_row("text pipeline", f"tokenizer → {m.pipeline['output']} (max_length {m.pipeline['max_length']})")
+        table.add_row("text pipeline", escape(_text_interface(engine_dir, m)))
     if m.timings_s:
         table.add_row("build time", ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
     return table
+
+
+def _text_interface(engine_dir: Path, m: Manifest) -> str:
+    """What a text request to the engine sends and gets back: "text → label, score (options
+    top_k, all_scores; max_length 32)"."""
+    limit = f"max_length {m.pipeline['max_length']}"
+    try:
+        interface = Pipeline.from_manifest(engine_dir, m.pipeline).text_interface(m.outputs)
+    except ValueError as exc:  # a task this version serves as tokens only
+        return f"tokenizer → {m.pipeline['output']} ({limit}); {exc}"
+    options = f"options {', '.join(interface.options)}; " if interface.options else ""
+    return (f"{', '.join(t.name for t in interface.inputs)} → {', '.join(t.name for t in interface.outputs)} "
+            f"({options}{limit})")
 
 
 def _passes_table(engine_dir: Path) -> Table:

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from optimize.runtime.config import CompileConfig
+
 # Tiny but complete: every family keeps its own embedding, attention and FFN structure; one layer
 # (ModernBERT two: a global and a sliding-window one), since export time grows with the graph.
 WIDTH = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1}
@@ -89,6 +91,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def compile_config(backend: str) -> CompileConfig:
+    """How every family engine is compiled: real sentences fit in 32 tokens; verify_samples=1
+    keeps the range corners and the held-out sentences every text engine is judged on."""
+    return CompileConfig(backend=backend, max_batch=4, max_seq=32, verify_samples=1)
+
+
 def corpus() -> list[str]:
     """Real English sentences (about 1,800 with Python 3.11): kiln's calibration and verification
     sentences and the sentences of the docstrings of `CORPUS_MODULES`."""
@@ -116,20 +124,27 @@ def trained_tokenizer(kind: str) -> str:
 
     if kind == "sentencepiece":  # XLM-RoBERTa's kind: a unigram model over Metaspace pieces
         tokenizer = Tokenizer(models.Unigram())
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        # as xlm-roberta-base's tokenizer.json: words split at whitespace, then each gets its "▁"
+        # (so a word's offsets leave out the space before it)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
         tokenizer.decoder = decoders.Metaspace()
         trainer: Any = trainers.UnigramTrainer(vocab_size=BPE_VOCAB, special_tokens=BPE_SPECIALS,
                                                unk_token="<unk>", show_progress=False)
     else:
         tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=kind == "roberta")
+        # as roberta-base's and gpt2's tokenizer.json: no space added before the first word
+        # (transformers' RobertaTokenizer rebuilds its pre-tokenizer that way whatever the file says)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=BPE_SPECIALS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus(), trainer)
     assert [tokenizer.token_to_id(t) for t in BPE_SPECIALS] == list(range(len(BPE_SPECIALS)))
-    if kind in ("roberta", "sentencepiece"):
-        tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    if kind == "roberta":
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    elif kind == "sentencepiece":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B:1 </s>:1", special_tokens=[("<s>", 0), ("</s>", 2)])
     elif kind == "decoder":
         tokenizer.post_processor = processors.TemplateProcessing(
             single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",

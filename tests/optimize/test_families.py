@@ -4,7 +4,8 @@ embeds real sentences exactly as the transformers model pooled the same way; a b
 cannot build a family refuses it by name in one line, and so does torch.export.
 
 Families are tiny random-weight models built from each family's transformers config
-(tests/optimize/families.py). Engines are compiled once per module and shared by the tests.
+(tests/optimize/families.py). Engines are compiled once per session (tests/conftest.py) and shared
+by these tests and the served families of tests/server/test_family_e2e.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import optimize
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.errors import CaptureError, ConfigError, OptimizeError
-from tests.optimize.families import FAMILIES, family_dir, pooled, write_pooling
+from tests.optimize.families import FAMILIES, compile_config, pooled, write_pooling
 
 SENTENCES = ["A man is playing a guitar.", "The new movie is awesome, I loved every minute of it!",
              "How do I reset my password?", "Thanks!"]
@@ -42,29 +43,16 @@ PACKED_LAYERS = {"bert": 1, "roberta": 1, "xlm-roberta": 1, "distilbert": 1, "el
                  "modernbert": 1, "deberta-v2": 0, "gpt2": 1, "qwen2": 1}
 
 
-def config(backend: str) -> CompileConfig:
-    # verify_samples=1: the range corners, plus the held-out sentences every text engine gets
-    return CompileConfig(backend=backend, max_batch=4, max_seq=16, verify_samples=1)
+@pytest.fixture(scope="module")
+def dirs(family_dirs: dict[str, Path]) -> dict[str, Path]:
+    return family_dirs
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("families")
-    return {name: family_dir(name, root, minilm_model_dir) for name in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory, dirs: dict[str, Path]) -> Any:
-    """`engines(family, backend)`: the engine compiled for it, built on first use."""
-    root = tmp_path_factory.mktemp("family-engines")
-    built: dict[tuple[str, str], optimize.Engine] = {}
-
-    def get(family: str, backend: str) -> optimize.Engine:
-        if (family, backend) not in built:
-            built[family, backend] = optimize.compile(dirs[family], root / f"{family}-{backend}", config(backend))
-        return built[family, backend]
-
-    return get
+def engines(family_engine: Any) -> Any:
+    """`engines(family, backend)`: the engine compiled for it (once per session, shared with the
+    served families of tests/server/test_family_e2e.py), loaded."""
+    return lambda family, backend: optimize.load(family_engine(family, backend))
 
 
 def transformers_embedding(path: Path, feeds: dict[str, np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
@@ -119,16 +107,17 @@ def test_the_decoder_embedder_pools_the_last_real_token_with_either_padding(back
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ctranslate2_builds_the_encoders_it_converts_and_refuses_the_rest_by_name(family: str, dirs, tmp_path: Path):
+def test_ctranslate2_builds_the_encoders_it_converts_and_refuses_the_rest_by_name(family: str, dirs, engines,
+                                                                                  tmp_path: Path):
     pytest.importorskip("ctranslate2")
     if family not in CTRANSLATE2_BUILDS:
         with pytest.raises(ConfigError) as refused:
-            optimize.compile(dirs[family], tmp_path / "e", config("ctranslate2"))
+            optimize.compile(dirs[family], tmp_path / "e", compile_config("ctranslate2"))
         message = str(refused.value)
         assert "backend 'ctranslate2'" in message and dirs[family].name in message and "\n" not in message
         assert not (tmp_path / "e").exists()
         return
-    engine = optimize.compile(dirs[family], tmp_path / "e", config("ctranslate2"))
+    engine = engines(family, "ctranslate2")
     feeds = engine.pipeline.tokenize(SENTENCES)  # type: ignore[union-attr]
     want = transformers_embedding(dirs[family], feeds, "mean", False)
     np.testing.assert_allclose(engine.run(feeds)["sentence_embedding"], want, atol=2e-5, rtol=1e-4)
@@ -144,7 +133,7 @@ def test_a_family_torch_export_cannot_capture_is_refused_in_one_line_naming_it(t
     model.save_pretrained(tmp_path / "longformer", safe_serialization=True)
     write_pooling(tmp_path / "longformer", 32, "mean", False)
     with pytest.raises(CaptureError) as refused:
-        optimize.compile(tmp_path / "longformer", tmp_path / "e", config("eager"))
+        optimize.compile(tmp_path / "longformer", tmp_path / "e", compile_config("eager"))
     message = str(refused.value)
     assert message.startswith("torch.export cannot capture longformer (LongformerModel): ") and "\n" not in message
     assert len(capfd.readouterr().err.splitlines()) < 5, "torch.export's partial graph dump reached the console"

@@ -22,7 +22,6 @@ from optimize.runtime.config import CompileConfig
 from optimize.runtime.pipeline import Encoded, Pipeline, TextInterface, TextOptions
 from optimize.runtime.specs import Dim, TensorSpec
 from optimize.sources import load_source
-from tests.optimize.task_models import task_dir
 
 SENTENCES = ["The new movie is awesome, I loved every minute of it!", "The food was cold and the service was terrible.",
              "How do I reset my password?", "A man is playing a guitar.", "Berlin is the capital of Germany."]
@@ -39,9 +38,8 @@ BATCH, SEQ = Dim("batch", 1, 1, 8), Dim("seq", 1, 16, 32)
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipelines")
-    return {kind: task_dir(kind, root, minilm_model_dir) for kind in ("classifier", "multilabel", "ner", "cross_encoder")}
+def dirs(task_source: Any) -> dict[str, Path]:
+    return {kind: task_source(kind) for kind in ("classifier", "multilabel", "ner", "cross_encoder")}
 
 
 def pipeline_of(path: Path) -> Pipeline:
@@ -140,6 +138,32 @@ def test_entities_are_transformers_simple_aggregation_with_offsets_into_the_text
     groups = [e["entity_group"] for row in got[:, 0] for e in json.loads(row)]
     assert {"PER", "LOC"} <= set(groups), "the model should find entities of both kinds"
     assert any(" " in e["word"] for row in got[:, 0] for e in json.loads(row)), "and some over several words"
+
+
+@pytest.mark.parametrize("kind", ["ner_roberta", "ner_xlmr"])
+def test_entities_from_bpe_and_unigram_tokenizers_are_transformers_simple_aggregation(kind: str, task_source):
+    # byte-level BPE marks a word's start with "Ġ" inside the token, a unigram model with "▁":
+    # words and offsets come out of the tokenizer's decoder and offsets, not WordPiece's "##"
+    path = task_source(kind)
+    source = load_source(path, CompileConfig(max_batch=8, max_seq=64))  # the tiny vocabularies take many tokens
+    assert source.pipeline is not None
+    pipeline = Pipeline.from_manifest(path, source.pipeline, directory="")
+    interface = pipeline.text_interface(logits_spec(SEQ, 5))
+    texts = NER_SENTENCES[:3]
+    encoded = pipeline.encode(texts)
+    assert encoded.feeds["attention_mask"].sum(axis=1).max() < 64, "nothing truncated: transformers truncates nothing"
+    got = answer(interface, path, encoded, ["entities"])["entities"]
+    want = hf_pipeline("token-classification", path, aggregation_strategy="simple")(texts)
+    found = 0
+    for text, row, expected in zip(texts, got[:, 0], want, strict=True):
+        entities = json.loads(row)
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [
+            (e["entity_group"], e["word"], e["start"], e["end"]) for e in expected]
+        np.testing.assert_allclose([e["score"] for e in entities], [float(e["score"]) for e in expected], atol=1e-6)
+        for entity in entities:  # cased tokenizers: the word is in the text it spans (a lone "▁" is no text)
+            assert entity["word"].strip() in text[entity["start"]:entity["end"]], (entity, text)
+        found += len(entities)
+    assert found >= 5
 
 
 def same_words(word: str, span: str) -> bool:

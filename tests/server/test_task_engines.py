@@ -4,29 +4,32 @@ real sentences (its pipelines for classification and NER, sentence-transformers'
 for pairs, the model's own pooled output for embeddings); the interfaces are declared in
 ModelMetadata and ModelConfig; token inputs keep working; bad requests are INVALID_ARGUMENT.
 
-Models are tiny random-weight ones (tests/optimize/task_models.py) compiled for onnxruntime, and
-all-MiniLM-L6-v2 for embeddings.
+Models are tiny random-weight ones (tests/optimize/task_models.py), each compiled with another CPU
+backend (the engines are shared with tests/optimize/test_tasks.py through tests/conftest.py), and
+all-MiniLM-L6-v2 for embeddings. Classifiers cover the three kinds transformers' pipeline scores
+differently: single-label (softmax), multi-label (a sigmoid per label; a RoBERTa with a byte-level
+BPE tokenizer) and regression (the raw logit).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import optimize
-from optimize.runtime.config import CompileConfig
 from server import Model, ModelConfig, Repository
 from server.errors import ConfigError
-from tests.optimize.task_models import task_dir
 from tests.server.harness import RunningServer, int64_inputs, make_repository, running_server
 from tests.server.http.helpers import base_url, fetch, openai_error
 
@@ -40,29 +43,31 @@ PAIRS = [("How do I reset my password?", "Click 'Forgot password' on the sign-in
          ("Where is the Eiffel Tower?", "The Eiffel Tower is in Paris, France.")]
 PROTOCOLS = ["grpc", "http"]
 TIMEOUT_S = 60.0
+# kind (tests/optimize/task_models.py) -> the backend it is compiled with: every CPU backend
+# that builds heads builds one (CTranslate2 builds feature extraction only, and refuses heads).
+BACKENDS = {"classifier": "onnxruntime", "multilabel": "eager", "regression": "triton", "ner": "triton",
+            "cross_encoder": "openvino", "fill_mask": "onnxruntime", "gpt2": "onnxruntime"}
+# served model name -> kind
+MODELS = {"sentiment": "classifier", "topics": "multilabel", "rating": "regression", "ner": "ner",
+          "reranker": "cross_encoder", "masked": "fill_mask", "lm": "gpt2"}
+CLASSIFIERS = ("sentiment", "topics", "rating")
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("task-sources")
-    return {kind: task_dir(kind, root, minilm_model_dir) for kind in ("classifier", "ner", "cross_encoder")}
+def sources(task_source: Callable[[str], Path]) -> dict[str, Path]:
+    return {kind: task_source(kind) for kind in BACKENDS}
 
 
 @pytest.fixture(scope="module")
-def engines(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
-            minilm_engine_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("task-engines")
-    config = CompileConfig(backend="onnxruntime", max_batch=4, max_seq=32)
-    compiled = {kind: optimize.compile(path, root / kind, config).path for kind, path in sources.items()}
-    return {**compiled, "embedder": minilm_engine_dir}
+def engines(task_engine: Callable[[str, str], Path], minilm_engine_dir: Path) -> dict[str, Path]:
+    return {**{kind: task_engine(kind, backend) for kind, backend in BACKENDS.items()}, "embedder": minilm_engine_dir}
 
 
 @pytest.fixture(scope="module")
 def served(engines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("repo")
-    repository = make_repository(root, engines["classifier"], name="sentiment", interface="text")
-    make_repository(root, engines["ner"], name="ner", interface="text")
-    make_repository(root, engines["cross_encoder"], name="reranker", interface="text")
+    for model, kind in MODELS.items():
+        repository = make_repository(root, engines[kind], name=model, interface="text")
     make_repository(root, engines["embedder"], name="minilm")
     with running_server(repository, http_port=0) as running:
         yield running
@@ -86,6 +91,7 @@ def infer(served: RunningServer, protocol: str, model: str, texts: dict[str, lis
     return {name: result.as_numpy(name) for name in names}
 
 
+@functools.cache
 def hf(task: str, path: Path, **options: Any) -> Any:
     import transformers
 
@@ -93,22 +99,30 @@ def hf(task: str, path: Path, **options: Any) -> Any:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("model", CLASSIFIERS)
 def test_a_classifier_answers_labels_and_scores_as_transformers_pipeline(served: RunningServer,
-                                                                         sources: dict[str, Path], protocol: str):
-    reference = hf("text-classification", sources["classifier"])
+                                                                         sources: dict[str, Path], protocol: str,
+                                                                         model: str):
+    reference = hf("text-classification", sources[MODELS[model]])
+    config = reference.model.config
+    labels = [config.id2label[i] for i in range(config.num_labels)]
     for parameters, top_k in ((None, 1), ({"top_k": 2}, 2), ({"top_k": 0}, None)):
-        got = infer(served, protocol, "sentiment", {"text": SENTENCES}, parameters)
+        got = infer(served, protocol, model, {"text": SENTENCES}, parameters)
         assert list(got) == ["label", "score"]
         want = reference(SENTENCES, top_k=top_k)
-        assert got["label"].shape == got["score"].shape == (len(SENTENCES), top_k or 3)
+        assert got["label"].shape == got["score"].shape == (len(SENTENCES), min(top_k or len(labels), len(labels)))
         assert [[label.decode() for label in row] for row in got["label"]] == [[d["label"] for d in row] for row in want]
         np.testing.assert_allclose(got["score"], [[d["score"] for d in row] for row in want], atol=1e-5)
-    assert len({tuple(row) for row in got["label"].tolist()}) > 1, "the sentences should rank the labels differently"
-    every = infer(served, protocol, "sentiment", {"text": SENTENCES}, {"all_scores": True})
-    assert every["label"].tolist() == [[b"negative", b"neutral", b"positive"]] * len(SENTENCES)
+    if len(labels) > 1:
+        assert len({tuple(row) for row in got["label"].tolist()}) > 1, "sentences should rank the labels differently"
+    else:  # regression: the raw logit, one value per sentence, of any sign and size
+        assert len(set(got["score"][:, 0].round(4))) == len(SENTENCES)
+    every = infer(served, protocol, model, {"text": SENTENCES}, {"all_scores": True})
+    assert every["label"].tolist() == [[label.encode() for label in labels]] * len(SENTENCES)
     by_label = [{d["label"]: d["score"] for d in row} for row in want]
-    np.testing.assert_allclose(every["score"], [[row[n] for n in ("negative", "neutral", "positive")] for row in by_label],
-                               atol=1e-5)
+    np.testing.assert_allclose(every["score"], [[row[n] for n in labels] for row in by_label], atol=1e-5)
+    if model == "topics":  # multi-label: independent sigmoids, which need not sum to 1
+        assert not np.allclose(every["score"].sum(axis=1), 1.0, atol=0.05)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -155,6 +169,24 @@ def test_dimensions_keep_the_first_ones_of_the_pooled_embedding_at_unit_length(s
     assert short.shape == (len(SENTENCES), 64)
     np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1, rtol=1e-5)
     np.testing.assert_allclose(short, full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["masked", "lm"])
+def test_fill_mask_and_causal_lm_text_requests_answer_the_models_logits(served: RunningServer,
+                                                                       sources: dict[str, Path], model: str):
+    import transformers
+
+    path = sources[MODELS[model]]
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    hf_model = transformers.AutoModelForMaskedLM if model == "masked" else transformers.AutoModelForCausalLM
+    reference = hf_model.from_pretrained(str(path)).eval()
+    got = infer(served, "grpc", model, {"text": SENTENCES[:2]})
+    assert list(got) == ["logits"] and got["logits"].shape[-1] == reference.config.vocab_size
+    for row, sentence in enumerate(SENTENCES[:2]):  # each text alone: its tokens are the real ones of its row
+        ids = tokenizer(sentence, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = reference(input_ids=ids).logits[0].numpy()
+        np.testing.assert_allclose(got["logits"][row, :ids.shape[1]], want, atol=1e-4, rtol=1e-4)
 
 
 def test_text_interfaces_are_declared_in_model_metadata_and_config(served: RunningServer):
