@@ -66,11 +66,12 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path: Path, monkeypa
                          optimize.CompileConfig(backend="openvino", precision="bf16"))
 
 
-def _tiny_bert_int8(tmp_path: Path, min_cosine: float) -> optimize.Engine:
+def _tiny_bert_int8(tmp_path: Path, min_cosine: float, **options: object) -> optimize.Engine:
     from optimize.runtime.config import Tolerance
     from tests.optimize.hf_random import TINY_BERT, hf_dir
 
     config = optimize.CompileConfig(backend="openvino", precision="int8", max_batch=2, max_seq=16,
+                                    backend_options=options,
                                     tolerance=Tolerance(max_abs_error=float("inf"), min_cosine=min_cosine))
     return optimize.compile(hf_dir("bert", 2, **TINY_BERT), tmp_path / "ov-int8", config)
 
@@ -89,10 +90,14 @@ def test_int8_keeps_the_costliest_matmuls_in_float_until_the_guard_is_met(tmp_pa
                       if op.get_type_name() == "FakeQuantize" for t in op.output(0).get_target_inputs()}
     assert not fake_quantized & set(kept["matmuls"]), "kept MatMuls read no quantized activation"
     assert engine.manifest.accuracy["min_cosine"] >= 0.9999
+    # what is not int8 computes in bf16 where the CPU has it natively, and the engine loads so
+    expected = "bf16" if native_bf16() else "f32"
+    assert quantization["float_compute"] == expected
+    assert engine._compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == expected
 
 
 def test_int8_is_refused_by_name_when_no_selection_reaches_the_guard(tmp_path: Path):
     from optimize.runtime.errors import AccuracyError
 
     with pytest.raises(AccuracyError, match="int8 cannot reach cosine 1.0 on the calibration texts"):
-        _tiny_bert_int8(tmp_path, 1.0)
+        _tiny_bert_int8(tmp_path, 1.0, int8_smooth_quant=0.8)
