@@ -17,6 +17,7 @@ from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError
 from optimize.runtime.manifest import Manifest
+from optimize.runtime.precision import facts
 from optimize.runtime.specs import TensorSpec
 
 if TYPE_CHECKING:
@@ -31,9 +32,10 @@ class BuildContext:
 
     Optional, for backends that run graph passes or calibrate: `samples()` returns calibration
     batches (real sentences for text models, see `optimize.samples`), `reference` is the fp32
-    eager model, `plan` is the precision plan (`Backend.precision_plan`), `reporter` shows progress, `previous` is the engine directory this build
-    replaces (caches in it can seed the new build), `source` is the loaded model source (for
-    backends that convert from the original weights rather than the captured program). A backend reports back through `passes` (results of
+    eager model, `plan` is the precision plan (`Backend.precision_plan`), `reporter` shows
+    progress, `previous` is the engine directory this build replaces (caches in it can seed the
+    new build), `source` is the loaded model source (for backends that convert from the
+    original weights rather than the captured program). A backend reports back through `passes` (results of
     the passes it ran) and `record` (build details: library versions, targets, profiles); both
     are written into the manifest.
     """
@@ -81,16 +83,19 @@ class Backend(ABC):
     # fp32 capture; True for those that capture the program in the precision.
     captures_precision: ClassVar[bool] = True
 
-    def quantized_compute(self, options: dict[str, Any]) -> torch.dtype:
+    def quantized_compute(self, options: dict[str, Any], calibrated: bool) -> torch.dtype:
         """The float type a quantized precision leaves its other ops in, given the resolved
-        options; fp32 unless the backend says otherwise."""
+        options and whether activations are quantized too; fp32 unless the backend says
+        otherwise."""
         return torch.float32
 
     def precision_plan(self, config: CompileConfig) -> PrecisionPlan:
         """`config.precision` resolved for this backend (see `optimize.precision`): what
         every pass and this backend's build read."""
+        options = self.resolve_options(config)
+        calibrated = facts(config.precision).calibrated
         return PrecisionPlan.resolve(config, captures_precision=self.captures_precision,
-                                     quantized_compute=self.quantized_compute(self.resolve_options(config)))
+                                     quantized_compute=self.quantized_compute(options, calibrated))
 
     def can_run_here(self) -> tuple[bool, str]:
         """(True, "") when engines of this backend can run on this machine, else (False, the

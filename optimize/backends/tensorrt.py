@@ -235,7 +235,7 @@ class TensorRTBackend(Backend):
 
     captures_precision: ClassVar[bool] = False
 
-    def quantized_compute(self, options: dict[str, Any]) -> torch.dtype:
+    def quantized_compute(self, options: dict[str, Any], calibrated: bool) -> torch.dtype:
         return FLOAT_NAMES[options["quantized_fallback"]]
 
     def can_run_here(self) -> tuple[bool, str]:

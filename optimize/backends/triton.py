@@ -73,7 +73,7 @@ class TritonBackend(Backend):
         takes 62), so `--backend auto` does not spend builds on them."""
         return self.precisions if torch.cuda.is_available() else frozenset()
 
-    def quantized_compute(self, options: dict[str, Any]) -> torch.dtype:
+    def quantized_compute(self, options: dict[str, Any], calibrated: bool) -> torch.dtype:
         # weight-only int8 keeps 16-bit activations; the int8 GEMM dequantizes in its epilogue
         return torch.float16
 
