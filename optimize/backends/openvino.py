@@ -10,21 +10,22 @@ on CPUs that have it), bf16 for `bf16` — offered only on CPUs with native bf16
 emulate it. Payload: `model.xml` + `model.bin`.
 
 int8 (weights and activations) keeps transformers accurate by three means: SmoothQuant (NNCF
-moves activation outliers into the weights, per MatMul, by `int8_smooth_quant`: alpha 0.95 by
-default), per-channel int8 weights (NNCF's transformer preset; activations per tensor, symmetric,
-with the mixed preset's asymmetric ones where ranges are lopsided), and sensitive layers kept in
-float: with `int8_keep_sensitive` NNCF's accuracy control ranks the quantized operations by the
-error each adds and returns the worst to float, one by one, until the calibration texts'
-outputs are within the guard's cosine of the fp32 model's (held-out texts then judge the
-engine, as always). It is off by default: each step re-ranks every remaining operation, which
-on all-MiniLM-L6-v2 (50 quantized operations) takes many minutes on 2 cores. On CPUs with AMX
-or VNNI the int8 MatMuls run on them. Measured on all-MiniLM-L6-v2 (held-out sentences): the
-transformer preset with SmoothQuant 0.95 reaches cosine 0.987.
+moves activation outliers into the weights, per MatMul, by `int8_smooth_quant`), per-channel int8
+weights (NNCF's transformer preset; activations per tensor, symmetric, with the mixed preset's
+asymmetric ones where ranges are lopsided), and sensitive MatMuls kept in float
+(`int8_keep_sensitive`, on by default): the build measures what each activation quantizer costs
+on the calibration texts and keeps the costliest MatMuls out of int8 until the calibration texts
+meet the guard's cosine (`optimize.backends.openvino_int8`); a guard no selection meets is
+refused by name. The manifest's `quantization` record lists the MatMuls kept, the int8 count and
+the calibration cosine of each step; held-out texts then judge the engine, as always. On CPUs
+with native bf16 everything outside int8 (kept MatMuls, attention, normalization) computes in
+bf16 on AMX, elsewhere in fp32; on CPUs with AMX or VNNI the int8 MatMuls run on them.
 
 Options (`CompileConfig.backend_options`):
 - `hint` ("latency" default | "throughput"): OpenVINO's performance hint;
-- `int8_smooth_quant` (0.95): SmoothQuant's alpha for MatMuls (-1 turns it off);
-- `int8_keep_sensitive` (False): keep the layers int8 hurts most in float, as above (slow);
+- `int8_smooth_quant` ("auto"): SmoothQuant's alpha for MatMuls: "auto" keeps the best of
+  `SMOOTH_QUANT_ALPHAS` on the calibration texts, a number fixes it (-1 turns SmoothQuant off);
+- `int8_keep_sensitive` (True): keep the MatMuls int8 hurts most in float until the guard is met;
 - `threads` (0 = OpenVINO's choice): inference threads;
 - `device` ("CPU" default): the OpenVINO device.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,15 +46,22 @@ from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
 from optimize.onnx import prepare_onnx
 from optimize.onnx.export import save_model
-from optimize.runtime.backends.openvino import HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine
+from optimize.backends import openvino_int8
+from optimize.runtime.backends.openvino import (HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine,
+                                                engine_config)
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
-from optimize.runtime.errors import ConfigError
+from optimize.runtime.errors import AccuracyError, ConfigError
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.specs import Dim
 from optimize.verify import compare_real_tokens
 
 PASSES = ("onnx_fold_constants", "onnx_fuse_layernorm", "onnx_fuse_gelu", "onnx_attention")
+# SmoothQuant alphas `int8_smooth_quant: "auto"` tries. Measured on all-MiniLM-L6-v2 (held-out
+# sentences, all MatMuls int8): 0.5 -> cosine 0.987, 0.8 -> 0.994, 0.95 -> 0.986; the best
+# differs per model, so the build measures instead of fixing one.
+SMOOTH_QUANT_ALPHAS = (0.5, 0.65, 0.8, 0.95)
+DEFAULT_SMOOTH_QUANT_ALPHA = 0.8  # without a reference model to measure against
 
 
 def _openvino() -> Any:
@@ -62,6 +71,16 @@ def _openvino() -> Any:
     except ImportError:
         raise ConfigError("backend 'openvino' needs OpenVINO: pip install 'kiln[cpu-engines]' (openvino, nncf)") from None
     return openvino
+
+
+def _float_compute(options: dict[str, Any], precision: str = "int8") -> str:
+    """The precision OpenVINO computes in where the engine is not int8: bf16 for `bf16`, and for
+    `int8` on a CPU with native bf16 (the MatMuls kept out of int8, attention and the rest run
+    on AMX-BF16 instead of fp32: measured on all-MiniLM-L6-v2, calibration cosine 0.99996 for
+    the whole model in bf16); f32 otherwise (`int8-weight` included, whose point is accuracy)."""
+    if precision == "bf16" or (precision == "int8" and native_bf16(options["device"])):
+        return "bf16"
+    return "f32"
 
 
 def native_bf16(device: str = "CPU") -> bool:
@@ -83,7 +102,7 @@ class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "int8", "int8-weight"})
     # the runtime's options, and the build-only int8 ones
-    options: ClassVar[dict[str, Any]] = {**OPTIONS, "int8_smooth_quant": 0.95, "int8_keep_sensitive": False}
+    options: ClassVar[dict[str, Any]] = {**OPTIONS, "int8_smooth_quant": "auto", "int8_keep_sensitive": True}
 
     def capture_precision(self, precision: str) -> str:
         return "fp32"
@@ -108,6 +127,9 @@ class OpenVINOBackend(Backend):
                               "this one would emulate it, slower than fp32")
         if options["hint"] not in HINTS:
             raise ConfigError(f"backend option hint must be one of {', '.join(HINTS)}; got {options['hint']!r}")
+        alpha = options["int8_smooth_quant"]
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+            raise ConfigError(f"backend option int8_smooth_quant must be 'auto' or a number; got {alpha!r}")
         return options
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
@@ -140,7 +162,10 @@ class OpenVINOBackend(Backend):
 
     def _quantize(self, ov_model: Any, ctx: BuildContext) -> Any:
         """NNCF post-training quantization (transformer preset, SmoothQuant) on the calibration
-        samples; with `int8_keep_sensitive`, NNCF's accuracy control against the fp32 model."""
+        samples. With a reference model, SmoothQuant's alpha is the one of `SMOOTH_QUANT_ALPHAS`
+        whose all-int8 model scores best on the calibration texts (unless the option fixes it),
+        and with `int8_keep_sensitive` and a guard the MatMuls int8 hurts most are kept in float
+        until the calibration texts meet the guard's cosine (`openvino_int8`)."""
         # why: optional (kiln[cpu-engines])
         import nncf
 
@@ -153,44 +178,100 @@ class OpenVINOBackend(Backend):
         stage = f"calibrate int8 (nncf, {len(batches)} batches)"
         if reporter is not None:
             reporter.start(stage)
-        alpha = float(options["int8_smooth_quant"])
-        advanced = nncf.AdvancedQuantizationParameters(
-            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha))
-        items = list(enumerate(batches))
-        dataset = nncf.Dataset(items, lambda item: {n: item[1][n].numpy() for n in names})
-        common = {"subset_size": len(batches), "model_type": nncf.ModelType.TRANSFORMER,
-                  "preset": nncf.QuantizationPreset.MIXED, "advanced_parameters": advanced}
+        dataset = nncf.Dataset(batches, lambda feeds: {n: feeds[n].numpy() for n in names})
+
+        def quantize(alpha: float, keep: list[str]) -> Any:
+            advanced = nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha))
+            return nncf.quantize(ov_model.clone(), dataset, subset_size=len(batches),
+                                 model_type=nncf.ModelType.TRANSFORMER,
+                                 preset=nncf.QuantizationPreset.MIXED, advanced_parameters=advanced,
+                                 ignored_scope=nncf.IgnoredScope(names=keep, validate=False))
+
         t0 = time.perf_counter()
+        score = self._scorer(batches, ctx, options) if ctx.reference is not None else None
+        fixed = options["int8_smooth_quant"]
+        alphas = SMOOTH_QUANT_ALPHAS if fixed == "auto" else (float(fixed),)
+        if score is None or len(alphas) == 1:
+            alpha = alphas[-1] if len(alphas) == 1 else DEFAULT_SMOOTH_QUANT_ALPHA
+            quantized, base, tried = quantize(alpha, []), None, {}
+        else:
+            models = {a: quantize(a, []) for a in alphas}
+            tried = {a: score(m) for a, m in models.items()}
+            alpha = max(tried, key=lambda a: tried[a])
+            quantized, base = models[alpha], tried[alpha]
         record: dict[str, Any] = {"mode": "static", "tool": f"nncf {nncf.__version__}", "preset": "mixed",
                                   "model_type": "transformer", "batches": len(batches), "smooth_quant_alpha": alpha,
-                                  "weights": "int8 per channel"}
+                                  "weights": "int8 per channel", "float_compute": _float_compute(options)}
+        if tried:
+            record["smooth_quant_alphas_tried"] = {str(a): round(c, 6) for a, c in tried.items()}
         tol = ctx.config.tolerance
-        if options["int8_keep_sensitive"] and ctx.reference is not None and tol is not None:
-            with torch.inference_mode():
-                references = [ctx.reference(**feeds) for feeds in batches]
-            outputs = [s.name for s in ctx.outputs]
-
-            def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
-                worst = []
-                for index, feeds in data:
-                    result = compiled({n: feeds[n].numpy() for n in names})
-                    got = {port.get_any_name(): torch.from_numpy(np.array(value)) for port, value in result.items()}
-                    stats = compare_real_tokens(feeds, references[index], {n: got[n] for n in outputs})
-                    worst.append(min(v["min_cosine"] for v in stats.values()))
-                return min(worst), worst
-
-            common.pop("advanced_parameters")
-            quantized = nncf.quantize_with_accuracy_control(
-                ov_model, dataset, dataset, validate, max_drop=max(1.0 - tol.min_cosine, 1e-5),
-                drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
-            record["kept_in_float"] = ("NNCF accuracy control: worst layers in float until calibration "
-                                       f"cosine >= {tol.min_cosine}")
-        else:
-            quantized = nncf.quantize(ov_model, dataset, **common)
+        if options["int8_keep_sensitive"] and score is not None and tol is not None:
+            base = score(quantized) if base is None else base
+            quantized = self._keep_sensitive(quantized, lambda keep: quantize(alpha, keep), score, base,
+                                             tol.min_cosine, reporter, record)
         if reporter is not None:
             reporter.finish(stage, round(time.perf_counter() - t0, 3))
         ctx.record["quantization"] = record
         return quantized
+
+    def _scorer(self, batches: list[dict[str, torch.Tensor]], ctx: BuildContext,
+                options: dict[str, Any]) -> Callable[[Any], float]:
+        """A function that compiles an OpenVINO model as the engine would run it and returns its
+        worst cosine to the fp32 reference over the calibration batches."""
+        ov = _openvino()
+        assert ctx.reference is not None
+        core = ov.Core()
+        with torch.inference_mode():
+            references = [ctx.reference(**feeds) for feeds in batches]
+        outputs = [s.name for s in ctx.outputs]
+        properties = engine_config(options, "int8", _float_compute(options))
+
+        def score(model: Any) -> float:
+            compiled = core.compile_model(model, options["device"], properties)
+            inputs = [p.get_any_name() for p in model.inputs]
+            worst = 1.0
+            for feeds, expected in zip(batches, references):
+                result = compiled({n: feeds[n].numpy() for n in inputs})
+                got = {port.get_any_name(): torch.from_numpy(np.array(value)) for port, value in result.items()}
+                stats = compare_real_tokens(feeds, expected, {n: got[n] for n in outputs})
+                worst = min(worst, *(v["min_cosine"] for v in stats.values()))
+            return worst
+
+        return score
+
+    def _keep_sensitive(self, quantized: Any, quantize: Callable[[list[str]], Any], score: Callable[[Any], float],
+                        base: float, target: float, reporter: Any, record: dict[str, Any]) -> Any:
+        """Rank the activation quantizers by the calibration cosine each costs and keep the worst
+        MatMuls in float until the calibration texts meet `target`; the choice goes to `record`."""
+
+        record["calibration_cosine_all_int8"] = round(base, 6)
+        quantizers = openvino_int8.activation_quantizers(quantized)
+        total = len({m for q in quantizers for m in q.matmuls})
+        if base >= target:
+            record["kept_in_float"] = {"matmuls": [], "quantized": total, "calibration_cosine": round(base, 6),
+                                       "target": target, "steps": []}
+            return quantized
+        stage = f"rank {len(quantizers)} int8 quantizers by the cosine each costs"
+        t0 = time.perf_counter()
+        if reporter is not None:
+            reporter.start(stage)
+        ranked = openvino_int8.rank(quantized, quantizers, score, base)
+        if reporter is not None:
+            reporter.finish(stage, round(time.perf_counter() - t0, 3))
+
+        def step(count: int, cosine: float) -> None:
+            if reporter is not None:
+                reporter.advance(f"{count} costliest quantizers in float: calibration cosine {cosine:.5f}")
+
+        model, selection = openvino_int8.keep_until(ranked, quantize, score, target, total, step)
+        record["kept_in_float"] = {"matmuls": selection.kept, "quantized": selection.quantized,
+                                   "calibration_cosine": round(selection.cosine, 6), "target": target,
+                                   "steps": selection.steps}
+        if selection.cosine < target:
+            raise AccuracyError(f"int8 cannot reach cosine {target} on the calibration texts even with every ranked "
+                                f"MatMul in float (best {selection.cosine:.5f}); ask for a lower --min-cosine or bf16")
+        return model
 
     def load(self, directory: Path, manifest: Manifest) -> Engine:
         return OpenVINOEngine(directory, manifest)

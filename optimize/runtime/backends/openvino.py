@@ -22,12 +22,15 @@ HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 OPTIONS: dict[str, Any] = {"hint": "latency", "threads": 0, "device": "CPU"}
 
 
-def _config(options: dict[str, Any], precision: str) -> dict[str, Any]:
+def engine_config(options: dict[str, Any], precision: str, float_compute: str = "f32") -> dict[str, Any]:
+    """OpenVINO's compile properties for an engine of `precision`; `float_compute` is what an
+    int8 engine computes in outside its int8 MatMuls (the manifest's quantization record says)."""
     # OpenVINO 2026.4 picks bf16 inference precision on its own on CPUs with AVX512_BF16:
     # all-MiniLM-L6-v2 then differs from fp32 by 0.03 (max abs). The precision is pinned, so an
     # engine computes in the precision its manifest says.
+    bf16 = precision == "bf16" or (precision == "int8" and float_compute == "bf16")
     config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options["hint"]],
-                              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+                              "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
     if int(options["threads"]) > 0:
         config["INFERENCE_NUM_THREADS"] = int(options["threads"])
     if options["device"] == "CPU":
@@ -48,13 +51,14 @@ class OpenVINOEngine(Engine):
         except ImportError:
             raise EngineError(f"engine {path} needs OpenVINO: pip install 'kiln[cpu-engines]'") from None
         options = {**OPTIONS, **manifest.config.backend_options}
+        float_compute = manifest.build.get("quantization", {}).get("float_compute", "f32")
         core = ov.Core()
         if options["device"] not in core.available_devices:
             raise EngineError(f"OpenVINO device {options['device']} is not available here; "
                               f"available: {', '.join(core.available_devices)}")
         try:
             self._compiled = core.compile_model(str(path / MODEL_FILE), options["device"],
-                                                _config(options, manifest.config.precision))
+                                                engine_config(options, manifest.config.precision, float_compute))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
             raise EngineError(f"OpenVINO cannot open {path / MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
         self._request = self._compiled.create_infer_request()
@@ -73,4 +77,4 @@ def load(directory: Path, manifest: Manifest) -> Engine:
     return OpenVINOEngine(directory, manifest)
 
 
-__all__ = ["OpenVINOEngine", "OPTIONS", "MODEL_FILE", "WEIGHTS_FILE", "load"]
+__all__ = ["OpenVINOEngine", "OPTIONS", "MODEL_FILE", "WEIGHTS_FILE", "engine_config", "load"]

@@ -64,3 +64,40 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match="bf16 only on CPUs with native bf16"):
         optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
                          optimize.CompileConfig(backend="openvino", precision="bf16"))
+
+
+def _tiny_bert_int8(tmp_path: Path, min_cosine: float, **options: object) -> optimize.Engine:
+    from optimize.runtime.config import Tolerance
+    from tests.optimize.hf_random import TINY_BERT, hf_dir
+
+    config = optimize.CompileConfig(backend="openvino", precision="int8", max_batch=2, max_seq=16,
+                                    backend_options=options,
+                                    tolerance=Tolerance(max_abs_error=float("inf"), min_cosine=min_cosine))
+    return optimize.compile(hf_dir("bert", 2, **TINY_BERT), tmp_path / "ov-int8", config)
+
+
+def test_int8_keeps_the_costliest_matmuls_in_float_until_the_guard_is_met(tmp_path: Path):
+    engine = _tiny_bert_int8(tmp_path, 0.9999)
+    quantization = engine.manifest.build["quantization"]
+    kept = quantization["kept_in_float"]
+    assert quantization["calibration_cosine_all_int8"] < 0.9999, "all-int8 misses the guard, so layers are kept"
+    assert kept["matmuls"] and kept["quantized"] > 0, "some MatMuls stay int8, the costliest go to float"
+    assert kept["calibration_cosine"] >= 0.9999 and len(kept["steps"]) >= 1
+    import openvino as ov
+
+    model = ov.Core().read_model(str(tmp_path / "ov-int8" / "model.xml"))
+    fake_quantized = {t.get_node().get_friendly_name() for op in model.get_ordered_ops()
+                      if op.get_type_name() == "FakeQuantize" for t in op.output(0).get_target_inputs()}
+    assert not fake_quantized & set(kept["matmuls"]), "kept MatMuls read no quantized activation"
+    assert engine.manifest.accuracy["min_cosine"] >= 0.9999
+    # what is not int8 computes in bf16 where the CPU has it natively, and the engine loads so
+    expected = "bf16" if native_bf16() else "f32"
+    assert quantization["float_compute"] == expected
+    assert engine._compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == expected
+
+
+def test_int8_is_refused_by_name_when_no_selection_reaches_the_guard(tmp_path: Path):
+    from optimize.runtime.errors import AccuracyError
+
+    with pytest.raises(AccuracyError, match="int8 cannot reach cosine 1.0 on the calibration texts"):
+        _tiny_bert_int8(tmp_path, 1.0, int8_smooth_quant=0.8)
