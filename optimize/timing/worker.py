@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +47,24 @@ def serve(args: argparse.Namespace) -> int:
     for text in args.shape:
         for _ in range(TIMING_WARMUP):
             engine.run(feeds[text])
+    answer_runs(engine.run, feeds)
+    return 0
+
+
+def answer_runs(run: Callable[[Any], Any], feeds: Mapping[str, Any]) -> None:
+    """The worker's half of the protocol, for anything that runs (a benchmark's peers too):
+    say "ready", then answer each "SHAPE RUNS" line on stdin with one JSON line of the wall and
+    CPU milliseconds of each of `runs` calls of `run(feeds[SHAPE])`, until stdin closes."""
     print("ready", flush=True)
     for line in sys.stdin:
         text, runs = line.split()
         wall, cpu = [], []
         for _ in range(int(runs)):
             c0, t0 = time.process_time(), time.perf_counter()
-            engine.run(feeds[text])
+            run(feeds[text])
             wall.append((time.perf_counter() - t0) * 1e3)
             cpu.append((time.process_time() - c0) * 1e3)
         print(json.dumps({"wall_ms": wall, "cpu_ms": cpu}), flush=True)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
