@@ -119,13 +119,19 @@ def verify(
     for sizes in verification_sizes(inputs, config):
         if on_shape:
             on_shape(sizes)
-        feeds = make_inputs(sizes, generator)
-        with torch.inference_mode():
-            expected = reference(**feeds)
-        got = run(feeds)
-        report.shapes.append(sizes)
-        report.add(compare_real_tokens(feeds, expected, got), f"at {sizes}")
+        _check(report, run, reference, make_inputs(sizes, generator), sizes, f"at {sizes}")
     return report
+
+
+def _check(report: AccuracyReport, run: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+           reference: torch.nn.Module, feeds: dict[str, torch.Tensor], sizes: dict[str, int], where: str) -> None:
+    """Run `feeds` through the engine and the reference and add the comparison (at real
+    tokens) to `report`."""
+    with torch.inference_mode():
+        expected = reference(**feeds)
+    got = run(feeds)
+    report.shapes.append(sizes)
+    report.add(compare_real_tokens(feeds, expected, got), where)
 
 
 def _without_padding(
@@ -178,11 +184,7 @@ def verify_batches(
         sizes = {"batch": int(first.shape[0]), **({"seq": int(first.shape[1])} if first.dim() > 1 else {})}
         if on_batch:
             on_batch(sizes)
-        with torch.inference_mode():
-            expected = reference(**feeds)
-        got = run(feeds)
-        report.shapes.append(sizes)
-        report.add(compare_real_tokens(feeds, expected, got), f"on sample batch {sizes}")
+        _check(report, run, reference, feeds, sizes, f"on sample batch {sizes}")
     return report
 
 

@@ -31,9 +31,9 @@ from server.handlers import abort, add_service
 from server.http import HttpServer
 from server.logs import Throttled
 from server.metrics import MetricsServer, registry_for
+from server.models import LoadedModels
 from server.proto import POOL, grpc_service_pb2
 from server.repository import EngineLoader, Repository
-from server.scheduler import ModelScheduler
 from server.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Server:
 
     @property
     def repository(self) -> Repository:
-        return self.service.repository
+        return self.service.models.repository
 
     @property
     def address(self) -> str:
@@ -82,9 +82,7 @@ class Server:
         """Start the model schedulers and the metrics endpoint, then serve gRPC and HTTP.
 
         Raises `ServerError` when the metrics port cannot be bound or HTTP cannot start."""
-        for name, scheduler in self.service.schedulers.items():
-            await scheduler.start()
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.service.models.start()
         if self.config.metrics_port is not None:
             self.metrics = _start_metrics(self.service, self.config.host, self.config.metrics_port)
             log.info("metrics on %s", self.metrics.url)
@@ -106,7 +104,7 @@ class Server:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace_s: float) -> None:
-        queued = sum(len(s.batcher) for s in self.service.schedulers.values())
+        queued = self.service.models.queued()
         log.info("shutting down: %d request(s) queued, %.1f s grace period", queued, grace_s)
         self.service.accepting = False
         await self._health.enter_graceful_shutdown()
@@ -213,11 +211,9 @@ def create_server(config: ServerConfig, repository: Repository | None = None,
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await health.set(name, status)
 
-    service = InferenceService(
-        repository, {name: ModelScheduler(m) for name, m in repository.models.items()},
-        control_mode=config.model_control_mode, set_health=set_health, unload_grace_s=config.shutdown_grace_s,
-        loader=loader,
-    )
+    models = LoadedModels.serving(repository, set_health=set_health, unload_grace_s=config.shutdown_grace_s,
+                                  loader=loader)
+    service = InferenceService(models, control_mode=config.model_control_mode)
     add_service(grpc_server, grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"], service)
     add_service(grpc_server, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     # Reflection answers from kiln's private descriptor pool, so the health and reflection

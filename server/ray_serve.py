@@ -37,10 +37,10 @@ from ray import serve
 from starlette.applications import Starlette
 
 from server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
-from server.errors import ConfigError
-from server.errors import DeadlineExceeded, Internal, Rejected, ServerError, Unavailable
+from server.errors import ConfigError, DeadlineExceeded, Internal, Rejected, ServerError, Unavailable
 from server.http import create_app
 from server.layout import Layout
+from server.models import LoadedModels
 from server.repository import Model, Repository
 from server.scheduler import ModelScheduler
 from server.service import InferenceService
@@ -209,9 +209,8 @@ class KilnDeployment:
             failures = "; ".join(f"{name}: {reason}" for name, reason in sorted(repo.failures.items()))
             raise RuntimeError(f"model repository {repository} has no servable model ({failures or 'it is empty'})")
         schedulers = {name: ServeBatchScheduler(model, batch_wait_timeout_s) for name, model in repo.models.items()}
-        self.service = InferenceService(repo, schedulers, unload_grace_s=shutdown_grace_s)
-        for scheduler in schedulers.values():
-            await scheduler.start()
+        self.service = InferenceService(LoadedModels(repo, schedulers, unload_grace_s=shutdown_grace_s))
+        await self.service.models.start()
         log.info("replica serving %s", ", ".join(f"{n} (max_batch_size {m.max_batch_size})"
                                                  for n, m in sorted(repo.models.items())))
 

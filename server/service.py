@@ -6,10 +6,9 @@ and the tokenizer threads in `text`, batching in the model's `ModelScheduler`, s
 `ServerError` into its status code and anything unexpected into INTERNAL, logged with the
 request's id.
 
-Models may come and go while serving (explicit model control): `schedulers` maps each served
-model's name to its scheduler, which holds the model; loading swaps a new scheduler in before
-the old one drains, unloading takes it out and drains it; a drained engine's memory goes back
-to the OS (`memory`).
+The served models and their lifecycle (load, reload, unload, draining) belong to
+`server.models.LoadedModels`; the repository RPCs only check that model control allows them and
+call it. Triton's ModelConfig is built in `server.model_config`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import contextvars
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 import time
@@ -30,26 +28,24 @@ from typing import Any, TypeVar
 
 import grpc
 
-from optimize import runtime
-from optimize.runtime.specs import Dim, TensorSpec
-from server import codec, memory
+from optimize.runtime.specs import TensorSpec
+from server import codec
 from server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
-    ModelLoadFailed,
-    NotFound,
     Rejected,
     ServerError,
     Unavailable,
     status_code,
 )
 from server.handlers import abort
+from server.model_config import model_config, wire_shape
+from server.models import LoadedModels
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
-from server.proto import model_config_pb2 as mc
-from server.repository import Model, Repository, load_failure_reason
+from server.repository import Model
 from server.scheduler import ModelScheduler
 from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
 from server.text import TokenizerPool, check_tokens
@@ -73,7 +69,6 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext
 Handler = Callable[[Any, Request, Context], Awaitable[Response]]
-HealthSetter = Callable[[str, bool], Awaitable[None]]
 # The id of the request being served (the client's, or one made up when it sent none), so every
 # log line about it carries one.
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -129,12 +124,6 @@ def _unimplemented(name: str) -> Callable[..., Awaitable[None]]:
     return method
 
 
-def _wire_shape(spec: TensorSpec) -> list[int]:
-    """Triton's shape convention: -1 for every dynamic dim. Metadata shapes include the batch
-    dim (as -1); config dims leave it out when the model batches."""
-    return [-1 if isinstance(d, Dim) else d for d in spec.shape]
-
-
 @dataclass(frozen=True)
 class _Prepared:
     """A request decoded and checked for one model: its `inputs` (texts, or tokens once
@@ -185,35 +174,21 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The KServe v2 service over a repository's models, each with its scheduler.
+    """The KServe v2 service over the served `models`.
 
-    `control_mode` "explicit" allows RepositoryModelLoad/Unload; `set_health(name, serving)`
-    reports each model's state to grpc.health.v1; unloading (and reloading) lets the old
-    scheduler's requests finish for up to `unload_grace_s`.
+    `control_mode` "explicit" allows RepositoryModelLoad/Unload (`LoadedModels.load`/`unload`).
     """
 
-    def __init__(self, repository: Repository, schedulers: Mapping[str, ModelScheduler], *,
-                 control_mode: str = "none", set_health: HealthSetter | None = None,
-                 unload_grace_s: float = 30.0, loader: Callable[[Any], runtime.Engine] = runtime.load) -> None:
-        self.repository = repository
-        self.schedulers = dict(schedulers)
+    def __init__(self, models: LoadedModels, *, control_mode: str = "none") -> None:
+        self.models = models
         self.control_mode = control_mode
         self.accepting = True  # False once shutdown begins: readiness goes false, infer → UNAVAILABLE
-        self._set_health = set_health
-        self._unload_grace_s = unload_grace_s
-        self._loader = loader
-        self._model_locks: dict[str, asyncio.Lock] = {}
-        self._retired: set[ModelScheduler] = set()  # unloaded or replaced, still draining
         self._tokenizer = TokenizerPool()
 
-    def _served(self, name: str, version: str = "") -> ModelScheduler:
-        """The scheduler of the served model `name` (and `version`, "" for the served one).
-        Raises `NotFound` (Triton's wording) or `Unavailable` while it is being unloaded."""
-        model = self.repository.get(name, version)
-        scheduler = self.schedulers.get(model.name)
-        if scheduler is None or scheduler.model is not model:
-            raise Unavailable(f"model '{name}' is being loaded or unloaded; try again")
-        return scheduler
+    @property
+    def schedulers(self) -> Mapping[str, ModelScheduler]:
+        """Each served model's scheduler, by name (read-only: `models` changes it)."""
+        return self.models.schedulers
 
     # -- health -----------------------------------------------------------------------------
     @_rpc
@@ -227,7 +202,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
-            scheduler = self._served(request.name, request.version)
+            scheduler = self.models.served(request.name, request.version)
         except ServerError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.accepting and scheduler.accepting)
@@ -239,11 +214,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        model = self._served(request.name, request.version).model
+        model = self.models.served(request.name, request.version).model
         tensor = pb.ModelMetadataResponse.TensorMetadata
 
         def tensors(specs: Mapping[str, TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-            return [tensor(name=s.name, datatype=codec.datatype(s.dtype), shape=_wire_shape(s)) for s in specs.values()]
+            return [tensor(name=s.name, datatype=codec.datatype(s.dtype), shape=wire_shape(s)) for s in specs.values()]
 
         if model.advertises_text:  # one text per sample: [batch, 1], as Triton's string inputs
             assert model.text is not None
@@ -263,7 +238,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=model_config(self._served(request.name, request.version).model))
+        return pb.ModelConfigResponse(config=model_config(self.models.served(request.name, request.version).model))
 
     # -- inference --------------------------------------------------------------------------
     @_rpc
@@ -277,7 +252,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         deadline_s = time.monotonic() + deadline_in_s if deadline_in_s is not None else None
         if not self.accepting:
             raise Unavailable("the server is shutting down")
-        scheduler = self._served(request.model_name, request.model_version)
+        scheduler = self.models.served(request.model_name, request.model_version)
         model = scheduler.model
         request_id = request.id or _make_request_id()  # logs always carry an id
         _request_id.set(request_id)
@@ -329,7 +304,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             encoded = await self._tokenizer.encode(model.pipeline, *texts)
             timings.compute_input_ns += time.perf_counter_ns() - started  # preparing inputs, as Triton counts it
             check_tokens(model.name, encoded, model.pipeline.max_length, options.truncate)
-            served = self._served(request.model_name, request.model_version)
+            served = self.models.served(request.model_name, request.model_version)
             if served is scheduler:
                 return scheduler, dataclasses.replace(prepared, inputs=encoded.feeds, encoded=encoded)
             scheduler = served
@@ -387,7 +362,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: Context) -> pb.ModelStatisticsResponse:
         if request.name:
-            schedulers = [self._served(request.name, request.version)]
+            schedulers = [self.models.served(request.name, request.version)]
         else:
             schedulers = [self.schedulers[name] for name in sorted(self.schedulers)]
         return pb.ModelStatisticsResponse(model_stats=[s.stats.proto() for s in schedulers])
@@ -396,14 +371,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Context) -> pb.RepositoryIndexResponse:
-        names = set(self.repository.names_on_disk()) | set(self.schedulers) | set(self.repository.failures)
         index = pb.RepositoryIndexResponse()
-        for name in sorted(names):
-            scheduler = self.schedulers.get(name)
-            if scheduler is not None:
-                index.models.add(name=name, version=str(scheduler.model.version), state=READY)
-            elif not request.ready:
-                index.models.add(name=name, state=UNAVAILABLE, reason=self.repository.failures.get(name, "not loaded"))
+        for state in self.models.states(ready_only=request.ready):
+            if state.ready:
+                index.models.add(name=state.name, version=str(state.version), state=READY)
+            else:
+                index.models.add(name=state.name, state=UNAVAILABLE, reason=state.reason)
         return index
 
     @_rpc
@@ -414,14 +387,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             names = ", ".join(sorted(request.parameters))
             raise InvalidArgument(f"RepositoryModelLoad parameters are not supported ({names}); edit the model's "
                                   "config.toml in the repository instead")
-        await self.load_model(request.model_name)
+        await self.models.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @_rpc
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Context) -> pb.RepositoryModelUnloadResponse:
         self._check_control("unload")
-        await self.unload_model(request.model_name)
+        await self.models.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     def _check_control(self, action: str) -> None:
@@ -431,71 +404,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not self.accepting:
             raise Unavailable("the server is shutting down")
 
-    async def load_model(self, name: str) -> Model:
-        """(Re)load model `name` from the repository directory and serve it; a model already
-        served keeps answering until the new version is ready, then drains. Raises
-        `InvalidArgument`/`NotFound` for a bad name, `ModelLoadFailed` (Triton's "load failed
-        for model ...") whatever keeps the model from loading; the reason also goes to
-        RepositoryIndex. A model already served stays served."""
-        self.repository.model_dir(name)  # a bad name never reaches the disk or the lock table
-        async with self._model_locks.setdefault(name, asyncio.Lock()):
-            try:
-                model = await asyncio.to_thread(self.repository.read_model, name, self._loader)
-            except NotFound:  # its directory went away meanwhile
-                raise
-            except Exception as exc:  # whatever the engine's loader raises is this model's failure
-                reason = load_failure_reason(exc)
-                if name not in self.schedulers:  # a served model keeps serving its loaded version
-                    self.repository.failures[name] = reason
-                raise ModelLoadFailed(f"load failed for model '{name}': {reason}") from None
-            scheduler = ModelScheduler(model)
-            await scheduler.start()
-            old = self.schedulers.get(name)
-            self.repository.models[name] = model
-            self.repository.failures.pop(name, None)
-            self.schedulers[name] = scheduler
-            await self._health(name, True)
-            log.info("model '%s' version %d loaded%s", name, model.version,
-                     " (replacing the served one)" if old else "", extra={"model": name})
-            if old is not None:
-                await self._retire(old)
-            return model
-
-    async def unload_model(self, name: str) -> None:
-        """Stop serving model `name`: new requests answer NOT_FOUND at once, queued and running
-        ones finish (for up to the unload grace period). Unloading a model that is not loaded
-        succeeds, as in Triton. Raises `InvalidArgument`/`NotFound` for a bad or unknown name."""
-        if name not in self.schedulers:
-            self.repository.model_dir(name)
-        async with self._model_locks.setdefault(name, asyncio.Lock()):
-            scheduler = self.schedulers.pop(name, None)
-            self.repository.models.pop(name, None)
-            self.repository.failures[name] = "unloaded"
-            await self._health(name, False)
-            if scheduler is not None:
-                log.info("model '%s' unloading: %d request(s) queued", name, len(scheduler.batcher),
-                         extra={"model": name})
-                await self._retire(scheduler)
-                log.info("model '%s' unloaded", name, extra={"model": name})
-
-    async def _retire(self, scheduler: ModelScheduler) -> None:
-        """Drain an unloaded or replaced model's scheduler; once the last request holding its
-        engine is answered and the engine freed, its memory goes back to the OS."""
-        memory.release_heap_when_freed(scheduler.model.engine, asyncio.get_running_loop())
-        self._retired.add(scheduler)
-        try:
-            await scheduler.stop(self._unload_grace_s)
-        finally:
-            self._retired.discard(scheduler)
-
-    async def _health(self, name: str, serving: bool) -> None:
-        if self._set_health is not None:
-            await self._set_health(name, serving)
-
     async def stop_models(self, grace_s: float) -> None:
         """Drain every model's scheduler (shutdown), then stop the tokenizer threads."""
-        schedulers = list(self.schedulers.values()) + list(self._retired)
-        await asyncio.gather(*(s.stop(grace_s) for s in schedulers))
+        await self.models.stop(grace_s)
         self._tokenizer.close()
 
     # -- not implemented --------------------------------------------------------------------
@@ -519,78 +430,3 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     if _wants_final_flag(request):
         response.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
-
-
-_TIMEOUT_ACTION = {"reject": mc.ModelQueuePolicy.REJECT, "delay": mc.ModelQueuePolicy.DELAY}
-
-
-def _queue_policy(policy: Any) -> mc.ModelQueuePolicy:
-    return mc.ModelQueuePolicy(
-        timeout_action=_TIMEOUT_ACTION[policy.timeout_action],
-        default_timeout_microseconds=policy.default_timeout_us,
-        allow_timeout_override=policy.allow_timeout_override,
-        max_queue_size=policy.max_queue_size,
-    )
-
-
-def model_config(model: Model) -> mc.ModelConfig:
-    """Triton's ModelConfig for a served model: batching, queue policy, instances, and the
-    inputs and outputs of the interface it advertises (the engine's, or its text pipeline's)."""
-    batching = model.max_batch_size > 0
-    config = model.config
-
-    def dims(spec: TensorSpec) -> list[int]:
-        shape = _wire_shape(spec)
-        return shape[1:] if batching and spec.batched else shape
-
-    if model.advertises_text:
-        assert model.text is not None
-        inputs = [mc.ModelInput(name=t.name, data_type=mc.TYPE_STRING, dims=[1] if batching else [-1])
-                  for t in model.text.inputs]
-        outputs = [mc.ModelOutput(name=t.name, data_type=codec.config_datatype(t.dtype),
-                                  dims=list(t.shape) if batching else [-1, *t.shape]) for t in model.text.outputs]
-    else:
-        inputs = [mc.ModelInput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
-                  for s in model.inputs.values()]
-        outputs = [mc.ModelOutput(name=s.name, data_type=codec.config_datatype(s.dtype), dims=dims(s))
-                   for s in model.outputs.values()]
-    result = mc.ModelConfig(
-        name=model.name,
-        platform=f"kiln_{model.engine.backend}",
-        backend=model.engine.backend,
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        max_batch_size=model.max_batch_size,
-        input=inputs,
-        output=outputs,
-        # The Engine API does not say which device an engine runs on, hence KIND_AUTO.
-        instance_group=[
-            mc.ModelInstanceGroup(name=model.name, kind=mc.ModelInstanceGroup.KIND_AUTO, count=config.instances)
-        ],
-    )
-    if batching:
-        batcher = result.dynamic_batching
-        batcher.max_queue_delay_microseconds = config.max_queue_delay_us
-        batcher.preferred_batch_size.extend(config.preferred_batch_sizes)
-        batcher.preserve_ordering = config.preserve_ordering
-        batcher.priority_levels = config.priority_levels
-        if config.priority_levels:
-            batcher.default_priority_level = config.default_priority_level or config.priority_levels
-        batcher.default_queue_policy.CopyFrom(_queue_policy(config.queue_policy))
-        for level, policy in sorted(config.priority_queue_policy.items()):
-            batcher.priority_queue_policy[level].CopyFrom(_queue_policy(policy))
-    if config.sequence_buckets and not getattr(model.engine, "accepts_packed", False):
-        result.parameters["sequence_buckets"].string_value = ",".join(map(str, config.sequence_buckets))
-    if getattr(model.engine, "accepts_packed", False):
-        result.parameters["packed_batches"].string_value = "true"
-    if config.max_batch_tokens:
-        result.parameters["max_batch_tokens"].string_value = str(config.max_batch_tokens)
-    if model.text_limits is not None:
-        result.parameters["max_text_bytes"].string_value = str(model.text_limits.max_text_bytes)
-        result.parameters["max_request_text_bytes"].string_value = str(model.text_limits.max_request_text_bytes)
-    if model.text is not None:  # what a client needs to read the text interface's answers
-        result.parameters["task"].string_value = model.text.task
-        if model.text.options:
-            result.parameters["text_options"].string_value = ",".join(model.text.options)
-        if model.text.labels:
-            result.parameters["labels"].string_value = json.dumps(list(model.text.labels), ensure_ascii=False)
-    return result

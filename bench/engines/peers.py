@@ -25,13 +25,13 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench.engines.worker import dense_inputs
+from optimize.timing.worker import answer_runs
 
 PEERS = ("eager-fp32", "eager-bf16-autocast", "torch-compile", "torch-compile-bf16-autocast")
 Run = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -105,16 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warmup):  # torch.compile compiles here, for each shape
             run(feeds[text])
     args.accuracy.write_text(json.dumps({"min_cosine": real_cosine(run, args.model)}))
-    print("ready", flush=True)
-    for line in sys.stdin:
-        text, runs = line.split()
-        wall, cpu = [], []
-        for _ in range(int(runs)):
-            c0, t0 = time.process_time(), time.perf_counter()
-            run(feeds[text])
-            wall.append((time.perf_counter() - t0) * 1e3)
-            cpu.append((time.process_time() - c0) * 1e3)
-        print(json.dumps({"wall_ms": wall, "cpu_ms": cpu}), flush=True)
+    answer_runs(run, feeds)
     return 0
 
 

@@ -38,13 +38,6 @@ def use_autotune(t: torch.Tensor) -> bool:
     return t.is_cuda and not INTERPRET
 
 
-def cuda_capability_major(t: torch.Tensor) -> int:
-    """Compute-capability major version of ``t``'s GPU (8 Ampere, 9 Hopper), 0 off GPU."""
-    if not t.is_cuda:
-        return 0
-    return torch.cuda.get_device_capability(t.device)[0]
-
-
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     """Raise ``TypeError`` naming the argument and the allowed dtypes if ``t`` is not one."""
     if t.dtype not in allowed:
@@ -98,7 +91,7 @@ def fixed_row_config(block_n: int, single_tile: bool, on_gpu: bool) -> tuple[int
     return (2 if single_tile else 1), 4
 
 
-def _prune_row_configs(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+def prune_row_configs(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     """Keep configs whose tile gives every thread 1..64 elements: fewer idles threads, more
     spills registers (64 fp32 per thread is where the Triton layer-norm tutorial's 64 KB row
     limit sits at 16 warps). Several rows per program only on the single-tile path."""
@@ -121,4 +114,4 @@ def row_autotune(kernel, key: list[str]):  # type: ignore[no-untyped-def]
     """`triton.autotune` of a row kernel (BLOCK_M rows x BLOCK_N columns per program) over
     ROW_CONFIGS, pruned to tiles that neither idle nor spill threads."""
     return triton.autotune(configs=ROW_CONFIGS, key=key,
-                           prune_configs_by={"early_config_prune": _prune_row_configs})(kernel)
+                           prune_configs_by={"early_config_prune": prune_row_configs})(kernel)

@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln_kernels._util import FLOAT_DTYPES, check_dtype, check_launchable, compute_dtype, fixed_row_config, use_autotune
+from kiln_kernels._util import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_launchable,
+    compute_dtype,
+    fixed_row_config,
+    prune_row_configs,
+    use_autotune,
+)
 from kiln_kernels.cost import Cost, itemsize, register_cost
 
 __all__ = [
@@ -116,17 +124,6 @@ def _embedding_layer_norm_kernel(
             tl.store(y_row + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs giving each thread 1..64 row elements (see kernels/layer_norm.py)."""
-    args = {**named_args, **kwargs}
-    kept = [
-        c for c in configs
-        if 1 <= c.kwargs["BLOCK_M"] * args["BLOCK_N"] // (32 * c.num_warps) <= 64
-        and (args["SINGLE_TILE"] or c.kwargs["BLOCK_M"] == 1)
-    ]
-    return kept or [triton.Config({"BLOCK_M": 1}, num_warps=4)]
-
-
 # Gathers are row-contiguous, so this behaves like layer_norm: the same space for both archs.
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=nw)
@@ -136,7 +133,7 @@ _CONFIGS = [
 _embedding_layer_norm_tuned = triton.autotune(
     configs=_CONFIGS,
     key=["BLOCK_N", "SINGLE_TILE", "HAS_POS", "HAS_TYPE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_row_configs},
 )(_embedding_layer_norm_kernel)
 
 

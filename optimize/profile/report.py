@@ -223,6 +223,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out `fig`, write it to `path` (making its directory) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 _KIND_COLORS = {"matmul": "tab:blue", "attention": "tab:red", "conv": "tab:purple", "normalization": "tab:green",
                 "softmax": "tab:orange", "elementwise": "tab:olive", "reduction": "tab:cyan", "kernel": "tab:pink",
                 "data": "tab:gray", "unknown": "black"}
@@ -259,12 +269,7 @@ def plot_roofline(profile: Profile, path: str | Path) -> Path:
                  f"{skipped} ops without arithmetic or timing not shown", fontsize=9)
     ax.grid(True, which="both", alpha=0.2)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_layers(profile: Profile, path: str | Path) -> Path:
@@ -282,12 +287,7 @@ def plot_layers(profile: Profile, path: str | Path) -> Path:
     ax.set_xlabel("latency per inference (ms): median, whisker to p90; sum of the layer's op latencies")
     ax.set_title(f"{profile.name}: per-layer latency on {profile.device}", fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_latency(profile: Profile, path: str | Path) -> Path:
@@ -304,12 +304,7 @@ def plot_latency(profile: Profile, path: str | Path) -> Path:
     ax.set_ylabel("inferences")
     ax.set_title(f"{profile.name} ({profile.mode}) on {profile.device}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(profile: Profile, directory: str | Path) -> tuple[list[Path], list[str]]:

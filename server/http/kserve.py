@@ -355,17 +355,17 @@ class KServeRoutes:
         return json_response(message_json(answer)["models"])  # Triton answers the list itself
 
     async def load(self, request: Request) -> Response:
-        document = await self._json_body(request)
-        message = pb.RepositoryModelLoadRequest(model_name=request.path_params["model"])
-        _set_parameters(message.parameters, _object(document, "parameters", ""), "load parameter")
-        await self._call("RepositoryModelLoad", message)
-        return Response(status_code=200)
+        return await self._model_control(request, "load", pb.RepositoryModelLoadRequest, "RepositoryModelLoad")
 
     async def unload(self, request: Request) -> Response:
+        return await self._model_control(request, "unload", pb.RepositoryModelUnloadRequest, "RepositoryModelUnload")
+
+    async def _model_control(self, request: Request, action: str, message_type: Any, rpc: str) -> Response:
+        """A repository load or unload: the model from the path, `parameters` from the body."""
         document = await self._json_body(request)
-        message = pb.RepositoryModelUnloadRequest(model_name=request.path_params["model"])
-        _set_parameters(message.parameters, _object(document, "parameters", ""), "unload parameter")
-        await self._call("RepositoryModelUnload", message)
+        message = message_type(model_name=request.path_params["model"])
+        _set_parameters(message.parameters, _object(document, "parameters", ""), f"{action} parameter")
+        await self._call(rpc, message)
         return Response(status_code=200)
 
 

@@ -57,6 +57,22 @@ def _about(exc: E, param: str | None, code: str | None = None) -> E:
     return exc
 
 
+def check_fields(document: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """`document` if it is a JSON object of only `fields` naming a `model`; raises
+    `MalformedRequest` naming the field (as OpenAI, unknown fields are refused: a misspelt
+    option would otherwise be ignored in silence)."""
+    if not isinstance(document, dict):
+        raise _about(MalformedRequest("the request body must be a JSON object"), None)
+    for key in document:
+        if key not in fields:
+            raise _about(MalformedRequest(f"Unrecognized request argument supplied: {key} (known: "
+                                          f"{', '.join(fields)})"), key)
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise _about(MalformedRequest("'model' must be the name of a served model"), "model")
+    return document
+
+
 @dataclass(frozen=True)
 class EmbeddingsRequest:
     """A checked `POST /v1/embeddings` body: `texts` or `token_ids` (the other is None)."""
@@ -77,15 +93,8 @@ class EmbeddingsRequest:
         """Check a parsed JSON body against the API's schema. Raises `MalformedRequest` naming
         the field (as OpenAI, unknown fields are refused: a misspelt option would otherwise be
         ignored in silence)."""
-        if not isinstance(document, dict):
-            raise _about(MalformedRequest("the request body must be a JSON object"), None)
-        for key in document:
-            if key not in FIELDS:
-                raise _about(MalformedRequest(f"Unrecognized request argument supplied: {key} (known: "
-                                              f"{', '.join(FIELDS)})"), key)
-        model = document.get("model")
-        if not isinstance(model, str) or not model:
-            raise _about(MalformedRequest("'model' must be the name of a served model"), "model")
+        document = check_fields(document, FIELDS)
+        model = document["model"]
         if "input" not in document:
             raise _about(MalformedRequest("'input' is required"), "input")
         texts, token_ids = _inputs(document["input"])
@@ -163,7 +172,7 @@ class OpenAIRoutes:
 
     def _embedding_model(self, name: str) -> Model:
         try:
-            model = self.service.repository.get(name)
+            model = self.service.models.get(name)
         except NotFound as exc:
             raise _about(exc, "model", "model_not_found") from None
         if model.text_output is None:
@@ -261,7 +270,7 @@ class OpenAIRoutes:
         return sum(len(ids) for ids in token_ids)
 
     async def models(self, request: Request) -> Response:
-        models = [m for _, m in sorted(self.service.repository.models.items())
+        models = [m for m in self.service.models.loaded()
                   if m.text_output is not None and m.task == "feature-extraction"]
         return json_response({"object": "list", "data": [_card(m) for m in models]})
 

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from server import codec
 from server.errors import Internal, InvalidArgument, MalformedRequest, NotFound
 from server.http.common import OPENAI, call, endpoint, json_response, parse_json, read_body, until_disconnect
-from server.http.openai import MAX_INPUTS, _about, _all
+from server.http.openai import MAX_INPUTS, _about, _all, check_fields
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model
 from server.service import InferenceService
@@ -36,15 +36,7 @@ CLASSIFY_FIELDS = ("model", "input", "raw_scores", "truncate")
 
 
 def _check_fields(document: Any, fields: Sequence[str]) -> dict[str, Any]:
-    if not isinstance(document, dict):
-        raise _about(MalformedRequest("the request body must be a JSON object"), None)
-    for key in document:
-        if key not in fields:
-            raise _about(MalformedRequest(f"Unrecognized request argument supplied: {key} (known: "
-                                          f"{', '.join(fields)})"), key)
-    model = document.get("model")
-    if not isinstance(model, str) or not model:
-        raise _about(MalformedRequest("'model' must be the name of a served model"), "model")
+    document = check_fields(document, fields)
     for flag in ("return_documents", "raw_scores", "truncate"):
         if flag in document and not isinstance(document[flag], bool):
             raise _about(MalformedRequest(f"'{flag}' must be true or false"), flag)
@@ -141,7 +133,7 @@ class TaskRoutes:
 
     def _model(self, name: str, task: str, route: str) -> Model:
         try:
-            model = self.service.repository.get(name)
+            model = self.service.models.get(name)
         except NotFound as exc:
             raise _about(exc, "model", "model_not_found") from None
         if model.task != task or not model.text_inputs:

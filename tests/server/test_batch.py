@@ -1,4 +1,4 @@
-"""server/batch.py: offline batch inference on Ray Data. The engine side (`EngineBatches`) and the
+"""`server.batch`: offline batch inference on Ray Data. The engine side (`EngineBatches`) and the
 output directory are checked without Ray; the pipeline runs on a local Ray of 2 CPUs, joined by
 `python -m server.batch --address` as a user's cluster would be, with a worker and then the
 whole job killed mid-run."""
@@ -119,10 +119,10 @@ def test_ids_written_twice_keep_one_row(tmp_path):
 
 def test_input_formats_are_told_from_the_file_names(tmp_path):
     (tmp_path / "a.csv").write_text("id,text\n")
-    assert batch._format_of(tmp_path / "a.csv") == "csv"
+    assert batch.job.format_of(tmp_path / "a.csv") == "csv"
     (tmp_path / "b.jsonl").write_text("")
     with pytest.raises(batch.BatchError, match="cannot tell the format"):
-        batch._format_of(tmp_path)
+        batch.job.format_of(tmp_path)
 
 
 # -- on Ray ----------------------------------------------------------------------------------------
