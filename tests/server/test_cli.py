@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,16 +132,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, mini
         threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
-        # All six accepted: answered, or waiting for company (a request that finds the model idle
-        # and nothing else queued runs at once; the others wait 3 s).
-        while len(answers) + pending(metrics) < 6:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(30)
-        assert process.wait(timeout=30) == 0, log.read_text()
+        sigterm_once_accepted(process, threads, lambda: len(answers) + pending(metrics), 6, log)
     finally:
         if process.poll() is None:
             process.kill()
@@ -148,6 +140,21 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, mini
     assert answers == [(1, 384)] * 6, answers
     text = log.read_text()
     assert re.search(r"shutting down: [0-6] request\(s\) queued", text) and "server stopped" in text
+
+
+def sigterm_once_accepted(process: subprocess.Popen, threads: list[threading.Thread],
+                          accepted: Callable[[], float], expected: int, log: Path) -> None:
+    """Send SIGTERM once `expected` requests are accepted (`accepted()`: answered, or waiting for
+    company: a request that finds the model idle and nothing else queued runs at once, the
+    others wait out the queue delay), then wait for every client thread and a clean exit."""
+    deadline = time.monotonic() + 20
+    while accepted() < expected:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    assert process.wait(timeout=30) == 0, log.read_text()
 
 
 def pending(metrics_url: str) -> float:

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from tests.server.fakes import FakeTextEngine
 from tests.server.harness import RunningServer, fake_repository, int64_inputs, make_repository
 from tests.server.http.helpers import base_url, fetch, http_server, kserve_error, openai_error
-from tests.server.test_cli import pending, start, wait_for_port
+from tests.server.test_cli import pending, sigterm_once_accepted, start, wait_for_port
 from tests.server.test_security import certificate  # noqa: F401  (a fixture: a self-signed certificate)
 
 TOKEN = "s3cret-token"
@@ -66,16 +66,8 @@ def test_one_process_serves_http_beside_grpc_and_drains_both_on_sigterm(tmp_path
         threads += [threading.Thread(target=over_kserve), threading.Thread(target=over_grpc)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 20
-        # All four accepted, over both ports: answered, or waiting for company (a request that
-        # finds the model idle and nothing else queued runs at once; the others wait 3 s).
-        while len(answers) + pending(metrics) < 4:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(30)
-        assert process.wait(timeout=30) == 0, log.read_text()
+        # all four accepted over both ports, then SIGTERM
+        sigterm_once_accepted(process, threads, lambda: len(answers) + pending(metrics), 4, log)
     finally:
         if process.poll() is None:
             process.kill()
