@@ -25,7 +25,9 @@ keep the runs it did not touch:
    that uses k cores alone is then credited at most k times its time, so on a busy machine a
    lead smaller than that can still flip, and the verdict says "unsure".
 5. **The machine's load**: its CPU use (`/proc/stat`) is read around every batch of runs; what
-   the worker did not use was used by other processes. When they used more than
+   the worker did not use was used by other processes. It is pooled over all batches, since
+   one batch of fast runs can be shorter than the clock tick the kernel counts in. When other
+   processes used more than
    `BUSY_FRACTION` of the machine the result says "machine busy".
 6. **How sure**: the rounds are split in two halves (even and odd rounds), each timed like the
    whole; an engine's spread is how much slower its slower half came out than its time. The

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +165,7 @@ def measure(names: Sequence[str], shapes: Sequence[str], run: Runner, *,
     start = clock()
     failed: dict[str, str] = {}
     batches: list[Batch] = []
+    machine: list[tuple[float, float, float]] = []  # per batch: busy ticks, the worker's CPU ms, seconds
 
     def rounds(names: list[str], first: int, count: int) -> None:
         for round_ in range(first, first + count):
@@ -183,16 +183,21 @@ def measure(names: Sequence[str], shapes: Sequence[str], run: Runner, *,
                     finally:
                         if progress is not None:
                             progress()
-                    others = others_share(before, jiffies(), sum(cpu), clock() - t0, cpus)
-                    batches.append(Batch(name, shape, round_, wall, cpu, others))
+                    after, seconds = jiffies(), clock() - t0
+                    batches.append(Batch(name, shape, round_, wall, cpu, others_share(before, after, sum(cpu), seconds, cpus)))
+                    if before is not None and after is not None:
+                        machine.append((after[0] - before[0], sum(cpu), seconds))
 
     def result() -> Timings:
         engines = {name: summarize([b for b in batches if b.engine == name], shapes, cpu_bound)
                    for name in names if name not in failed}
-        shares = [b.others_cpu for b in batches if b.others_cpu is not None]
+        # Pooled over all batches, not their median: a batch of fast runs lasts about a
+        # millisecond, less than the clock tick /proc/stat counts in, so most batches alone
+        # would see no tick at all, even beside a process spinning on every core.
+        ticks, ours_ms, seconds = (sum(column) for column in zip(*machine)) if machine else (0, 0, 0)
+        others = others_share((0, 0), (ticks, 0), ours_ms, seconds, cpus) if machine else None
         load_after = loadavg()
-        return Timings(engines=engines, failed=dict(failed), shapes=list(shapes),
-                       others_cpu=statistics.median(shares) if shares else None,
+        return Timings(engines=engines, failed=dict(failed), shapes=list(shapes), others_cpu=others,
                        loadavg=(load_before, load_after) if load_before is not None and load_after is not None else None,
                        cpus=cpus, seconds=clock() - start, batches=batches, cpu_bound=cpu_bound)
 

@@ -75,7 +75,7 @@ class Timings:
     engines: dict[str, EngineTimes]
     failed: dict[str, str]
     shapes: list[str]
-    others_cpu: float | None  # median over batches of the share of all CPUs other processes used
+    others_cpu: float | None  # share of all CPUs other processes used over the whole timing
     loadavg: tuple[float, float] | None  # 1-minute load average before and after timing
     cpus: int
     seconds: float

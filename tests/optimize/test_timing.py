@@ -7,6 +7,7 @@ real worker processes."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +60,12 @@ class Machine:
             walls.append(wall)
         return walls, [self.speeds[name] * self.threads[name]] * runs
 
-    def measure(self, names: list[str] | None = None):
+    def measure(self, names: list[str] | None = None, whole_ticks: bool = False):
+        """`whole_ticks`: the machine's CPU use is counted in whole clock ticks, as the kernel's is."""
         ticks = os.sysconf("SC_CLK_TCK")
+        count = math.floor if whole_ticks else float
         return measure(names or list(self.speeds), ["8x64"], self.run, clock=lambda: self.now_ms / 1e3,
-                       sleep=lambda s: None, jiffies=lambda: (self.busy_cpu_ms / 1e3 * ticks, 0),
+                       sleep=lambda s: None, jiffies=lambda: (count(self.busy_cpu_ms / 1e3 * ticks), 0),
                        cpu_bound=self.cpu_bound)
 
 
@@ -91,6 +94,15 @@ def test_a_machine_busy_all_along_is_reported_busy_and_a_quiet_one_quiet():
     assert not busy.confidence()["sure"], "both times are CPU times: a 1.4x lead may be parallelism"
     quiet = Machine({"fast": 10.0, "slow": 14.0}).measure()
     assert not quiet.busy and quiet.others_cpu == 0.0 and "machine quiet" in quiet.confidence()["verdict"]
+
+
+def test_a_busy_machine_is_seen_even_when_every_batch_is_shorter_than_a_clock_tick():
+    # Runs of 0.1 ms: a batch of three lasts under a millisecond (0.3 ms alone, 0.9 ms in the
+    # spell), a tenth of a 10 ms tick; most batches alone see no tick counted at all.
+    busy = Machine({"fast": 0.1, "slow": 0.2}, spells=[(0, 1e9)]).measure(whole_ticks=True)
+    assert busy.busy and busy.others_cpu > BUSY_FRACTION, busy.load_text()
+    quiet = Machine({"fast": 0.1, "slow": 0.2}).measure(whole_ticks=True)
+    assert not quiet.busy, quiet.load_text()
 
 
 def test_the_choice_is_sure_only_when_its_lead_exceeds_its_own_spread():
