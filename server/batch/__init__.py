@@ -7,11 +7,13 @@ input row out, on as many machines as the Ray cluster has.
 
 or, in a pipeline of one's own, `embed_dataset(ds, engine_dir, ...)` → a Ray Dataset.
 
-Each actor of a fixed pool (Ray Data's `ActorPoolStrategy`) loads the engine once and takes
-batches of rows: it tokenizes their texts with the engine's own pipeline, sorts them by length
-so each engine call pads as little as possible, runs the engine in chunks of its maximum batch
-and hands back the id column and the requested outputs, row for row. Reading, tokenizing,
-running and writing stream through the cluster together; nothing holds the whole table.
+The input is cut into blocks of at most 16 batches (`BATCHES_PER_TASK`), each one actor task
+and one output file. Each actor of a fixed pool (Ray Data's `ActorPoolStrategy`) loads the
+engine once and takes batches of rows: it tokenizes their texts with the engine's own
+pipeline, sorts them by length so each engine call pads as little as possible, runs the engine
+in chunks of its maximum batch and hands back the id column and the requested outputs, row for
+row. Reading, tokenizing, running and writing stream through the cluster together; nothing
+holds the whole table.
 
 **Exactly one output row per input id**, also across crashes:
 - a worker that dies mid-run (killed, out of memory) is restarted by Ray Data and its batch is
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 from server.batch.cli import FREE_CPUS, Summary, main, parse_args, run
 from server.batch.engine import BatchError, EngineBatches, OutputColumn, output_columns
-from server.batch.job import DEFAULT_BATCH_SIZE, INPUT_FORMATS, embed_dataset, read_input
+from server.batch.job import BATCHES_PER_TASK, DEFAULT_BATCH_SIZE, INPUT_FORMATS, embed_dataset, read_input
 from server.batch.output import (
     PART_PREFIX,
     PART_SUFFIX,
@@ -53,7 +55,8 @@ from server.batch.output import (
 )
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "FREE_CPUS", "INPUT_FORMATS", "PART_PREFIX", "PART_SUFFIX", "RUN_FILE", "BatchError", "EngineBatches",
-    "OutputColumn", "PartFiles", "Summary", "deduplicate", "embed_dataset", "ids_digest", "main", "output_columns",
-    "parse_args", "part_files", "part_files_sink", "prepare_output", "read_input", "run", "run_identity",
+    "BATCHES_PER_TASK", "DEFAULT_BATCH_SIZE", "FREE_CPUS", "INPUT_FORMATS", "PART_PREFIX", "PART_SUFFIX", "RUN_FILE",
+    "BatchError", "EngineBatches", "OutputColumn", "PartFiles", "Summary", "deduplicate", "embed_dataset", "ids_digest",
+    "main", "output_columns", "parse_args", "part_files", "part_files_sink", "prepare_output", "read_input", "run",
+    "run_identity",
 ]
