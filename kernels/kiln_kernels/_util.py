@@ -175,3 +175,16 @@ def launch_rows(kernel, tuned, m: int, args: tuple, meta: dict, like: torch.Tens
     else:
         block_m, num_warps = fixed_row_config(meta["BLOCK_N"], meta["SINGLE_TILE"], on_gpu)
         kernel[(triton.cdiv(m, block_m),)](*args, **meta, BLOCK_M=block_m, num_warps=num_warps)
+
+
+@triton.jit
+def load_residual_sum(x_ptrs, res_ptrs, res_out_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """The row tile a norm normalizes, in fp32: ``x``, or with ``HAS_RESIDUAL`` the sum
+    ``x + residual`` rounded to the input dtype (exactly what the unfused
+    ``h = x + residual; norm(h)`` computes) and stored to ``res_out_ptrs``, the next residual."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptrs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptrs.dtype.element_ty)
+        tl.store(res_out_ptrs, x, mask=mask)
+    return x.to(tl.float32)

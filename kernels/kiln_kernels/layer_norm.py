@@ -21,6 +21,7 @@ from kiln_kernels._util import (
     check_launchable,
     compute_dtype,
     launch_rows,
+    load_residual_sum,
     norm_outputs,
     row_autotune,
     row_block_n,
@@ -67,15 +68,9 @@ def _layer_norm_fwd_kernel(
 
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)
-        x = tl.load(x_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + cols[None, :], mask=mask, other=0.0)
-            # Round the sum to the input dtype before normalizing, so the fused op computes
-            # exactly what the unfused `h = x + residual; layer_norm(h)` computes.
-            h = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-            tl.store(res_out_row + cols[None, :], h, mask=mask)
-            x = h
-        x = x.to(tl.float32)
+        # the sum is rounded to the input dtype, as the unfused `h = x + residual` is
+        x = load_residual_sum(x_row + cols[None, :], res_row + cols[None, :], res_out_row + cols[None, :], mask,
+                              HAS_RESIDUAL)
         mean = tl.sum(x, axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(xc * xc, axis=1) / N
@@ -92,12 +87,8 @@ def _layer_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_row + c[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_row + c[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-                tl.store(res_out_row + c[None, :], x, mask=mask)
-            acc += x.to(tl.float32)
+            acc += load_residual_sum(x_row + c[None, :], res_row + c[None, :], res_out_row + c[None, :], mask,
+                                     HAS_RESIDUAL)
         mean = tl.sum(acc, axis=1) / N
         if HAS_RESIDUAL:
             # RES_OUT is read back below; the barrier makes every thread's stores visible.

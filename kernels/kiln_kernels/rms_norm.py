@@ -19,6 +19,7 @@ from kiln_kernels._util import (
     check_launchable,
     compute_dtype,
     launch_rows,
+    load_residual_sum,
     norm_outputs,
     row_autotune,
     row_block_n,
@@ -57,14 +58,9 @@ def _rms_norm_fwd_kernel(
 
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)
-        x = tl.load(x_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + cols[None, :], mask=mask, other=0.0)
-            # rounded to the input dtype, as the unfused `x + residual` would be
-            h = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-            tl.store(res_out_row + cols[None, :], h, mask=mask)
-            x = h
-        x = x.to(tl.float32)
+        # the sum is rounded to the input dtype, as the unfused `x + residual` is
+        x = load_residual_sum(x_row + cols[None, :], res_row + cols[None, :], res_out_row + cols[None, :], mask,
+                              HAS_RESIDUAL)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = x * rstd[:, None] * w[None, :]
@@ -74,12 +70,8 @@ def _rms_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_row + c[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_row + c[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-                tl.store(res_out_row + c[None, :], x, mask=mask)
-            x = x.to(tl.float32)
+            x = load_residual_sum(x_row + c[None, :], res_row + c[None, :], res_out_row + c[None, :], mask,
+                                  HAS_RESIDUAL)
             acc += x * x
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
         if HAS_RESIDUAL:
