@@ -26,7 +26,7 @@ tokens:
   into each token's row (`index_add`), a read at a fixed position (`h[:, 0]`: BERT's pooler,
   CLS pooling) a read at `cu_seqlens[:-1] + position`;
 - the pass's extra query-only tokens (padding positions read outside the region) are none: a
-  packed row holds real tokens only, so the second attention call gets no queries.
+  packed row holds real tokens only, so their attention call and its concatenation go.
 
 A cumulative sum along the sequence (RoBERTa's position ids, counted from its ids) becomes
 the running sum over all tokens less what the rows before had summed. What the walk cannot
@@ -246,11 +246,17 @@ class _PackedGraph:
         if target is operator.getitem and isinstance(self.env.get(args[0]), _Marker):  # type: ignore[arg-type]
             if args[1] == 0:
                 return _Marker("token_index")
-            if args[1] == 1:  # the main pack's cu_seqlens; the extra tokens' cu_seqlens: no queries
-                return self.cu if self._is_main_pack(args[0]) else g.call_function(aten.zeros_like.default, (self.cu,))
+            if args[1] == 1:  # the main pack's cu_seqlens; the extra tokens': there are none
+                return self.cu if self._is_main_pack(args[0]) else _Marker("no_tokens")
             raise Unpackable("the pack's max length is read")
+        if target is self.ops.attention_varlen.default and isinstance(self.env.get(args[3]), _Marker):  # type: ignore[arg-type]
+            return _Marker("no_tokens")  # the extra query-only tokens' attention: no queries
         if target is aten.cat.default and any(isinstance(self.env.get(a), _Marker) for a in args[0]):  # type: ignore[union-attr]
-            return _Marker("token_index")  # real tokens, then no extra ones
+            kept = [self.env[a] for a in args[0] if not isinstance(self.env.get(a), _Marker)]  # type: ignore[union-attr]
+            if not kept or any(self.env[a].what == "token_index" for a in args[0]  # type: ignore[union-attr]
+                               if isinstance(self.env.get(a), _Marker)):
+                return _Marker("token_index")  # real tokens, then no extra ones
+            return kept[0] if len(kept) == 1 else g.call_function(aten.cat.default, (kept, *args[1:]))
         if target is aten.sym_size.int:
             x, dim = args
             if isinstance(self.env.get(x), _Marker):  # type: ignore[arg-type]

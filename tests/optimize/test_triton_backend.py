@@ -83,6 +83,32 @@ def test_run_packed_takes_rows_back_to_back_and_returns_them_per_token(minilm_tr
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_minilm_runs_packed_batches_as_they_come_and_answers_as_sentence_transformers(
+        minilm_triton: Path, minilm_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Fresh random lengths through the packed entry: no padded batch is ever built."""
+    engine = optimize.load(minilm_triton)
+    assert engine.has_packed_entry, engine.manifest.build["packed_batches"]
+    packing = {"kiln_cuda.pack_indices", "kiln_cuda.gather_rows", "kiln_cuda.scatter_rows"}
+    assert not packing & {str(n.target).removesuffix(".default") for n in engine._packed.graph.nodes}
+    rng = np.random.default_rng()
+    lengths = rng.integers(1, 65, size=int(rng.integers(1, 5))).tolist()
+    ids = [torch.from_numpy(rng.integers(1000, 20000, size=n)) for n in lengths]
+    packed = {"input_ids": torch.cat(ids).numpy(), "attention_mask": np.ones(sum(lengths), dtype=np.int64),
+              "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)}
+    monkeypatch.setattr(engine, "run", lambda *a: pytest.fail("run_packed padded the batch"))
+    got = engine.run_packed(packed)
+    src = load_source(minilm_model_dir, CompileConfig(max_batch=4, max_seq=64))
+    padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
+    mask = (torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.inference_mode():
+        expected = src.module(input_ids=padded, attention_mask=mask)
+    real = mask.bool()
+    np.testing.assert_allclose(got["last_hidden_state"], expected["last_hidden_state"][real].numpy(),
+                               atol=1e-4, rtol=1e-4, err_msg=str(lengths))
+    np.testing.assert_allclose(got["sentence_embedding"], expected["sentence_embedding"].numpy(),
+                               atol=1e-5, rtol=1e-4, err_msg=str(lengths))
+
+
 @pytest.mark.parametrize("precision, packed", [("fp16", True), ("bf16", False), ("int8-weight", True)])
 def test_reduced_precisions_build_and_verify_on_cpu(tmp_path: Path, precision: str, packed: bool):
     config = CompileConfig(backend="triton", precision=precision, max_batch=4, max_seq=32, verify_samples=2,
