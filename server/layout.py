@@ -28,6 +28,7 @@ puts their results back together in order.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -282,8 +283,8 @@ class Packed:
     """
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
-        self.token_inputs = {s.name for s in inputs if _token_layout(s)}
-        self.token_outputs = {s.name for s in outputs if _token_layout(s)}
+        self.token_inputs = {s.name for s in inputs if s.token_layout}
+        self.token_outputs = {s.name for s in outputs if s.token_layout}
 
     def key(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         return tuple(
@@ -319,10 +320,6 @@ class Packed:
         return engine.run_packed(inputs)
 
 
-def _token_layout(spec: TensorSpec) -> bool:
-    return spec.batched and len(spec.shape) >= 2 and isinstance(spec.shape[1], Dim)
-
-
 class Text:
     """Requests of texts, tokenized before they were queued: `{"input_ids", "attention_mask"}`
     of [n, longest of the request], as the engine pipeline's `tokenize` returns them.
@@ -343,7 +340,7 @@ class Text:
         self.pad_id = pad_id
         self.buckets = tuple(sorted(buckets))
         self.max_length = max_length
-        self.output_axes = {s.name: {1: s.shape[1].name} for s in outputs if _token_layout(s)}
+        self.output_axes = {s.name: {1: s.shape[1].name} for s in outputs if s.token_layout}
 
     def key(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         return TEXT_KEY
@@ -406,7 +403,7 @@ class Text:
         if isinstance(plan, _PackedTexts):  # each request's texts joined, token outputs zero-padded
             texts = self.inner.disassemble(outputs, plan.inner)
             bounds = np.cumsum([0, *plan.counts])
-            return [join(texts[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+            return [join(texts[start:end]) for start, end in itertools.pairwise(bounds)]
         inner_plan, cuts = plan
         (whole,) = self.inner.disassemble(outputs, inner_plan)
         return _cut_outputs(whole, cuts, self.output_axes)

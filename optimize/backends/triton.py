@@ -40,7 +40,7 @@ from torch.export import ExportedProgram
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
 from optimize.passes.base import GENERIC_PASSES, KERNEL_PASSES
-from optimize.passes.packed_entry import Unpackable, packed_input_names, packed_program, token_layout
+from optimize.passes.packed_entry import Unpackable, packed_input_names, packed_program
 from optimize.runtime.backends.triton import OPTIONS, PACKED_PROGRAM_FILE, TritonEngine, import_kernels
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
@@ -48,7 +48,9 @@ from optimize.runtime.errors import ConfigError
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.program import save_program
 
-PACKED_BATCHES = "packed_batches"  # key of the build record: {"mask_input": name}, or None
+# key of the build record: None, or {"mask_input": name, "program": "packed.pt2" or None,
+# "inputs": the packed entry's inputs in call order, "padded_because": why there is no entry}
+PACKED_BATCHES = "packed_batches"
 _DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -92,7 +94,7 @@ def _check_packed_entry(padded: ExportedProgram, packed: ExportedProgram, ctx: B
     limit = tol.max_abs_error if tol is not None else 1e-4
     for spec in ctx.outputs:
         want = expected[spec.name]
-        if token_layout(spec):
+        if spec.token_layout:
             want = torch.cat([want[i, :n] for i, n in enumerate(lengths)])
         error = (got[spec.name].float() - want.float()).abs().max().item() if want.numel() else 0.0
         if got[spec.name].shape != want.shape or not error <= limit:
@@ -141,7 +143,8 @@ class TritonBackend(Backend):
             return files
         record: dict[str, Any] = {"mask_input": mask, "program": None}
         try:
-            entry = packed_program(program, ctx.inputs, ctx.outputs, ctx.config.max_batch, ctx.config.max_seq)
+            entry = packed_program(program, ctx.inputs, ctx.outputs, mask, ctx.config.max_batch,
+                                   ctx.config.max_seq)
             _check_packed_entry(program, entry, ctx)
         except Unpackable as exc:
             record["padded_because"] = str(exc)

@@ -48,10 +48,9 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from optimize.passes.base import aten
-from optimize.passes.matching import ensure_meta, expr, native_ops, shape_of, value
+from optimize.passes.matching import ensure_meta, expr, kernel_ops, native_ops, shape_of, value
 from optimize.passes.remove_padding import _DIM_OPS, _POINTWISE, _RESHAPES, _ROW_DATA, _kernel_row_data
-from optimize.passes.matching import kernel_ops
-from optimize.runtime.specs import Dim, TensorSpec
+from optimize.runtime.specs import TensorSpec
 
 CU_SEQLENS = "cu_seqlens"
 MAX_SEQLEN = "max_seqlen"
@@ -69,11 +68,6 @@ class Unpackable(Exception):
     """The padded graph holds something the packed entry cannot express; the message says what."""
 
 
-def token_layout(spec: TensorSpec) -> bool:
-    """[batch, seq, ...]: a dynamic batch dim, then a dynamic (sequence) dim."""
-    return spec.batched and len(spec.shape) >= 2 and isinstance(spec.shape[1], Dim)
-
-
 def packed_input_names(inputs: Sequence[TensorSpec]) -> list[str]:
     """The packed program's inputs in call order: the engine's inputs, then `cu_seqlens` and
     `max_seqlen`."""
@@ -81,15 +75,15 @@ def packed_input_names(inputs: Sequence[TensorSpec]) -> list[str]:
 
 
 def packed_program(program: ExportedProgram, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                   max_batch: int, max_seq: int) -> ExportedProgram:
-    """Export the packed entry of `program` (a graph rewritten by `remove_padding`), over up to
-    `max_batch` rows of up to `max_seq` tokens. Raises `Unpackable` with the reason when it
-    cannot be derived."""
+                   mask_input: str, max_batch: int, max_seq: int) -> ExportedProgram:
+    """Export the packed entry of `program` (a graph rewritten by `remove_padding`, packing by
+    input `mask_input`), over up to `max_batch` rows of up to `max_seq` tokens. Raises
+    `Unpackable` with the reason when it cannot be derived."""
     gm = program.module()
     ensure_meta(gm)
     graph = _PackedGraph(gm, inputs, outputs).build()
     packed = fx.GraphModule(gm, graph)
-    example, dynamic = _examples(inputs, max_batch, max_seq)
+    example, dynamic = _examples(inputs, mask_input, max_batch, max_seq)
     try:
         with torch.no_grad():
             exported = torch.export.export(packed, example, dynamic_shapes=dynamic, strict=False)
@@ -103,7 +97,8 @@ def packed_program(program: ExportedProgram, inputs: Sequence[TensorSpec], outpu
     return exported
 
 
-def _examples(inputs: Sequence[TensorSpec], max_batch: int, max_seq: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def _examples(inputs: Sequence[TensorSpec], mask_input: str, max_batch: int,
+              max_seq: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """Example packed inputs (3 rows of 2, 5, 4 tokens when the ranges allow: sizes unlike each
     other, so export does not tie them) and their dynamic dims."""
     lengths = [min(n, max_seq) for n in (2, 5, 4)][:max(1, min(3, max_batch))]
@@ -114,17 +109,17 @@ def _examples(inputs: Sequence[TensorSpec], max_batch: int, max_seq: int) -> tup
     dynamic: list[Any] = []
     g = torch.Generator().manual_seed(0)
     for spec in inputs:
-        rest = [d if isinstance(d, int) else d.opt for d in spec.shape[2 if token_layout(spec) else 1:]]
-        shape = [total if token_layout(spec) else rows, *rest]
+        rest = [d if isinstance(d, int) else d.opt for d in spec.shape[2 if spec.token_layout else 1:]]
+        shape = [total if spec.token_layout else rows, *rest]
         low, high = spec.value_range or (0, 1)
         dtype = getattr(torch, spec.dtype)
         if dtype.is_floating_point:
             values.append(torch.rand(shape, generator=g, dtype=dtype))
         else:
             values.append(torch.randint(int(low), int(high) + 1, shape, generator=g).to(dtype))
-        if spec.name.endswith("mask"):
+        if spec.name == mask_input:
             values[-1] = torch.ones(shape, dtype=dtype)
-        dynamic.append({0: tokens if token_layout(spec) else batch})
+        dynamic.append({0: tokens if spec.token_layout else batch})
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     values += [cu, max(lengths)]
     dynamic += [{0: batch + 1}, ExportDim.DYNAMIC]
@@ -152,7 +147,7 @@ class _PackedGraph:
         if len(placeholders) != len(self.inputs):
             raise Unpackable("the program's inputs are not the engine's")
         self.placeholders = dict(zip(placeholders, self.inputs, strict=True))
-        token_specs = [p for p, s in self.placeholders.items() if token_layout(s)]
+        token_specs = [p for p, s in self.placeholders.items() if s.token_layout]
         if not token_specs:
             raise Unpackable("no input of token layout")
         shape = shape_of(token_specs[0]) or ()
@@ -190,14 +185,14 @@ class _PackedGraph:
         new_inputs = {s.name: g.placeholder(s.name) for s in self.inputs}
         self.cu = g.placeholder(CU_SEQLENS)
         self.max_seqlen = g.placeholder(MAX_SEQLEN)
-        first = next(p for p, s in self.placeholders.items() if token_layout(s))
+        first = next(p for p, s in self.placeholders.items() if s.token_layout)
         self.first_token = new_inputs[self.placeholders[first].name]
         self.device = value(first).device
         out_node = None
         for node in self._live_nodes():
             if node.op == "placeholder":
                 self.env[node] = new_inputs[self.placeholders[node].name]
-                if token_layout(self.placeholders[node]):
+                if self.placeholders[node].token_layout:
                     self.tokens.add(node)
             elif node.op == "get_attr":
                 self.env[node] = g.get_attr(node.target)  # type: ignore[arg-type]
@@ -213,7 +208,7 @@ class _PackedGraph:
         result = {}
         for spec in self.outputs:
             node = flat[names[spec.name]]
-            if (node in self.tokens) != token_layout(spec):
+            if (node in self.tokens) != spec.token_layout:
                 raise Unpackable(f"output {spec.name} does not keep its layout when packed")
             result[spec.name] = self.env[node]
         g.output(result)
@@ -275,7 +270,7 @@ class _PackedGraph:
             x = args[0]
             if x not in self.tokens:
                 raise Unpackable("gather_rows of a value that is not padded tokens")
-            return self._flat_tokens(x)
+            return self.env[x]  # the pack of packed tokens: they are already
         if target is native.scatter_rows.default:
             self.tokens.add(node)
             return self.env[args[0]]  # type: ignore[index]
@@ -318,9 +313,6 @@ class _PackedGraph:
             return 1
         return None
 
-    def _flat_tokens(self, x: fx.Node) -> fx.Node:
-        return self.env[x]
-
     def _broadcast(self, x: fx.Node) -> fx.Node:
         """A value that broadcasts against padded tokens ([S, ...] or [1, S, ...] per position,
         [B, 1, ...] per row, or features only) in the form that broadcasts against [T, ...]."""
@@ -359,8 +351,8 @@ class _PackedGraph:
         """An op that reads padded tokens, on packed tokens."""
         target, args, g = node.target, node.args, self.g
         out_t = self._padded(node)
-        if target in _ELEMENTWISE or target is aten._assert_tensor_metadata.default:
-            if out_t is None and target is not aten._assert_tensor_metadata.default:
+        if target in _ELEMENTWISE:
+            if out_t is None:
                 raise Unpackable(f"{target} turns padded tokens into another layout")
             new_args, new_kwargs = fx.node.map_arg((args, node.kwargs), self._broadcast)
             return g.call_function(target, new_args, new_kwargs)  # type: ignore[arg-type]
@@ -398,7 +390,6 @@ class _PackedGraph:
             return self._per_row_cumsum(node)
         if target in _DIM_OPS and len(args) > _DIM_OPS[target]:
             pos = _DIM_OPS[target]
-            rank_x = x if target is not aten.unsqueeze.default else None
             dim = args[pos]
             if target is aten.unsqueeze.default:
                 rank = len(shape_of(x) or ()) + 1  # type: ignore[arg-type]
@@ -407,7 +398,7 @@ class _PackedGraph:
                     raise Unpackable(f"unsqueeze inside the token dims of {x.name}")  # type: ignore[union-attr]
                 new_dim = dim if dim < 0 else d - (self._padded(x) or 0) + 1  # type: ignore[operator]
             else:
-                new_dim = self._feature_dim(rank_x, dim)  # type: ignore[arg-type]
+                new_dim = self._feature_dim(x, dim)  # type: ignore[arg-type]
             new_args = [self.env[a] if isinstance(a, fx.Node) else a for a in args]
             new_args[pos] = new_dim
             if out_t is None:
@@ -471,4 +462,4 @@ class _PackedGraph:
         return total
 
 
-__all__ = ["packed_program", "packed_input_names", "Unpackable", "CU_SEQLENS", "MAX_SEQLEN", "token_layout"]
+__all__ = ["CU_SEQLENS", "MAX_SEQLEN", "Unpackable", "packed_input_names", "packed_program"]

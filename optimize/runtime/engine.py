@@ -19,7 +19,7 @@ import torch
 from optimize.runtime.errors import EngineError
 from optimize.runtime.manifest import MANIFEST_FILE, Manifest
 from optimize.runtime.pipeline import Pipeline
-from optimize.runtime.specs import Dim, TensorSpec, dtype_name
+from optimize.runtime.specs import TensorSpec, dtype_name
 
 Array = torch.Tensor | np.ndarray
 
@@ -107,7 +107,7 @@ class Engine(ABC):
         longest = int(lengths.max())
         for spec in self.inputs:
             value = tensors.get(spec.name)
-            if value is not None and _token_layout(spec) and value.shape[0] != total:
+            if value is not None and spec.token_layout and value.shape[0] != total:
                 raise EngineError(f"packed input '{spec.name}' has {value.shape[0]} tokens; cu_seqlens says {total}")
         if self.has_packed_entry and self._packs_as_is(tensors, lengths):
             reason = self._check_packed(tensors, rows, longest)
@@ -139,7 +139,7 @@ class Engine(ABC):
             got = dtype_name(value.dtype)
             if got != spec.dtype:
                 return f"input '{spec.name}' has dtype {got}, expected {spec.dtype}"
-            token = _token_layout(spec)
+            token = spec.token_layout
             if not token and value.shape[:1] != (rows,):
                 return f"packed input '{spec.name}' has {value.shape[0] if value.dim() else 0} rows; cu_seqlens says {rows}"
             shape = (rows, longest, *value.shape[1:]) if token else tuple(value.shape)
@@ -164,7 +164,7 @@ class Engine(ABC):
         padded: dict[str, torch.Tensor] = {}
         for spec in self.inputs:
             value = tensors.get(spec.name)
-            if value is None or not _token_layout(spec):
+            if value is None or not spec.token_layout:
                 if value is not None:
                     padded[spec.name] = value
                 continue
@@ -176,7 +176,7 @@ class Engine(ABC):
         result: dict[str, torch.Tensor] = {}
         for spec in self.outputs:
             value = outputs[spec.name]
-            if _token_layout(spec):
+            if spec.token_layout:
                 value = value.reshape(rows * longest, *value.shape[2:])[slot.to(value.device)]
             result[spec.name] = value
         return result
@@ -248,11 +248,6 @@ class Engine(ABC):
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
         }
-
-
-def _token_layout(spec: TensorSpec) -> bool:
-    """[batch, seq, ...]: a dynamic batch dim, then a dynamic (sequence) dim."""
-    return spec.batched and len(spec.shape) >= 2 and isinstance(spec.shape[1], Dim)
 
 
 class AheadOfTimeEngine(Engine):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kiln_kernels  # noqa: F401  (registers torch.ops.kiln)
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,6 @@ import optimize
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import EngineError
 from tests.optimize.hf_random import TINY_BERT, hf_dir
-
-import kiln_kernels  # noqa: F401  (registers torch.ops.kiln)
 
 MAX_BATCH, MAX_SEQ = 4, 16
 PACKING_OPS = ("kiln_cuda.pack_indices", "kiln_cuda.gather_rows", "kiln_cuda.scatter_rows")
