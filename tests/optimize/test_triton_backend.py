@@ -114,7 +114,7 @@ def test_reduced_precisions_build_and_verify_on_cpu(tmp_path: Path, precision: s
     config = CompileConfig(backend="triton", precision=precision, max_batch=4, max_seq=32, verify_samples=2,
                            passes={} if packed else {"remove_padding": False})
     engine = optimize.compile(hf_dir("bert", 2, **TINY_BERT), tmp_path / "e", config)
-    assert engine.accepts_packed is packed
+    assert engine.accepts_packed is packed and engine.has_packed_entry is packed
     assert {s.dtype for s in engine.outputs} == {"float32"}  # the contract stays fp32
     kernels_used = engine.manifest.build["kernels"]
     if precision == "int8-weight":
@@ -172,3 +172,10 @@ def test_gpu_engine_runs_the_kernels_and_matches_eager(tmp_path: Path, packed: b
     for _ in range(2):  # capture, then replay
         stats = compare_real_tokens(feeds, expected, engine.run(feeds))
         assert all(s["min_cosine"] > 0.999 for s in stats.values())
+    assert engine.has_packed_entry is packed
+    if packed:  # the packed entry on the GPU's kernels: the padded answers at the real tokens
+        real = feeds["attention_mask"] != 0
+        inputs = {k: v[real] for k, v in feeds.items()}
+        inputs["cu_seqlens"] = torch.cat([torch.zeros(1), real.sum(1).cumsum(0)]).to(torch.int32)
+        got = engine.run_packed(inputs)["last_hidden_state"]
+        torch.testing.assert_close(got, engine.run(feeds)["last_hidden_state"][real], atol=2e-3, rtol=2e-3)
