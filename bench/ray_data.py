@@ -14,11 +14,13 @@ Configurations, each run in its own process, one at a time, rounds alternating t
 
 Rows/s count from the start of the job to the last file written, engine loading and actor
 start-up included (Ray's start itself, `ray.init`, is recorded apart). Each run also counts the
-CPU time of its whole process tree (Ray's raylet, workers and tasks included) per row, and how
-many CPUs other processes kept busy meanwhile: on a shared machine wall-clock rates mostly
-measure the neighbours, CPU time per row much less so. The input is
-`--rows` real-vocabulary sentences: the built-in sentences of optimize/samples.py cut and
-recombined (two halves of different sentences, sometimes a third clause), 5 to 40 words.
+CPU time of its whole process tree (Ray's raylet, workers and tasks included) per row, the part
+of it spent outside the process(es) holding the engine (where Ray's overhead lives: its driver,
+daemons, helper actors and read/write tasks), and how many CPUs other processes kept busy
+meanwhile: on a shared machine wall-clock rates mostly measure the neighbours, CPU time per row
+much less so. The input is `--rows` real-vocabulary sentences: the built-in sentences of
+optimize/samples.py cut and recombined (two halves of different sentences, sometimes a third
+clause), 5 to 40 words.
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ class TreeCpu:
     def __init__(self, root: int, period_s: float = 0.25) -> None:
         self.root, self.period_s = root, period_s
         self.seen: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds
+        self.engine_keys: set[tuple[int, int]] = set()  # Ray workers seen titled as an EngineBatches actor
         self._tick = os.sysconf("SC_CLK_TCK")
 
     def sample(self) -> None:
@@ -192,10 +195,23 @@ class TreeCpu:
         for pid in tree & set(stats):
             _, cpu, started = stats[pid]
             self.seen[(pid, started)] = max(cpu, self.seen.get((pid, started), 0.0))
+            if (pid, started) not in self.engine_keys:  # Ray retitles a worker with what it runs
+                try:
+                    if b"EngineBatches" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        self.engine_keys.add((pid, started))
+                except OSError:
+                    pass
 
     @property
     def total_s(self) -> float:
         return sum(self.seen.values())
+
+    def engine_s(self, root_holds_engine: bool) -> float:
+        """CPU seconds of the processes holding the engine: Ray Data's actors running
+        `EngineBatches`, or the root itself (the loop)."""
+        if root_holds_engine:
+            return sum(cpu for (pid, _), cpu in self.seen.items() if pid == self.root)
+        return sum(cpu for key, cpu in self.seen.items() if key in self.engine_keys)
 
 
 def machine_busy_s() -> float:
@@ -248,9 +264,14 @@ def measure(config: str, engine: Path, source: Path, work: Path, run: int) -> di
         raise RuntimeError(f"{config} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1].removeprefix("RESULT "))
     result["cpu_s"] = round(cpu.total_s, 2)
+    result["engine_process_cpu_s"] = round(cpu.engine_s(root_holds_engine=config == "loop"), 2)
     result.update(config=config, rows_per_s=round(result["rows"] / result["seconds"], 1),
                   seconds=round(result["seconds"], 2), load_average_1m=[round(load_before, 2), round(load_after, 2)],
                   cpu_ms_per_row=round(1000 * result["cpu_s"] / result["rows"], 3),
+                  # what every other process of the run (Ray's driver, daemons, helper actors, read and write
+                  # tasks) spent beside the engine's process(es)
+                  other_processes_cpu_ms_per_row=round(1000 * (result["cpu_s"] - result["engine_process_cpu_s"])
+                                                       / result["rows"], 3),
                   # CPUs the machine's other processes kept busy, on average, while this run ran
                   other_jobs_cpus=round(max(busy - result["cpu_s"], 0.0) / wall, 2))
     subprocess.run(["rm", "-rf", str(output)], check=False)
@@ -271,9 +292,11 @@ def summarize(runs: list[dict[str, Any]], configs: list[str], cpus: int) -> dict
 
     rate = {c: median(c, "rows_per_s") for c in configs}
     cpu = {c: median(c, "cpu_ms_per_row") for c in configs}
+    outside = {c: median(c, "other_processes_cpu_ms_per_row") for c in configs}
     others = [r["other_jobs_cpus"] for r in runs]
     quiet = max(others) < 0.25
     summary: dict[str, Any] = {"median_rows_per_s": rate, "median_cpu_ms_per_row": cpu,
+                               "median_cpu_ms_per_row_outside_engine_process": outside,
                                "other_jobs_cpus_range": [min(others), max(others)], "machine_quiet": quiet}
     if "loop" in rate and "ray-1" in rate:
         summary["ray_1_actor_overhead_wall"] = round(1 - rate["ray-1"] / rate["loop"], 3)
@@ -333,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             "batch_rows": BATCH_ROWS,
             "timed": "job start to last file written, engine load and actor start included; ray.init apart",
             "cpu": "user + system CPU seconds of the run's whole process tree (Ray's processes reaped and counted), "
-                   "per row; other_jobs_cpus: the machine's busy CPU seconds (/proc/stat) minus the run's, per second",
+                   "per row; of it, outside the engine's process(es): the loop's process or Ray's EngineBatches "
+                   "actors hold the engine, the rest is Ray's driver, daemons, helper actors and read/write tasks; "
+                   "other_jobs_cpus: the machine's busy CPU seconds (/proc/stat) minus the run's, per second",
             "ray": "local Ray, num_cpus = logical CPUs; actors of 1 logical CPU, or (CPUs - 1) / actors where that "
                    "is less (Ray Data keeps 1 CPU for its own tasks); ONNX Runtime picks its own threads either way",
             "reported": "median over rounds; every run under 'runs'",
