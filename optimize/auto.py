@@ -86,9 +86,9 @@ def candidates(config: CompileConfig) -> list[Candidate]:
     return survey(config)[0]
 
 
-def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
+def survey(config: CompileConfig, task: str | None = None) -> tuple[list[Candidate], list[Candidate]]:
     """(the candidates to build, the ones skipped here with the reason). Skipped: a backend
-    that cannot run or build on this machine, a precision it would only emulate (slower, not
+    that cannot run or build on this machine or cannot build the model's `task`, a precision it would only emulate (slower, not
     faster), and, under a guard tighter than int8 reaches (`optimize.guards`), int8 ones.
     For precision `auto`, ONNX Runtime is tried with its fusions only (the variant without
     them wins only on a few exotic graphs; `--backend auto --precision fp32` tries both), and
@@ -120,6 +120,10 @@ def survey(config: CompileConfig) -> tuple[list[Candidate], list[Candidate]]:
             backend = get_backend(name)
         except (OptimizeError, ImportError) as exc:
             skipped.append(Candidate(name, "-", status="skipped", reason=str(exc).splitlines()[0]))
+            continue
+        refusal = backend.refuses_task(task)
+        if refusal is not None:
+            skipped.append(Candidate(name, "-", status="skipped", reason=refusal))
             continue
         for check in (backend.can_run_here, backend.can_build_here):
             ok, why = check()
@@ -265,18 +269,21 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
     with `tuning`, reuse (and record) the choice for this machine and model."""
     out_dir = Path(out_dir)
     key = None
-    if config.precision == AUTO_PRECISION or tuning is not None:
-        src = load_source(source, config)
-        config = _guarded(config, src.describe().get("task"))
-        if tuning is not None:
-            key = tuning_key(src.digest, _request(config, timing_shapes(config)))
-            cached = tuning.lookup(key)
-            if cached is not None:
-                engine = _rebuild_winner(source, out_dir, config, cached, tuning, name, reporter)
-                if engine is not None:
-                    return engine
-        del src
-    found, skipped = survey(config)
+    # Loaded once here for what the search depends on (the task, the digest); every candidate
+    # captures it again anyway.
+    src = load_source(source, config)
+    task = src.describe().get("task")
+    config = _guarded(config, task)
+    if tuning is not None:
+        key = tuning_key(src.digest, _request(config, timing_shapes(config)))
+        cached = tuning.lookup(key)
+        if cached is not None:
+            del src
+            engine = _rebuild_winner(source, out_dir, config, cached, tuning, name, reporter)
+            if engine is not None:
+                return engine
+    del src
+    found, skipped = survey(config, task)
     if not found:
         reasons = "; ".join(f"{c.label}: {c.reason}" for c in skipped)
         raise ConfigError(f"no backend can run on this machine for precision {config.precision}: {reasons}"[:2000])

@@ -79,6 +79,18 @@ class Backend(ABC):
     # Settings only this backend understands (`CompileConfig.backend_options`), with defaults.
     options: ClassVar[dict[str, Any]] = {}
 
+    # The tasks (`optimize.sources.tasks`) whose engines this backend can build; None: every
+    # task its graph can express. `auto` skips a backend that cannot build the model's task
+    # rather than capturing the model for it first.
+    tasks: ClassVar[frozenset[str] | None] = None
+
+    def refuses_task(self, task: str | None) -> str | None:
+        """Why this backend cannot build an engine for `task`, or None if it can (or the task
+        is unknown)."""
+        if task is None or self.tasks is None or task in self.tasks:
+            return None
+        return f"{self.name} builds {', '.join(sorted(self.tasks))} engines only; task {task} needs another backend"
+
     # False for backends that apply precision as graph passes (casts, Q/DQ nodes) over an
     # fp32 capture; True for those that capture the program in the precision.
     captures_precision: ClassVar[bool] = True

@@ -64,6 +64,7 @@ def _encoder_converter(family: str) -> type:
 class CTranslate2Backend(Backend):
     name: ClassVar[str] = "ctranslate2"
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "int8"})  # what compute_type maps
+    tasks: ClassVar[frozenset[str] | None] = frozenset({"feature-extraction"})  # its converters have no heads
     options: ClassVar[dict[str, Any]] = OPTIONS
 
     captures_precision: ClassVar[bool] = False
@@ -86,10 +87,9 @@ class CTranslate2Backend(Backend):
         if source is None or source.kind != "huggingface":
             raise ConfigError("backend 'ctranslate2' converts Hugging Face model directories; "
                               f"this source is {source.kind if source else 'unknown'}")
-        task = source.metadata.get("task", "feature-extraction")
-        if task != "feature-extraction":
-            raise ConfigError(f"backend 'ctranslate2' builds feature-extraction engines only; task {task} needs "
-                              "onnxruntime, openvino, eager or triton")
+        refusal = self.refuses_task(source.metadata.get("task", "feature-extraction"))
+        if refusal is not None:
+            raise ConfigError(f"backend {refusal}")
         names = {s.name for s in ctx.outputs}
         if not {s.name for s in ctx.inputs} == {"input_ids", "attention_mask"} or not names <= {"last_hidden_state", "sentence_embedding"}:
             raise ConfigError("backend 'ctranslate2' runs encoders with inputs input_ids/attention_mask")
