@@ -11,9 +11,9 @@ once per engine, never per request.
 
 Python's cyclic garbage collector is the other half. A server process holds some 200 000
 container objects after start-up (torch, OpenVINO, protobuf and the engines' Python objects),
-and every full collection walks them all: measured under HTTP load on 2 busy cores, 4 full
-collections in 10 s took 1.0 s of the event loop (about 250 ms each, every request in flight
-waits), more than all the JSON encoding. The objects alive once the server has started live as
+and every full collection walks them all: measured under HTTP load on 2 busy cores, 50-250 ms
+each (every request in flight waits), 0.7 s of a 12 s run, a quarter of the event loop's busy
+time and more than all its JSON encoding. The objects alive once the server has started live as
 long as the process, so `freeze_heap` moves them out of the collector's sight (`gc.freeze`);
 collections then walk only what requests allocate. A retired engine's objects were frozen with
 the rest: `refreeze_heap` makes them collectable again once it is drained.
