@@ -19,7 +19,8 @@ outputs into one result per request. Pure numpy; unit-tested without an engine.
   were queued, and queued one text at a time (`split`) so the batcher can group texts of
   similar length; every text shares one key, the batch is padded to its longest text (rounded
   up to a bucket boundary where the model has buckets) and laid out by the model's token
-  layout.
+  layout; for an engine that takes packed batches, each text's real tokens are packed as one
+  row instead (no padding at all).
 
 A request's parts (`split`, `slices`) run in whichever batches the batcher puts them; `join`
 puts their results back together in order.
@@ -27,6 +28,7 @@ puts their results back together in order.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -281,8 +283,8 @@ class Packed:
     """
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
-        self.token_inputs = {s.name for s in inputs if _token_layout(s)}
-        self.token_outputs = {s.name for s in outputs if _token_layout(s)}
+        self.token_inputs = {s.name for s in inputs if s.token_layout}
+        self.token_outputs = {s.name for s in outputs if s.token_layout}
 
     def key(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         return tuple(
@@ -318,10 +320,6 @@ class Packed:
         return engine.run_packed(inputs)
 
 
-def _token_layout(spec: TensorSpec) -> bool:
-    return spec.batched and len(spec.shape) >= 2 and isinstance(spec.shape[1], Dim)
-
-
 class Text:
     """Requests of texts, tokenized before they were queued: `{"input_ids", "attention_mask"}`
     of [n, longest of the request], as the engine pipeline's `tokenize` returns them.
@@ -330,7 +328,10 @@ class Text:
     text (`pad_id` in `input_ids`, 0 elsewhere, so the attention mask hides the padding), rounded
     up to the first of `buckets` that holds it (never past `max_length`), and laid out by
     `inner` (the model's token layout) as one request. Each request gets its rows back, with
-    token-axis outputs cut to its own longest text.
+    token-axis outputs cut to its own longest text. With a `Packed` inner (an engine that
+    takes packed batches) nothing is padded: each text's real tokens are one packed row, and
+    each request's token-axis outputs come back zero-padded to its own longest text, as an
+    engine that computes real tokens only gives them padded.
     """
 
     def __init__(self, inner: Layout, outputs: Sequence[TensorSpec], pad_id: int = 0, buckets: Sequence[int] = (),
@@ -339,7 +340,7 @@ class Text:
         self.pad_id = pad_id
         self.buckets = tuple(sorted(buckets))
         self.max_length = max_length
-        self.output_axes = {s.name: {1: s.shape[1].name} for s in outputs if _token_layout(s)}
+        self.output_axes = {s.name: {1: s.shape[1].name} for s in outputs if s.token_layout}
 
     def key(self, inputs: Mapping[str, np.ndarray]) -> Hashable:
         return TEXT_KEY
@@ -366,7 +367,9 @@ class Text:
         return [({name: array[row:row + 1, :int(length)] for name, array in inputs.items()}, 1,
                  self.padded_length(int(length))) for row, length in enumerate(lengths)]
 
-    def assemble(self, requests: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, tuple[Any, list[_Cut]]]:
+    def assemble(self, requests: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, Any]:
+        if isinstance(self.inner, Packed):
+            return self._assemble_packed(requests)
         longest = self.padded_length(max(int(r["input_ids"].shape[1]) for r in requests))
         total = sum(_rows(r) for r in requests)
         tokens: Tensors = {}
@@ -383,13 +386,46 @@ class Text:
         inputs, inner_plan = self.inner.assemble([tokens])
         return inputs, (inner_plan, cuts)
 
-    def disassemble(self, outputs: Mapping[str, np.ndarray], plan: tuple[Any, list[_Cut]]) -> list[Tensors]:
+    def _assemble_packed(self, requests: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, _PackedTexts]:
+        """For an engine that takes packed batches: every text its own row of its real tokens,
+        back to back (no padding, no bucket), so the engine runs the batch as it comes."""
+        texts: list[Tensors] = []
+        counts: list[int] = []
+        for request in requests:
+            lengths = _text_lengths(request)
+            counts.append(len(lengths))
+            texts += [{name: array[row:row + 1, :n] for name, array in request.items()}
+                      for row, n in enumerate(lengths)]
+        inputs, inner_plan = self.inner.assemble(texts)
+        return inputs, _PackedTexts(inner_plan, counts)
+
+    def disassemble(self, outputs: Mapping[str, np.ndarray], plan: Any) -> list[Tensors]:
+        if isinstance(plan, _PackedTexts):  # each request's texts joined, token outputs zero-padded
+            texts = self.inner.disassemble(outputs, plan.inner)
+            bounds = np.cumsum([0, *plan.counts])
+            return [join(texts[start:end]) for start, end in itertools.pairwise(bounds)]
         inner_plan, cuts = plan
         (whole,) = self.inner.disassemble(outputs, inner_plan)
         return _cut_outputs(whole, cuts, self.output_axes)
 
     def execute(self, engine: Any, inputs: Tensors) -> Tensors:
         return self.inner.execute(engine, inputs)
+
+
+@dataclass(frozen=True)
+class _PackedTexts:
+    """How `Text` packed a batch: the inner `Packed` plan (one row per text) and each request's
+    number of texts."""
+
+    inner: Any
+    counts: list[int]
+
+
+def _text_lengths(tokens: Mapping[str, np.ndarray]) -> list[int]:
+    """Real tokens of each text of one request (right-padded, as the pipeline tokenizes)."""
+    if "attention_mask" in tokens:
+        return [int(n) for n in tokens["attention_mask"].sum(axis=1)]
+    return [int(tokens["input_ids"].shape[1])] * _rows(tokens)
 
 
 def _longest_text(tokens: Mapping[str, np.ndarray]) -> int:

@@ -25,6 +25,9 @@ tokens after the real ones: every per-token op runs on them, and attention runs 
 second `attention_varlen` call against the real keys of their row, so they never act as keys.
 Right-padded batches have none; the second call then has no queries. Only for non-causal
 attention: a causal model that reads a fixed position is not packed.
+
+The triton backend derives from this graph a second entry point that takes batches already
+packed (`optimize.passes.packed_entry`): there the pack, the scatter and the extra tokens go.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from optimize.runtime.errors import EngineError
 from optimize.runtime.manifest import MANIFEST_FILE, Manifest
 from optimize.runtime.pipeline import Pipeline
-from optimize.runtime.specs import Dim, TensorSpec, dtype_name
+from optimize.runtime.specs import TensorSpec, dtype_name
 
 Array = torch.Tensor | np.ndarray
 
@@ -72,6 +72,13 @@ class Engine(ABC):
         A batcher can then drop sequence-length buckets."""
         return self.packed_mask_input is not None
 
+    @property
+    def has_packed_entry(self) -> bool:
+        """True when the engine runs a packed batch as it comes (`run_packed` hands tokens and
+        `cu_seqlens` to the kernels, token outputs come back packed); False when `run_packed`
+        lays the rows out padded once and runs `run`."""
+        return False
+
     def run_packed(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """Run a packed variable-length batch (the server's `Packed` layout).
 
@@ -79,9 +86,13 @@ class Engine(ABC):
         [total_tokens, ...]; `cu_seqlens` (int [rows + 1], starting at 0) delimits the rows;
         other inputs are per row, [rows, ...]. Outputs of token layout come back as
         [total_tokens, ...], others as [rows, ...]; numpy in, numpy out as with `run`.
-        The rows are laid out padded to the longest one (an index copy) and run through `run`,
-        which on an engine that `accepts_packed` computes the real tokens only. Raises
-        `EngineError` on a missing or inconsistent `cu_seqlens` and on what `run` rejects.
+
+        An engine with a packed entry (`has_packed_entry`) runs the batch as it is, when every
+        row has a token and no token is masked out (`packed_mask_input` all nonzero). Otherwise
+        (the reference path: engines without one, or rows that carry their own padding) the
+        rows are laid out padded to the longest one, once (an index copy), and run through
+        `run`, which on an engine that `accepts_packed` computes the real tokens only. Raises
+        `EngineError` on a missing or inconsistent `cu_seqlens` and on inputs the specs refuse.
         """
         if "cu_seqlens" not in inputs:
             raise EngineError("run_packed needs a 'cu_seqlens' input (int [rows + 1], starting at 0)")
@@ -94,28 +105,80 @@ class Engine(ABC):
             raise EngineError(f"cu_seqlens must start at 0 and never decrease; got {cu.tolist()}")
         rows, total = int(lengths.numel()), int(cu[-1])
         longest = int(lengths.max())
+        for spec in self.inputs:
+            value = tensors.get(spec.name)
+            if value is not None and spec.token_layout and value.shape[0] != total:
+                raise EngineError(f"packed input '{spec.name}' has {value.shape[0]} tokens; cu_seqlens says {total}")
+        if self.has_packed_entry and self._packs_as_is(tensors, lengths):
+            reason = self._check_packed(tensors, rows, longest)
+            if reason:
+                raise EngineError(reason)
+            with torch.inference_mode():
+                outputs = self._run_packed(tensors, cu.to(torch.int32), longest)
+        else:
+            outputs = self._run_padded(tensors, cu, lengths)
+        if as_numpy:
+            return {k: v.detach().cpu().numpy() for k, v in outputs.items()}
+        return outputs
+
+    def _packs_as_is(self, tensors: Mapping[str, torch.Tensor], lengths: torch.Tensor) -> bool:
+        """True when a packed batch holds real tokens only: no empty row, no masked token."""
+        mask = tensors.get(self.packed_mask_input or "")
+        return bool((lengths > 0).all()) and (mask is None or bool((mask != 0).all()))
+
+    def _check_packed(self, tensors: Mapping[str, torch.Tensor], rows: int, longest: int) -> str | None:
+        """`check_inputs` for a packed batch: each input judged as the padded [rows, longest, ...]
+        batch it stands for."""
+        expected = {s.name for s in self.inputs}
+        missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unknown:
+            what = f"missing input(s) {', '.join(missing)}" if missing else f"unknown input(s) {', '.join(unknown)}"
+            return f"{what}; expected {', '.join(sorted(expected))} and cu_seqlens"
+        for spec in self.inputs:
+            value = tensors[spec.name]
+            got = dtype_name(value.dtype)
+            if got != spec.dtype:
+                return f"input '{spec.name}' has dtype {got}, expected {spec.dtype}"
+            token = spec.token_layout
+            if not token and value.shape[:1] != (rows,):
+                return f"packed input '{spec.name}' has {value.shape[0] if value.dim() else 0} rows; cu_seqlens says {rows}"
+            shape = (rows, longest, *value.shape[1:]) if token else tuple(value.shape)
+            reason = spec.check_shape(shape) or spec.check_values(value)
+            if reason:
+                return reason
+        return None
+
+    def _run_packed(self, inputs: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
+                    max_seqlen: int) -> dict[str, torch.Tensor]:
+        """Backend-specific execution of a checked packed batch (engines with a packed entry):
+        `cu_seqlens` int32 [rows + 1] on the CPU, `max_seqlen` its longest row."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed entry")
+
+    def _run_padded(self, tensors: dict[str, torch.Tensor], cu: torch.Tensor,
+                    lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reference path of `run_packed`: rows padded to the longest once, `run`, and the
+        token outputs' real rows taken back out."""
+        rows, total, longest = int(lengths.numel()), int(cu[-1]), int(lengths.max())
         row = torch.repeat_interleave(torch.arange(rows), lengths)
         slot = row * longest + (torch.arange(total) - cu[row])  # each token's place in [rows, longest]
         padded: dict[str, torch.Tensor] = {}
         for spec in self.inputs:
             value = tensors.get(spec.name)
-            if value is None or not _token_layout(spec):
+            if value is None or not spec.token_layout:
                 if value is not None:
                     padded[spec.name] = value
                 continue
-            if value.shape[0] != total:
-                raise EngineError(f"packed input '{spec.name}' has {value.shape[0]} tokens; cu_seqlens says {total}")
             out = value.new_zeros((rows * longest, *value.shape[1:]))
             out[slot.to(value.device)] = value
             padded[spec.name] = out.reshape(rows, longest, *value.shape[1:])
         padded.update({k: v for k, v in tensors.items() if k not in padded})  # unknown names: `run` says so
         outputs = self.run(padded)
-        result: dict[str, Array] = {}
+        result: dict[str, torch.Tensor] = {}
         for spec in self.outputs:
             value = outputs[spec.name]
-            if _token_layout(spec):
+            if spec.token_layout:
                 value = value.reshape(rows * longest, *value.shape[2:])[slot.to(value.device)]
-            result[spec.name] = value.detach().cpu().numpy() if as_numpy else value
+            result[spec.name] = value
         return result
 
     @property
@@ -185,11 +248,6 @@ class Engine(ABC):
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
         }
-
-
-def _token_layout(spec: TensorSpec) -> bool:
-    """[batch, seq, ...]: a dynamic batch dim, then a dynamic (sequence) dim."""
-    return spec.batched and len(spec.shape) >= 2 and isinstance(spec.shape[1], Dim)
 
 
 class AheadOfTimeEngine(Engine):

@@ -62,15 +62,19 @@ def _on_meta(value: torch.Tensor) -> torch.Tensor:
     return torch.nn.Parameter(meta, requires_grad=False) if isinstance(value, torch.nn.Parameter) else meta
 
 
-def save_program(program: ExportedProgram, directory: Path) -> list[str]:
-    """Write `program.pt2` (graph only) and `weights.safetensors`; return both file names."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, value in program.state_dict.items():
-        tensors[name] = value.detach().contiguous().clone()
-    for name, value in program.constants.items():
-        if isinstance(value, torch.Tensor):
-            tensors[_CONSTANT_PREFIX + name] = value.detach().contiguous().clone()
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "kiln-program-weights"})
+def save_program(program: ExportedProgram, directory: Path, file: str = PROGRAM_FILE,
+                 weights: bool = True) -> list[str]:
+    """Write `file` (graph only) and, with `weights`, `weights.safetensors`; return the file
+    names written. A second program of the same weights (a triton engine's packed entry) is
+    saved with `weights=False`: it reads the first one's."""
+    if weights:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, value in program.state_dict.items():
+            tensors[name] = value.detach().contiguous().clone()
+        for name, value in program.constants.items():
+            if isinstance(value, torch.Tensor):
+                tensors[_CONSTANT_PREFIX + name] = value.detach().contiguous().clone()
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "kiln-program-weights"})
 
     real_state = dict(program.state_dict)
     real_constants = dict(program.constants)
@@ -83,26 +87,39 @@ def save_program(program: ExportedProgram, directory: Path) -> list[str]:
         for name, value in real_constants.items():
             if isinstance(value, torch.Tensor):
                 program.constants[name] = _on_meta(value)
-        torch.export.save(program, str(directory / PROGRAM_FILE))
+        torch.export.save(program, str(directory / file))
     finally:
         program._example_inputs = examples
         program.state_dict.update(real_state)
         program.constants.update(real_constants)
-    return [PROGRAM_FILE, WEIGHTS_FILE]
+    return [file, WEIGHTS_FILE] if weights else [file]
 
 
-def load_program(directory: Path, device: str | torch.device = "cpu") -> ExportedProgram:
-    """Read back what `save_program` wrote, with weights on `device`. Raises `EngineError`
-    when `program.pt2` carries anything `read_archive` refuses."""
-    program = read_archive(Path(directory) / PROGRAM_FILE)
-    weights = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-    for name, value in weights.items():
-        if name.startswith(_CONSTANT_PREFIX):
-            program.constants[name[len(_CONSTANT_PREFIX):]] = value
-        elif isinstance(program.state_dict[name], torch.nn.Parameter):
-            program.state_dict[name] = torch.nn.Parameter(value, requires_grad=False)
-        else:
-            program.state_dict[name] = value
+def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of `weights.safetensors`, on `device` (for `load_program`)."""
+    return load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
+
+
+def load_program(directory: Path, device: str | torch.device = "cpu", file: str = PROGRAM_FILE,
+                 weights: dict[str, torch.Tensor] | None = None) -> ExportedProgram:
+    """Read back what `save_program` wrote, with weights on `device`; pass `weights`
+    (`load_weights`) to give two programs of one directory the same tensors. Raises
+    `EngineError` when `file` carries anything `read_archive` refuses or lacks a weight."""
+    program = read_archive(Path(directory) / file)
+    if weights is None:
+        weights = load_weights(directory, device)
+    # a name is a weight of one program and a constant of another (a buffer the packed entry
+    # reads): look both up by the bare name
+    tensors = {name.removeprefix(_CONSTANT_PREFIX): value for name, value in weights.items()}
+    for name, current in program.state_dict.items():
+        if name not in tensors:
+            raise EngineError(f"{Path(directory) / file}: weight {name} is not in {WEIGHTS_FILE}")
+        value = tensors[name]
+        program.state_dict[name] = (torch.nn.Parameter(value, requires_grad=False)
+                                    if isinstance(current, torch.nn.Parameter) else value)
+    for name in program.constants:
+        if name in tensors:
+            program.constants[name] = tensors[name]
     return program
 
 

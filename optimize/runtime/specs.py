@@ -110,6 +110,12 @@ class TensorSpec:
         return [d for d in self.shape if isinstance(d, Dim)]
 
     @property
+    def token_layout(self) -> bool:
+        """[batch, seq, ...]: a dynamic batch dim, then a dynamic (sequence) dim. Packed, such a
+        tensor is [tokens, ...] (`Engine.run_packed`)."""
+        return self.batched and len(self.shape) >= 2 and isinstance(self.shape[1], Dim)
+
+    @property
     def batched(self) -> bool:
         """True when dim 0 is the dynamic `batch` dim, so requests can be concatenated."""
         return bool(self.shape) and isinstance(self.shape[0], Dim) and self.shape[0].name == "batch"

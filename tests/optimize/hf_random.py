@@ -21,13 +21,16 @@ TINY_BERT = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 1
 
 @functools.cache
 def hf_dir(kind: str, layers: int, **overrides: int) -> Path:
-    """`kind` "bert" (BERT-base unless `overrides` say otherwise) or "gpt2" (GPT-2 small) with
-    `layers` layers and seeded random weights."""
+    """`kind` "bert" (BERT-base unless `overrides` say otherwise), "roberta" (RoBERTa-base: its
+    positions counted from the ids) or "gpt2" (GPT-2 small) with `layers` layers and seeded
+    random weights."""
     import transformers
 
     torch.manual_seed(0)
     if kind == "bert":
         config = transformers.BertConfig(num_hidden_layers=layers, **overrides)
+    elif kind == "roberta":
+        config = transformers.RobertaConfig(num_hidden_layers=layers, **overrides)
     elif kind == "gpt2":
         config = transformers.GPT2Config(n_layer=layers, **overrides)
     else:

@@ -41,6 +41,10 @@ CTRANSLATE2_BUILDS = ("bert", "distilbert", "roberta", "xlm-roberta")
 # so it stays as exported; ModernBERT's sliding-window layer likewise (its global layer packs).
 PACKED_LAYERS = {"bert": 1, "roberta": 1, "xlm-roberta": 1, "distilbert": 1, "electra": 1, "mpnet": 0,
                  "modernbert": 1, "deberta-v2": 0, "gpt2": 1, "qwen2": 1}
+# Families whose triton engine also takes packed batches as they come (a packed entry,
+# optimize.passes.packed_entry); ModernBERT's sliding window and Qwen2's rotary positions are
+# refused by it, so their packed batches are padded once inside run_packed.
+PACKED_ENTRY = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "gpt2"}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,11 @@ def test_family_compiles_verified_and_embeds_sentences_as_transformers(family: s
         packing = next(p for p in manifest["passes"] if p["pass"] == "remove_padding")
         assert packing["matches"].get("packed_attention", 0) == PACKED_LAYERS[family], packing
         assert engine.accepts_packed == bool(PACKED_LAYERS[family])
+        assert engine.has_packed_entry == (family in PACKED_ENTRY), manifest["build"]["packed_batches"]
+        real = feeds["attention_mask"] != 0
+        packed = {k: v[real] for k, v in feeds.items()}
+        packed["cu_seqlens"] = np.concatenate([[0], np.cumsum(real.sum(1))]).astype(np.int32)
+        np.testing.assert_allclose(engine.run_packed(packed)["sentence_embedding"], want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

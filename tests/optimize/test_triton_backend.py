@@ -83,12 +83,38 @@ def test_run_packed_takes_rows_back_to_back_and_returns_them_per_token(minilm_tr
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_minilm_runs_packed_batches_as_they_come_and_answers_as_sentence_transformers(
+        minilm_triton: Path, minilm_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Fresh random lengths through the packed entry: no padded batch is ever built."""
+    engine = optimize.load(minilm_triton)
+    assert engine.has_packed_entry, engine.manifest.build["packed_batches"]
+    packing = {"kiln_cuda.pack_indices", "kiln_cuda.gather_rows", "kiln_cuda.scatter_rows"}
+    assert not packing & {str(n.target).removesuffix(".default") for n in engine._packed.graph.nodes}
+    rng = np.random.default_rng()
+    lengths = rng.integers(1, 65, size=int(rng.integers(1, 5))).tolist()
+    ids = [torch.from_numpy(rng.integers(1000, 20000, size=n)) for n in lengths]
+    packed = {"input_ids": torch.cat(ids).numpy(), "attention_mask": np.ones(sum(lengths), dtype=np.int64),
+              "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)}
+    monkeypatch.setattr(engine, "run", lambda *a: pytest.fail("run_packed padded the batch"))
+    got = engine.run_packed(packed)
+    src = load_source(minilm_model_dir, CompileConfig(max_batch=4, max_seq=64))
+    padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
+    mask = (torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.inference_mode():
+        expected = src.module(input_ids=padded, attention_mask=mask)
+    real = mask.bool()
+    np.testing.assert_allclose(got["last_hidden_state"], expected["last_hidden_state"][real].numpy(),
+                               atol=1e-4, rtol=1e-4, err_msg=str(lengths))
+    np.testing.assert_allclose(got["sentence_embedding"], expected["sentence_embedding"].numpy(),
+                               atol=1e-5, rtol=1e-4, err_msg=str(lengths))
+
+
 @pytest.mark.parametrize("precision, packed", [("fp16", True), ("bf16", False), ("int8-weight", True)])
 def test_reduced_precisions_build_and_verify_on_cpu(tmp_path: Path, precision: str, packed: bool):
     config = CompileConfig(backend="triton", precision=precision, max_batch=4, max_seq=32, verify_samples=2,
                            passes={} if packed else {"remove_padding": False})
     engine = optimize.compile(hf_dir("bert", 2, **TINY_BERT), tmp_path / "e", config)
-    assert engine.accepts_packed is packed
+    assert engine.accepts_packed is packed and engine.has_packed_entry is packed
     assert {s.dtype for s in engine.outputs} == {"float32"}  # the contract stays fp32
     kernels_used = engine.manifest.build["kernels"]
     if precision == "int8-weight":
@@ -146,3 +172,10 @@ def test_gpu_engine_runs_the_kernels_and_matches_eager(tmp_path: Path, packed: b
     for _ in range(2):  # capture, then replay
         stats = compare_real_tokens(feeds, expected, engine.run(feeds))
         assert all(s["min_cosine"] > 0.999 for s in stats.values())
+    assert engine.has_packed_entry is packed
+    if packed:  # the packed entry on the GPU's kernels: the padded answers at the real tokens
+        real = feeds["attention_mask"] != 0
+        inputs = {k: v[real] for k, v in feeds.items()}
+        inputs["cu_seqlens"] = torch.cat([torch.zeros(1), real.sum(1).cumsum(0)]).to(torch.int32)
+        got = engine.run_packed(inputs)["last_hidden_state"]
+        torch.testing.assert_close(got, engine.run(feeds)["last_hidden_state"][real], atol=2e-3, rtol=2e-3)

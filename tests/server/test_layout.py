@@ -143,6 +143,22 @@ def test_text_layout_pads_tokenized_requests_to_the_batch_longest_and_gives_each
     np.testing.assert_allclose(second["pooled"][:, 0], [2.4], rtol=1e-6)
 
 
+def test_text_layout_packs_each_text_s_real_tokens_for_a_packed_engine():
+    layout, engine = Text(Packed(INPUTS, OUTPUTS), OUTPUTS, pad_id=7, buckets=[4, 8]), PackedModel()
+    requests = [fake_tokenize(["a bb", "ccc"]), fake_tokenize(["dd e fff gggg hh"])]  # 2, 1 and 5 tokens
+    inputs, plan = layout.assemble(requests)
+    assert inputs["input_ids"].shape == (2 + 1 + 5,) and (inputs["attention_mask"] == 1).all()  # no padding
+    np.testing.assert_array_equal(inputs["cu_seqlens"], [0, 2, 3, 8])
+    first, second = layout.disassemble(layout.execute(engine, inputs), plan)
+    padded, padded_plan = Text(BucketPadding(INPUTS, OUTPUTS, buckets=[4]), OUTPUTS, pad_id=7).assemble(requests)
+    want_first, want_second = Text(BucketPadding(INPUTS, OUTPUTS, buckets=[4]), OUTPUTS).disassemble(
+        masked_model(padded), padded_plan)
+    for got, want in ((first, want_first), (second, want_second)):
+        assert got.keys() == want.keys()
+        for name in got:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+
+
 def test_text_layout_pads_a_batch_up_to_its_bucket_never_past_the_pipelines_maximum():
     layout = Text(Concatenate(), [OUTPUTS[1]], buckets=[4, 8, 64], max_length=10)
     inputs, _ = layout.assemble([fake_tokenize(["a bb", "ccc"])])  # 2 tokens wide: bucket 4

@@ -1,6 +1,11 @@
 """Engines of backend `triton`: the rewritten program (`program.pt2` + weights) calling kiln's
 kernels, run by PyTorch on the GPU (Triton and CUDA kernels, CUDA graphs for padded engines) or
-on the CPU (the kernels' references)."""
+on the CPU (the kernels' references).
+
+An engine whose manifest names a packed entry (`build["packed_batches"]["program"]`, written by
+`optimize.backends.triton`) loads it beside the padded program, on the same weight tensors, and
+runs packed batches through it (`Engine.run_packed`): inputs packed as the server sends them,
+`cu_seqlens` and the longest row, token outputs packed."""
 
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ from torch.export.passes import move_to_device_pass
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import EngineError
 from optimize.runtime.manifest import Manifest
-from optimize.runtime.program import load_program
+from optimize.runtime.program import load_program, load_weights
 
 # The backend's options (`CompileConfig.backend_options`) and their defaults; engines read
 # theirs from the manifest over these.
 OPTIONS: dict[str, Any] = {"device": "auto", "cuda_graphs": True, "max_cuda_graphs": 32}
+PACKED_PROGRAM_FILE = "packed.pt2"  # the packed entry, beside program.pt2
 
 
 def import_kernels() -> None:
@@ -91,11 +97,17 @@ class TritonEngine(Engine):
                 raise EngineError(
                     f"engine {path} packs tokens with kiln's CUDA extension (kiln_kernels._C), which is not built here: "
                     "reinstall kiln with nvcc on PATH, or recompile with --disable-pass remove_padding")
-        program = load_program(path)
+        weights = load_weights(path)
+        program = load_program(path, weights=weights)
+        packed = self.manifest.build.get("packed_batches") or {}
+        entry = load_program(path, file=packed["program"], weights=weights) if packed.get("program") else None
         if self.device.type != "cpu":
             # export burnt the build machine's device into the graph (aranges, casts, asserts)
             program = move_to_device_pass(program, self.device)
+            entry = move_to_device_pass(entry, self.device) if entry is not None else None
         self._module = program.module()
+        self._packed = entry.module() if entry is not None else None
+        self._packed_inputs: list[str] = list(packed.get("inputs") or [])
         self._graphs = None
         if self.device.type == "cuda" and options["cuda_graphs"] and not self.accepts_packed:
             self._graphs = CudaGraphs(self._module, int(options["max_cuda_graphs"]))
@@ -105,10 +117,23 @@ class TritonEngine(Engine):
         """True on GPU for padded engines: each input shape is captured once and replayed."""
         return self._graphs is not None
 
+    @property
+    def has_packed_entry(self) -> bool:
+        return self._packed is not None
+
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         home = next(iter(inputs.values())).device
         feeds = {name: t.to(self.device) for name, t in inputs.items()}
         outputs = self._graphs(feeds) if self._graphs is not None else self._module(**feeds)
+        return {name: t.to(home) for name, t in outputs.items()}
+
+    def _run_packed(self, inputs: dict[str, torch.Tensor], cu_seqlens: torch.Tensor,
+                    max_seqlen: int) -> dict[str, torch.Tensor]:
+        assert self._packed is not None
+        home = next(iter(inputs.values())).device
+        feeds = {**inputs, "cu_seqlens": cu_seqlens}
+        args = [feeds[name].to(self.device) for name in self._packed_inputs[:-1]]
+        outputs = self._packed(*args, max_seqlen)
         return {name: t.to(home) for name, t in outputs.items()}
 
 
@@ -124,4 +149,4 @@ def load(directory: Path, manifest: Manifest) -> Engine:
     return TritonEngine(directory, manifest)
 
 
-__all__ = ["TritonEngine", "CudaGraphs", "OPTIONS", "import_kernels", "load"]
+__all__ = ["TritonEngine", "CudaGraphs", "OPTIONS", "PACKED_PROGRAM_FILE", "import_kernels", "load"]
