@@ -139,6 +139,16 @@ class _Prepared:
     encoded: Any = None
 
 
+@dataclass
+class Usage:
+    """What a request cost, for the HTTP APIs' `usage`: `prompt_tokens`, the tokens the engine
+    reads for the request's texts (the pipeline's tokenization, after truncation, special tokens
+    included, padding not); left at 0 for a request of tokens. Counted from the one tokenization
+    the request's batch runs on, so the count costs no second pass over the texts."""
+
+    prompt_tokens: int = 0
+
+
 def _decode(request: pb.ModelInferRequest, model: Model, options: codec.RequestOptions) -> _Prepared:
     """Decode and validate `request` for `model`, its task options included. Raises
     `InvalidArgument`."""
@@ -152,6 +162,12 @@ def _decode(request: pb.ModelInferRequest, model: Model, options: codec.RequestO
         except ValueError as exc:
             raise InvalidArgument(f"model '{model.name}': {exc}") from None
     return _Prepared(inputs, size, text, codec.requested_outputs(request, model, text=text), task_options)
+
+
+def _token_count(feeds: Mapping[str, Any]) -> int:
+    """Tokens in tokenized texts: their attention mask's ones (every id, without a mask)."""
+    mask = feeds.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(feeds["input_ids"].size)
 
 
 def _answer_text(model: Model, outputs: Mapping[str, Any], prepared: _Prepared, timings: Timings) -> Mapping[str, Any]:
@@ -245,7 +261,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline_in_s: float | None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, usage: Usage | None = None) -> pb.ModelInferResponse:
+        """ModelInfer for the HTTP APIs (no deadline): the answer, or the `ServerError` the RPC
+        would have turned into a status; `usage`, when given, is filled in."""
+        return await self._infer(request, None, usage)
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline_in_s: float | None,
+                     usage: Usage | None = None) -> pb.ModelInferResponse:
         """One inference: decode, validate, tokenize texts, queue, encode; counted in the model's
         statistics."""
         started = time.perf_counter_ns()
@@ -261,6 +283,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             options = codec.request_options(request)
             scheduler, prepared = await self._prepare(request, scheduler, options, timings)
             model = scheduler.model
+            if usage is not None and prepared.text:
+                usage.prompt_tokens = _token_count(prepared.inputs)
             outputs = await scheduler.infer(
                 prepared.inputs, prepared.size, request_id, text=prepared.text, outputs=prepared.outputs,
                 priority=options.priority,
