@@ -1,5 +1,7 @@
-"""One engine from one backend: precision plan → source → capture → FX passes → backend build
-(for ONNX consumers: export and the ONNX passes) → reload and verify → move into place. `optimize.compile` calls it directly, `auto` once per candidate."""
+"""One engine from one backend: precision plan → source → capture → FX passes → (for a backend
+that consumes ONNX) ONNX export → ONNX passes → backend build → reload and verify → move into
+place, each a stage of the progress display with its time in the manifest. `optimize.compile`
+calls it directly, `auto` once per candidate."""
 
 from __future__ import annotations
 
@@ -7,15 +9,15 @@ import functools
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
 from torch.export import ExportedProgram
 
-from optimize.backends import BuildContext, get_backend
-from optimize.capture import capture, export_module, output_specs
+from optimize.backends import Backend, BuildContext, get_backend
+from optimize.capture import capture, export_module, model_family, output_specs
 from optimize.passes import PassContext, PassResult, run_passes
 from optimize.passes.order import full_report
 from optimize.precision import PrecisionPlan
@@ -49,6 +51,9 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
             + (f": {needs}" if needs else "")
         )
     plan = backend.precision_plan(config)  # resolves (and checks) the backend's options too
+    buildable, why = backend.can_build_here()
+    if not buildable:
+        raise ConfigError(f"backend {backend.name!r}: {why}")
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -64,18 +69,20 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
     with stage("capture"):
         program = capture(src, plan.capture)
         outputs = output_specs(program, src.inputs)
-    with stage("passes"):
+    with stage("FX passes"):
         program, pass_results = apply_passes(program, src, config, backend.name, backend.passes, plan)
+    ctx = BuildContext(
+        config=config, inputs=src.inputs, outputs=outputs, reporter=reporter, source=src,
+        samples=functools.cache(lambda: calibration_feeds(src, config)), reference=src.module,
+        previous=out_dir if (out_dir / MANIFEST_FILE).is_file() else None, plan=plan,
+    )
+    if backend.consumes_onnx:
+        pass_results += prepare_onnx(program, ctx, backend, stage)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         with stage(f"build ({backend.name})"):
-            ctx = BuildContext(
-                config=config, inputs=src.inputs, outputs=outputs, reporter=reporter, source=src,
-                samples=functools.cache(lambda: calibration_feeds(src, config)), reference=src.module,
-                previous=out_dir if (out_dir / MANIFEST_FILE).is_file() else None, plan=plan,
-            )
             payload = backend.build(program, ctx, staging)
             if src.pipeline is not None and src.pipeline_dir is not None:
                 payload += store_pipeline(src.pipeline, src.pipeline_dir, staging)
@@ -87,7 +94,7 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
             outputs=outputs,
             source=src.describe(),
             payload=payload,
-            passes=[r.to_json() for r in full_report([*pass_results, *ctx.passes], backend.name)],
+            passes=[r.to_json() for r in full_report(pass_results, backend.name)],
             build=ctx.record,
             pipeline=src.pipeline,
             environment=build_environment(),
@@ -160,6 +167,23 @@ def apply_passes(
     return program, results
 
 
+def prepare_onnx(program: ExportedProgram, ctx: BuildContext, backend: Backend,
+                 stage: Callable[[str], AbstractContextManager[None]]) -> list[PassResult]:
+    """Export `program` to ONNX and run the ONNX stage of the pass order for `backend`, each as
+    a stage of the build; the prepared model goes to `ctx.onnx_model`, the passes' results are
+    returned for the report."""
+    # why: optimize.onnx imports onnx, onnxscript and onnxruntime (~2 s, measured): only ONNX consumers need it
+    from optimize.onnx import export_program, run_onnx_stage
+
+    with stage("ONNX export"):
+        model = export_program(program, ctx.inputs, ctx.outputs,
+                               model_name=model_family(ctx.source) if ctx.source is not None else "")
+    with stage("ONNX passes"), tempfile.TemporaryDirectory(prefix="kiln-onnx-") as workdir:
+        ctx.onnx_model, results = run_onnx_stage(model, ctx, Path(workdir), backend.passes,
+                                                 backend.onnx_options(ctx.config), backend.name)
+    return results
+
+
 def _make_readable(directory: Path) -> None:
     """mkdtemp (and some writers) create owner-only files; an engine is meant to be shared."""
     directory.chmod(0o755)
@@ -167,4 +191,4 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-__all__ = ["build_engine", "apply_passes"]
+__all__ = ["build_engine", "apply_passes", "prepare_onnx"]

@@ -67,11 +67,6 @@ class PrecisionPlan:
         """Quantized to fp8 (E4M3), which only TensorRT on SM89+ runs."""
         return self.weights == torch.float8_e4m3fn
 
-    @property
-    def reduced_compute(self) -> bool:
-        """Float ops in 16 bits: mixed precision keeps norms, softmax and reductions in fp32."""
-        return self.compute != torch.float32
-
 
 def admitted(precision: str) -> tuple[str, ...]:
     """The precisions at least as accurate as `precision` (that one included), in

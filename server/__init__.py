@@ -14,7 +14,8 @@ The server sees engines only through optimize's runtime (`optimize.runtime.load`
 """
 
 from server.app import Server, create_server
-from server.batcher import Batch, Batcher, BatchPolicy, QueuePolicy
+from server.batch_policy import BatchPolicy, QueuePolicy
+from server.batcher import Batch, Batcher
 from server.config import ModelConfig, ServerConfig
 from server.errors import ServerError
 from server.repository import Model, Repository

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.batcher import TIMEOUT_ACTIONS, BatchPolicy, QueuePolicy
+from server.batch_policy import TIMEOUT_ACTIONS, BatchPolicy, QueuePolicy
 from server.errors import ConfigError
 from server.text import default_max_text_bytes
 

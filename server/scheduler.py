@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from server import layout as layouts
-from server.batcher import Batch, Batcher, Clock, Expired, InOrder, Pending, QueueFull
+from server.batcher import Batch, Batcher, Clock, Expired, Pending, QueueFull
+from server.ordering import InOrder
 from server.errors import DeadlineExceeded, Internal, Rejected, Unavailable
 from server.layout import Layout
 from server.repository import Model

@@ -61,6 +61,17 @@ def int8_label(min_cosine: float) -> str:
 GOALS = {"default_vs_autocast_8x128": 2.0, "default_vs_eager_1x32": 4.0, "int8_vs_eager_8x128": 6.0}
 
 
+def _peak_unit(precision: str) -> str:
+    """The key of `PEAK_OPS_PER_CYCLE` a precision's MatMuls run at, read from its facts:
+    int8 weights, else its float type (bf16, or fp32 for everything fp32 and fp16 on a CPU)."""
+    import torch
+
+    from optimize.runtime.precision import facts
+
+    f = facts(precision)
+    return "int8" if f.weights == torch.int8 else "bf16" if f.compute == torch.bfloat16 else "fp32"
+
+
 def model_flops(batch: int, seq: int, layers: int = 6, hidden: int = 384, ffn: int = 1536) -> float:
     """Matmul FLOPs of a BERT encoder (all-MiniLM-L6-v2's sizes by default): the four
     attention projections and the two FFN matmuls per token, plus QK^T and AV per token pair."""
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             precision = "bf16" if "bf16" in name else "fp32"
             row["runs_as"] = name
-        unit = "int8" if precision.startswith("int8") else ("bf16" if precision == "bf16" else "fp32")
+        unit = _peak_unit(precision)
         if ghz:
             peak = PEAK_OPS_PER_CYCLE[unit] * ghz * 1e9 * machine["cpus"]
             row["peak_assumed"] = f"{unit}: {peak / 1e12:.2f} TOPS"

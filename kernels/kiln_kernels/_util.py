@@ -1,4 +1,6 @@
-"""Small helpers every op file shares: interpreter detection and launch checks."""
+"""Small helpers every op file shares: interpreter detection, launch checks, and the host side of
+the row kernels (layer_norm, rms_norm, softmax, embedding_layer_norm): tile width, row views,
+output buffers and the launch."""
 
 from __future__ import annotations
 
@@ -115,3 +117,74 @@ def row_autotune(kernel, key: list[str]):  # type: ignore[no-untyped-def]
     ROW_CONFIGS, pruned to tiles that neither idle nor spill threads."""
     return triton.autotune(configs=ROW_CONFIGS, key=key,
                            prune_configs_by={"early_config_prune": prune_row_configs})(kernel)
+
+
+# A row stays in registers up to 16384 elements: 64 KB of fp32 statistics, 32 values per thread
+# at 16 warps (Triton's layer-norm tutorial stops at 64 KB too). ptxas -v for sm_90 (Triton
+# 3.9, layer_norm in bf16 with residual): 128 registers, no spills at 16384 x 16 warps. Wider
+# rows take the looped path in 4096-element chunks.
+MAX_FUSED_N = 16384
+LOOP_BLOCK_N = 4096
+
+
+def row_block_n(n: int) -> int:
+    """The column tile of a row kernel for rows of ``n`` elements: the whole row (rounded up to
+    a power of two) up to ``MAX_FUSED_N``, else ``LOOP_BLOCK_N``-element chunks."""
+    return triton.next_power_of_2(n) if n <= MAX_FUSED_N else LOOP_BLOCK_N
+
+
+def rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
+    """View ``t`` as [rows, n] with unit column stride, copying only if it must."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``out`` is a contiguous buffer shaped, typed and placed like
+    ``like``."""
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, dtype {like.dtype}, "
+                         f"device {like.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def norm_outputs(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None,
+                 residual_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output buffers of a (residual +) norm of ``x``: the caller's, checked, or new ones;
+    ``residual_out`` only with a residual."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    check_out("out", out, x)
+    if residual is not None:
+        if residual_out is None:
+            residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        check_out("residual_out", residual_out, x)
+    return out, residual_out
+
+
+def launch_rows(kernel, tuned, m: int, args: tuple, meta: dict, like: torch.Tensor,  # type: ignore[no-untyped-def]
+                in_place: bool = False) -> None:
+    """Launch a row kernel over ``m`` rows: its autotuned form (``row_autotune``) on a GPU,
+    unless the call is in place (see ``shares_storage``); else ``kernel`` with
+    ``fixed_row_config``. ``meta`` holds the kernel's constexprs, ``BLOCK_N`` and
+    ``SINGLE_TILE`` among them."""
+    on_gpu = use_autotune(like)
+    if on_gpu and not in_place:
+        tuned[lambda META: (triton.cdiv(m, META["BLOCK_M"]),)](*args, **meta)
+    else:
+        block_m, num_warps = fixed_row_config(meta["BLOCK_N"], meta["SINGLE_TILE"], on_gpu)
+        kernel[(triton.cdiv(m, block_m),)](*args, **meta, BLOCK_M=block_m, num_warps=num_warps)
+
+
+@triton.jit
+def load_residual_sum(x_ptrs, res_ptrs, res_out_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """The row tile a norm normalizes, in fp32: ``x``, or with ``HAS_RESIDUAL`` the sum
+    ``x + residual`` rounded to the input dtype (exactly what the unfused
+    ``h = x + residual; norm(h)`` computes) and stored to ``res_out_ptrs``, the next residual."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptrs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptrs.dtype.element_ty)
+        tl.store(res_out_ptrs, x, mask=mask)
+    return x.to(tl.float32)

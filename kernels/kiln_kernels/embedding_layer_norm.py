@@ -18,9 +18,9 @@ from kiln_kernels._util import (
     check_dtype,
     check_launchable,
     compute_dtype,
-    fixed_row_config,
+    launch_rows,
     prune_row_configs,
-    use_autotune,
+    row_block_n,
 )
 from kiln_kernels.cost import Cost, itemsize, register_cost
 
@@ -140,8 +140,6 @@ _embedding_layer_norm_tuned = triton.autotune(
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-_MAX_FUSED_N = 16384  # a row stays in registers up to 64 KB of fp32 (see kernels/layer_norm.py)
-_LOOP_BLOCK_N = 4096
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -232,7 +230,7 @@ def embedding_layer_norm_triton(
     seq_len = input_ids.shape[-1] if input_ids.dim() else 1
 
     if block_n is None:
-        block_n = triton.next_power_of_2(h) if h <= _MAX_FUSED_N else _LOOP_BLOCK_N
+        block_n = row_block_n(h)
     single_tile = block_n >= h
     args = (
         ids, pos_ids if pos_ids is not None else ids, type_ids if type_ids is not None else ids,
@@ -248,12 +246,7 @@ def embedding_layer_norm_triton(
         HAS_TYPE=type_emb is not None, HAS_TYPE_IDS=type_ids is not None,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, SINGLE_TILE=single_tile,
     )
-    if use_autotune(word):
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-        _embedding_layer_norm_tuned[grid](*args, **meta)
-    else:
-        block_m, num_warps = fixed_row_config(block_n, single_tile, False)
-        _embedding_layer_norm_kernel[(triton.cdiv(m, block_m),)](*args, **meta, BLOCK_M=block_m, num_warps=num_warps)
+    launch_rows(_embedding_layer_norm_kernel, _embedding_layer_norm_tuned, m, args, meta, word)
     return out
 
 

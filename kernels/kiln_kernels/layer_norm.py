@@ -16,14 +16,17 @@ import triton
 import triton.language as tl
 
 from kiln_kernels._util import (
-    row_autotune,
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
     compute_dtype,
-    fixed_row_config,
+    launch_rows,
+    load_residual_sum,
+    norm_outputs,
+    row_autotune,
+    row_block_n,
+    rows_view,
     shares_storage,
-    use_autotune,
 )
 from kiln_kernels.cost import Cost, itemsize, register_cost
 
@@ -65,15 +68,9 @@ def _layer_norm_fwd_kernel(
 
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)
-        x = tl.load(x_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + cols[None, :], mask=mask, other=0.0)
-            # Round the sum to the input dtype before normalizing, so the fused op computes
-            # exactly what the unfused `h = x + residual; layer_norm(h)` computes.
-            h = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-            tl.store(res_out_row + cols[None, :], h, mask=mask)
-            x = h
-        x = x.to(tl.float32)
+        # the sum is rounded to the input dtype, as the unfused `h = x + residual` is
+        x = load_residual_sum(x_row + cols[None, :], res_row + cols[None, :], res_out_row + cols[None, :], mask,
+                              HAS_RESIDUAL)
         mean = tl.sum(x, axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(xc * xc, axis=1) / N
@@ -90,12 +87,8 @@ def _layer_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_row + c[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_row + c[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-                tl.store(res_out_row + c[None, :], x, mask=mask)
-            acc += x.to(tl.float32)
+            acc += load_residual_sum(x_row + c[None, :], res_row + c[None, :], res_out_row + c[None, :], mask,
+                                     HAS_RESIDUAL)
         mean = tl.sum(acc, axis=1) / N
         if HAS_RESIDUAL:
             # RES_OUT is read back below; the barrier makes every thread's stores visible.
@@ -132,26 +125,8 @@ _layer_norm_fwd_tuned = row_autotune(_layer_norm_fwd_kernel, key=["BLOCK_N", "HA
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-# A row stays in registers up to 16384 elements: 64 KB of fp32 statistics, 32 values per thread
-# at 16 warps (Triton's layer-norm tutorial stops at 64 KB too). ptxas -v for sm_90 (Triton
-# 3.9, bf16 with residual): 128 registers, no spills at 16384 x 16 warps. Wider rows take the
-# looped path in 4096-element chunks.
-_MAX_FUSED_N = 16384
-_LOOP_BLOCK_N = 4096
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``t`` as [rows, n] with unit column stride, copying only if it must."""
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
-    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)}, dtype {like.dtype}, "
-                         f"device {like.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
-    if not out.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+# Rows up to MAX_FUSED_N elements stay in registers and are read once; wider ones are walked
+# in LOOP_BLOCK_N chunks (`_util.row_block_n`).
 
 
 def layer_norm_triton(
@@ -193,38 +168,27 @@ def layer_norm_triton(
         raise ValueError("residual must have the shape and dtype of x")
     check_launchable(x, weight, bias, residual, out, residual_out)
 
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _check_out("out", out, x)
-    if residual is not None:
-        if residual_out is None:
-            residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _check_out("residual_out", residual_out, x)
+    out, residual_out = norm_outputs(x, residual, out, residual_out)
     if x.numel() == 0:
         return out if residual is None else (out, residual_out)
 
-    x2 = _rows(x, n)
+    x2 = rows_view(x, n)
     y2 = out.view(-1, n)
-    r2 = _rows(residual, n) if residual is not None else x2
+    r2 = rows_view(residual, n) if residual is not None else x2
     ro2 = residual_out.view(-1, n) if residual is not None else y2
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w  # dummy pointer, never read
     m = x2.shape[0]
 
     if block_n is None:
-        block_n = triton.next_power_of_2(n) if n <= _MAX_FUSED_N else _LOOP_BLOCK_N
+        block_n = row_block_n(n)
     single_tile = block_n >= n
     args = (x2, r2, w, b, y2, ro2, m, n,
             x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps)
     meta = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
                 BLOCK_N=block_n, SINGLE_TILE=single_tile)
     in_place = any(shares_storage(o, i) for o in (out, residual_out) for i in (x, residual))
-    if use_autotune(x) and not in_place:
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-        _layer_norm_fwd_tuned[grid](*args, **meta)
-    else:
-        block_m, num_warps = fixed_row_config(block_n, single_tile, use_autotune(x))
-        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](*args, **meta, BLOCK_M=block_m, num_warps=num_warps)
+    launch_rows(_layer_norm_fwd_kernel, _layer_norm_fwd_tuned, m, args, meta, x, in_place)
     return out if residual is None else (out, residual_out)
 
 

@@ -14,14 +14,17 @@ import triton
 import triton.language as tl
 
 from kiln_kernels._util import (
-    row_autotune,
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
     compute_dtype,
-    fixed_row_config,
+    launch_rows,
+    load_residual_sum,
+    norm_outputs,
+    row_autotune,
+    row_block_n,
+    rows_view,
     shares_storage,
-    use_autotune,
 )
 from kiln_kernels.cost import Cost, itemsize, register_cost
 
@@ -55,14 +58,9 @@ def _rms_norm_fwd_kernel(
 
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)
-        x = tl.load(x_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + cols[None, :], mask=mask, other=0.0)
-            # rounded to the input dtype, as the unfused `x + residual` would be
-            h = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-            tl.store(res_out_row + cols[None, :], h, mask=mask)
-            x = h
-        x = x.to(tl.float32)
+        # the sum is rounded to the input dtype, as the unfused `x + residual` is
+        x = load_residual_sum(x_row + cols[None, :], res_row + cols[None, :], res_out_row + cols[None, :], mask,
+                              HAS_RESIDUAL)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = x * rstd[:, None] * w[None, :]
@@ -72,12 +70,8 @@ def _rms_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_row + c[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_row + c[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(RES_OUT.dtype.element_ty)
-                tl.store(res_out_row + c[None, :], x, mask=mask)
-            x = x.to(tl.float32)
+            x = load_residual_sum(x_row + c[None, :], res_row + c[None, :], res_out_row + c[None, :], mask,
+                                  HAS_RESIDUAL)
             acc += x * x
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
         if HAS_RESIDUAL:
@@ -101,21 +95,8 @@ _rms_norm_fwd_tuned = row_autotune(_rms_norm_fwd_kernel, key=["BLOCK_N", "HAS_RE
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-_MAX_FUSED_N = 16384  # a row stays in registers up to 64 KB of fp32 (see kernels/layer_norm.py)
-_LOOP_BLOCK_N = 4096
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _check_out(name: str, out: torch.Tensor, like: torch.Tensor) -> None:
-    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)}, dtype {like.dtype}, "
-                         f"device {like.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
-    if not out.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+# Rows up to MAX_FUSED_N elements stay in registers and are read once; wider ones are walked
+# in LOOP_BLOCK_N chunks (`_util.row_block_n`).
 
 
 def rms_norm_triton(
@@ -155,34 +136,23 @@ def rms_norm_triton(
         raise ValueError("residual must have the shape and dtype of x")
     check_launchable(x, weight, residual, out, residual_out)
 
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _check_out("out", out, x)
-    if residual is not None:
-        if residual_out is None:
-            residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _check_out("residual_out", residual_out, x)
+    out, residual_out = norm_outputs(x, residual, out, residual_out)
     if x.numel() == 0:
         return out if residual is None else (out, residual_out)
 
-    x2 = _rows(x, n)
+    x2 = rows_view(x, n)
     y2 = out.view(-1, n)
-    r2 = _rows(residual, n) if residual is not None else x2
+    r2 = rows_view(residual, n) if residual is not None else x2
     ro2 = residual_out.view(-1, n) if residual is not None else y2
     w = weight.contiguous()
     m = x2.shape[0]
     if block_n is None:
-        block_n = triton.next_power_of_2(n) if n <= _MAX_FUSED_N else _LOOP_BLOCK_N
+        block_n = row_block_n(n)
     single_tile = block_n >= n
     args = (x2, r2, w, y2, ro2, m, n, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps)
     meta = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, SINGLE_TILE=single_tile)
     in_place = any(shares_storage(o, i) for o in (out, residual_out) for i in (x, residual))
-    if use_autotune(x) and not in_place:
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-        _rms_norm_fwd_tuned[grid](*args, **meta)
-    else:
-        block_m, num_warps = fixed_row_config(block_n, single_tile, use_autotune(x))
-        _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](*args, **meta, BLOCK_M=block_m, num_warps=num_warps)
+    launch_rows(_rms_norm_fwd_kernel, _rms_norm_fwd_tuned, m, args, meta, x, in_place)
     return out if residual is None else (out, residual_out)
 
 

@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from kiln_kernels._util import (
-    row_autotune,
     FLOAT_DTYPES,
     check_dtype,
     check_launchable,
     compute_dtype,
-    fixed_row_config,
+    launch_rows,
+    row_autotune,
+    row_block_n,
     shares_storage,
-    use_autotune,
 )
 from kiln_kernels.cost import Cost, itemsize, register_cost
 
@@ -106,10 +106,8 @@ _softmax_fwd_tuned = row_autotune(_softmax_fwd_kernel, key=["BLOCK_N", "HAS_MASK
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-# Rows up to 16384 elements (64 KB of fp32, 32 values per thread at 16 warps) stay in
-# registers and are read once; wider rows are read twice in 4096-element chunks.
-_MAX_FUSED_N = 16384
-_LOOP_BLOCK_N = 4096
+# Rows up to MAX_FUSED_N elements (64 KB of fp32) stay in registers and are read once; wider
+# rows are read twice in LOOP_BLOCK_N-element chunks (`_util.row_block_n`).
 
 
 def softmax_triton(
@@ -171,16 +169,11 @@ def softmax_triton(
         mask_arg = mexp
 
     if block_n is None:
-        block_n = triton.next_power_of_2(n) if n <= _MAX_FUSED_N else _LOOP_BLOCK_N
+        block_n = row_block_n(n)
     single_tile = block_n >= n
     args = (x2, mask_arg, y2, m, n, x2.stride(0), y2.stride(0), lead[1], lead[2], *mask_strides)
     meta = dict(HAS_MASK=mask is not None, BLOCK_N=block_n, SINGLE_TILE=single_tile)
-    if use_autotune(x) and not shares_storage(out, x):
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-        _softmax_fwd_tuned[grid](*args, **meta)
-    else:
-        block_m, num_warps = fixed_row_config(block_n, single_tile, use_autotune(x))
-        _softmax_fwd_kernel[(triton.cdiv(m, block_m),)](*args, **meta, BLOCK_M=block_m, num_warps=num_warps)
+    launch_rows(_softmax_fwd_kernel, _softmax_fwd_tuned, m, args, meta, x, shares_storage(out, x))
     return out
 
 

@@ -15,14 +15,15 @@ from optimize.passes.base import GENERIC_PASSES
 from optimize.precision import PrecisionPlan, native_on_cpu
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
-from optimize.runtime.errors import ConfigError
+from optimize.runtime.errors import ConfigError, OptimizeError
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.precision import facts
 from optimize.runtime.specs import TensorSpec
 
 if TYPE_CHECKING:
+    import onnx
+
     from optimize.reporter import Reporter
-    from optimize.passes.base import PassResult
     from optimize.sources.base import Source
 
 
@@ -35,9 +36,10 @@ class BuildContext:
     eager model, `plan` is the precision plan (`Backend.precision_plan`), `reporter` shows
     progress, `previous` is the engine directory this build replaces (caches in it can seed the
     new build), `source` is the loaded model source (for backends that convert from the
-    original weights rather than the captured program). A backend reports back through `passes` (results of
-    the passes it ran) and `record` (build details: library versions, targets, profiles); both
-    are written into the manifest.
+    original weights rather than the captured program). For a backend that consumes ONNX,
+    `onnx_model` is the exported program after the ONNX stage of the pass order. A backend
+    reports back through `record` (build details: library versions, targets, profiles), which
+    is written into the manifest.
     """
 
     config: CompileConfig
@@ -49,7 +51,7 @@ class BuildContext:
     previous: Path | None = None
     source: Source | None = None
     plan: PrecisionPlan | None = None
-    passes: list[PassResult] = field(default_factory=list)
+    onnx_model: onnx.ModelProto | None = None
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,8 +75,12 @@ class Backend(ABC):
 
     name: ClassVar[str]
     precisions: ClassVar[frozenset[str]]
-    # Graph passes this backend can execute the result of (see optimize.passes).
+    # The passes of the pass order (`optimize.passes.order`) this backend takes: the FX passes
+    # whose result it can execute and, for a backend that consumes ONNX, the ONNX passes.
     passes: ClassVar[frozenset[str]] = GENERIC_PASSES
+    # True for a backend built from kiln's ONNX export: the build exports the program and runs
+    # the ONNX stage (with `onnx_options`) before `build`, which finds the model in `ctx.onnx_model`.
+    consumes_onnx: ClassVar[bool] = False
 
     # Settings only this backend understands (`CompileConfig.backend_options`), with defaults.
     options: ClassVar[dict[str, Any]] = {}
@@ -109,6 +115,11 @@ class Backend(ABC):
         return PrecisionPlan.resolve(config, captures_precision=self.captures_precision,
                                      quantized_compute=self.quantized_compute(options, calibrated))
 
+    def onnx_options(self, config: CompileConfig) -> dict[str, Any]:
+        """The options the ONNX passes read (`OnnxPassContext.options`): this backend's
+        resolved options, with the pass settings the backend fixes."""
+        return self.resolve_options(config)
+
     def can_run_here(self) -> tuple[bool, str]:
         """(True, "") when engines of this backend can run on this machine, else (False, the
         reason). A backend that cannot still builds (ahead of time), unverified, and says why."""
@@ -136,6 +147,14 @@ class Backend(ABC):
             known = ", ".join(sorted(self.options)) or "none"
             raise ConfigError(f"backend {self.name!r} has no option(s) {', '.join(unknown)}; its options: {known}")
         return {**self.options, **config.backend_options}
+
+    def prepared_onnx(self, ctx: BuildContext) -> onnx.ModelProto:
+        """The model the build's ONNX stage prepared for this backend; raises `OptimizeError`
+        when there is none (`build` called without the stage, which `optimize.build` runs)."""
+        if ctx.onnx_model is None:
+            raise OptimizeError(f"backend {self.name!r} builds from the ONNX stage's model; "
+                                "build it with optimize.compile, which runs that stage first")
+        return ctx.onnx_model
 
     @abstractmethod
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:

@@ -1,5 +1,5 @@
-"""Backend `onnxruntime`: the captured program exported to ONNX, prepared by kiln's ONNX passes,
-run by ONNX Runtime.
+"""Backend `onnxruntime`: the captured program exported to ONNX, prepared by kiln's ONNX passes
+(the build's ONNX stage), run by ONNX Runtime.
 
 Precision is part of the graph, so capture is always fp32: `fp16` is the mixed-precision pass
 (fp32 islands for norms, softmax, reductions and overflowing tensors), `int8` is static Q/DQ
@@ -19,7 +19,6 @@ Options (`CompileConfig.backend_options`):
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,22 +26,13 @@ from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
-from optimize.onnx import prepare_onnx
-from optimize.onnx.export import example_inputs, export_program, save_model
+from optimize.onnx.export import save_model
+from optimize.passes.base import GENERIC_PASSES
 from optimize.runtime.backends.onnxruntime import MODEL_FILE, OPTIONS, OnnxRuntimeEngine, session_providers
+from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import ConfigError
 from optimize.runtime.manifest import Manifest
-
-PASSES = ("onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_ort_fusions", "onnx_simplify_attention",
-          "onnx_mixed_precision", "onnx_quantize")
-
-
-def export_onnx(program: ExportedProgram, ctx: BuildContext, path: Path) -> Any:
-    """Export `program` to `path` without passes (kept for callers of the first version)."""
-    model = export_program(program, ctx.inputs, ctx.outputs)
-    save_model(model, path)
-    return model
 
 
 @register_backend
@@ -50,7 +40,10 @@ class OnnxRuntimeBackend(Backend):
     name: ClassVar[str] = "onnxruntime"
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "int8", "int8-weight"})
     options: ClassVar[dict[str, Any]] = OPTIONS
-
+    passes: ClassVar[frozenset[str]] = GENERIC_PASSES | {
+        "onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_ort_fusions", "onnx_simplify_attention",
+        "onnx_quantize", "onnx_mixed_precision"}
+    consumes_onnx: ClassVar[bool] = True
     captures_precision: ClassVar[bool] = False
 
     def resolve_options(self, config: Any) -> dict[str, Any]:
@@ -59,12 +52,12 @@ class OnnxRuntimeBackend(Backend):
             raise ConfigError(f"backend option int8_activations must be uint8 or int8; got {options['int8_activations']!r}")
         return options
 
+    def onnx_options(self, config: CompileConfig) -> dict[str, Any]:
+        return {**self.resolve_options(config), "int8_weight_mode": "dynamic"}  # ORT's dynamic quantization
+
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
         options = self.resolve_options(ctx.config)
-        with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as workdir:
-            model = prepare_onnx(program, ctx, Path(workdir), PASSES,
-                                 {**options, "int8_weight_mode": "dynamic"}, backend=self.name)
-        save_model(model, directory / MODEL_FILE)
+        save_model(self.prepared_onnx(ctx), directory / MODEL_FILE)
         ctx.record["providers_preference"] = session_providers(options["providers"])
         return [MODEL_FILE]
 
@@ -72,4 +65,4 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeEngine(directory, manifest)
 
 
-__all__ = ["OnnxRuntimeBackend", "export_onnx", "example_inputs"]
+__all__ = ["OnnxRuntimeBackend"]

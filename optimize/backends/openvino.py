@@ -1,4 +1,5 @@
-"""Backend `openvino`: kiln's prepared ONNX converted to an OpenVINO model, run by OpenVINO.
+"""Backend `openvino`: kiln's prepared ONNX (the build's ONNX stage) converted to an OpenVINO
+model, run by OpenVINO.
 
 The shape ranges of the TensorSpecs become the model's bounded dynamic dims. Quantization goes
 through NNCF: `int8-weight` compresses the weights to int8 (activations stay float), `int8` is
@@ -44,9 +45,9 @@ from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
-from optimize.onnx import prepare_onnx
 from optimize.onnx.export import save_model
 from optimize.backends import openvino_int8
+from optimize.passes.base import GENERIC_PASSES
 from optimize.precision import PrecisionPlan, native_on_cpu
 from optimize.runtime.backends.openvino import (HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine,
                                                 engine_config, shape_cache_is_exact)
@@ -58,7 +59,6 @@ from optimize.runtime.manifest import Manifest
 from optimize.runtime.specs import Dim
 from optimize.verify import compare_real_tokens
 
-PASSES = ("onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_simplify_attention")
 # SmoothQuant alphas `int8_smooth_quant: "auto"` tries. Measured on all-MiniLM-L6-v2 (held-out
 # sentences, all MatMuls int8): 0.5 -> cosine 0.987, 0.8 -> 0.994, 0.95 -> 0.986; the best
 # differs per model, so the build measures instead of fixing one.
@@ -101,7 +101,10 @@ class OpenVINOBackend(Backend):
     precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "int8", "int8-weight"})
     # the runtime's options, and the build-only int8 ones
     options: ClassVar[dict[str, Any]] = {**OPTIONS, "int8_smooth_quant": "auto", "int8_keep_sensitive": True}
-
+    # precision is NNCF's and OpenVINO's business here, so no quantize / mixed precision pass
+    passes: ClassVar[frozenset[str]] = GENERIC_PASSES | {
+        "onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_simplify_attention"}
+    consumes_onnx: ClassVar[bool] = True
     captures_precision: ClassVar[bool] = False
 
     def quantized_compute(self, options: dict[str, Any], calibrated: bool) -> torch.dtype:
@@ -119,6 +122,14 @@ class OpenVINOBackend(Backend):
             return False, "openvino is not installed"
         if "CPU" not in ov.Core().available_devices:
             return False, "OpenVINO has no CPU device here"
+        return True, ""
+
+    def can_build_here(self) -> tuple[bool, str]:
+        try:
+            # why: optional (kiln[cpu-engines])
+            import openvino  # noqa: F401
+        except ImportError:
+            return False, "needs OpenVINO: pip install 'kiln[cpu-engines]' (openvino, nncf)"
         return True, ""
 
     def native_precisions(self) -> frozenset[str]:
@@ -141,8 +152,7 @@ class OpenVINOBackend(Backend):
         ov = _openvino()
         options = self.resolve_options(ctx.config)
         with tempfile.TemporaryDirectory(prefix="kiln-openvino-") as workdir:
-            model = prepare_onnx(program, ctx, Path(workdir), PASSES, options, backend=self.name)
-            onnx_path = save_model(model, Path(workdir) / "model.onnx")
+            onnx_path = save_model(self.prepared_onnx(ctx), Path(workdir) / "model.onnx")
             ov_model = ov.convert_model(str(onnx_path))
         specs = {s.name: s for s in ctx.inputs}
         ov_model.reshape({

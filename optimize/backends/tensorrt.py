@@ -44,8 +44,9 @@ from torch.export import ExportedProgram
 
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext
-from optimize.onnx import ort_verifier, prepare_onnx
+from optimize.onnx import ort_verifier
 from optimize.onnx.base import OnnxPassContext
+from optimize.passes.base import GENERIC_PASSES
 from optimize.runtime.backends.tensorrt import PLAN_FILE, TensorRTEngine, collecting_logger, cuda_device, library
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
@@ -54,8 +55,6 @@ from optimize.runtime.manifest import Manifest
 from optimize.runtime.precision import FLOAT_NAMES, facts
 
 TIMING_CACHE_FILE = "timing.cache"
-PASSES = ("onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_simplify_attention", "onnx_quantize",
-          "onnx_mixed_precision")
 # Oldest target per compute type in TensorRT-RTX: bf16 needs Ampere (SM80)+, fp8 Ada (SM89)+
 # ("Cannot compile for target(s) sm80, because the model contains HW-specific datatypes:
 # fp8_e4m3", tensorrt_rtx 1.7), and fp32 GEMMs are not compiled for Turing ("Cannot compile
@@ -232,7 +231,11 @@ class TensorRTBackend(Backend):
         "workspace_mib": 0,
         "int8_keep_sensitive": True,
     }
-
+    # contrib ops are ONNX Runtime's only, so no onnx_ort_fusions
+    passes: ClassVar[frozenset[str]] = GENERIC_PASSES | {
+        "onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_simplify_attention", "onnx_quantize",
+        "onnx_mixed_precision"}
+    consumes_onnx: ClassVar[bool] = True
     captures_precision: ClassVar[bool] = False
 
     def quantized_compute(self, options: dict[str, Any], calibrated: bool) -> torch.dtype:
@@ -244,6 +247,11 @@ class TensorRTBackend(Backend):
             return False, "neither tensorrt nor tensorrt_rtx is installed"
         if cuda_device() is None:
             return False, f"no CUDA GPU on this machine ({found[1]} built the engine ahead of time)"
+        return True, ""
+
+    def can_build_here(self) -> tuple[bool, str]:
+        if library() is None:
+            return False, "needs TensorRT: pip install 'kiln[tensorrt]' (tensorrt-rtx-cu13), or NVIDIA's tensorrt"
         return True, ""
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
@@ -258,12 +266,15 @@ class TensorRTBackend(Backend):
                             options["quantized_fallback"] if facts(config.precision).quantized else None)
         return options
 
+    def onnx_options(self, config: CompileConfig) -> dict[str, Any]:
+        # TensorRT runs symmetric int8 activations only, and int8-weight as weight-only Q/DQ
+        return {**self.resolve_options(config), "int8_activations": "int8", "int8_weight_mode": "weight_only"}
+
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
         require_library()
         options = self.resolve_options(ctx.config)
-        onnx_options = {**options, "int8_activations": "int8", "int8_weight_mode": "weight_only"}
+        model = self.prepared_onnx(ctx)
         with tempfile.TemporaryDirectory(prefix="kiln-tensorrt-") as workdir:
-            model = prepare_onnx(program, ctx, Path(workdir), PASSES, onnx_options, backend=self.name)
             model_bytes = model.SerializeToString()
             plan, record, files = build_plan(model_bytes, ctx, options, ctx.previous, directory)
             if not self.can_run_here()[0]:

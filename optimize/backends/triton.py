@@ -8,8 +8,8 @@ its plain-torch reference, so an engine built and verified on a machine without 
 same program that runs on one.
 
 Precision: fp16 / bf16 are captured in that precision with fp32 inputs and outputs (see
-optimize.passes.precision); int8-weight is fp16 activations with int8 per-channel weights
-(optimize.passes.quantize_int8). The tensor contract is fp32 at the outputs either way.
+optimize.passes.mixed_precision); int8-weight is fp16 activations with int8 per-channel weights
+(optimize.passes.quantize). The tensor contract is fp32 at the outputs either way.
 
 Packed batches: when the padding-removal pass applied, the engine computes only the real tokens
 of a batch and the manifest says so (`build["packed_batches"]`, read by `Engine.accepts_packed`):

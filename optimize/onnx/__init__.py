@@ -1,37 +1,30 @@
 """The ONNX path: export the captured program, then prepare the graph for an ONNX-consuming
 backend (TensorRT, ONNX Runtime, OpenVINO) with small passes, one module each, that report what
-they matched.
+they matched. The build (`optimize.build`) runs both steps as stages of their own, before the
+backend builds from the prepared model.
 
-The passes are the ONNX stage of the pass order (`optimize.passes.order`); a backend names the
-ones it wants, a pass skips itself when it does not apply (e.g. mixed precision at fp32), and
-`CompileConfig.passes` turns any of them off by name. With `CompileConfig.verify_passes` the
+The passes are the ONNX stage of the pass order (`optimize.passes.order`, where they are
+registered); a backend names the ones it takes (`Backend.passes`), a pass skips itself when it
+does not apply (e.g. mixed precision at fp32), and `CompileConfig.passes` turns any of them off
+by name. With `CompileConfig.verify_passes` the
 model is run by ONNX Runtime after every pass that changed something and compared with the fp32
 eager model, so the first pass that breaks accuracy is named.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
-from torch.export import ExportedProgram
 import onnxruntime as ort
 
-from optimize.capture import model_family
-from optimize.onnx.attention import AttentionCleanup
 from optimize.onnx.base import Feeds, OnnxPass, OnnxPassContext
 from optimize.onnx.export import export_program, save_model
-from optimize.onnx.fold_constants import FoldConstants
-from optimize.onnx.fuse_gelu import FuseGelu
-from optimize.onnx.fuse_layernorm import FuseLayerNorm
 from optimize.onnx.graph import Graph
-from optimize.onnx.mixed_precision import MixedPrecision
-from optimize.onnx.ort_fusions import OrtFusions
-from optimize.onnx.quantize import Quantize
 from optimize.passes.base import ONNX, PassResult
 from optimize.passes import order
 from optimize.runtime.errors import ConfigError, OptimizeError
@@ -40,10 +33,6 @@ from optimize.verify import compare_real_tokens
 if TYPE_CHECKING:
     from optimize.backends.base import BuildContext
 
-ONNX_PASSES: dict[str, type[OnnxPass]] = {p.name: p for p in (
-    FoldConstants, FuseLayerNorm, FuseGelu, OrtFusions, AttentionCleanup, Quantize, MixedPrecision,
-)}
-ALL_ONNX_PASSES = tuple(order.names(ONNX))
 Verifier = Callable[[onnx.ModelProto], dict[str, Any]]
 
 
@@ -82,16 +71,18 @@ def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
 def run_onnx_passes(
     model: onnx.ModelProto,
     ctx: OnnxPassContext,
-    names: Sequence[str] = ALL_ONNX_PASSES,
+    names: Iterable[str] | None = None,
     verifier: Verifier | None = None,
 ) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run the ONNX passes named in `names` (old names accepted), in the pass order; return
-    the final model and one result per pass named. Raises `AccuracyError` naming the first pass that broke accuracy
-    (with `verifier`), `InvalidModelError` when a pass produced an invalid model."""
-    wanted = {order.RENAMED.get(n, n) for n in names}
-    unknown = sorted(wanted - set(ONNX_PASSES))
+    """Run the ONNX passes named in `names` (None: all; old names accepted), in the pass order;
+    return the final model and one result per pass named. Raises `AccuracyError` naming the
+    first pass that broke accuracy (with `verifier`), `InvalidModelError` when a pass produced
+    an invalid model."""
+    available = order.names(ONNX)
+    wanted = set(available) if names is None else {order.RENAMED.get(n, n) for n in names}
+    unknown = sorted(wanted - set(available))
     if unknown:
-        raise ConfigError(f"unknown ONNX pass(es) {', '.join(unknown)}; available: {', '.join(ONNX_PASSES)}")
+        raise ConfigError(f"unknown ONNX pass(es) {', '.join(unknown)}; available: {', '.join(available)}")
 
     def apply(p: OnnxPass, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
         model, matches = p.run(model, ctx)
@@ -102,7 +93,7 @@ def run_onnx_passes(
             raise InvalidModelError(f"ONNX pass {p.name} produced an invalid model: {str(exc).splitlines()[0]}") from exc
         return model, matches
 
-    model, results = order.run_stage(ONNX, ONNX_PASSES, model, ctx, apply, wanted, verifier, ctx.config.tolerance,
+    model, results = order.run_stage(ONNX, model, ctx, apply, wanted, verifier, ctx.config.tolerance,
                                      label="ONNX pass")
     return model, [r for r in results if r.name in wanted]
 
@@ -138,32 +129,31 @@ def ort_verifier(ctx: OnnxPassContext) -> Verifier | None:
     return verify
 
 
-def prepare_onnx(
-    program: ExportedProgram,
+def run_onnx_stage(
+    model: onnx.ModelProto,
     ctx: BuildContext,
     workdir: Path,
-    passes: Sequence[str] = ALL_ONNX_PASSES,
-    options: dict[str, Any] | None = None,
-    backend: str = "",
-) -> onnx.ModelProto:
-    """Export `program` and run `passes` on it; the results go to `ctx.passes` and the passes'
-    details to `ctx.record` (both end up in the manifest). Returns the prepared model."""
-    model = export_program(program, ctx.inputs, ctx.outputs,
-                           model_name=model_family(ctx.source) if ctx.source is not None else "")
+    allowed: Iterable[str],
+    options: dict[str, Any],
+    backend: str,
+) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """The ONNX stage of one build: run the ONNX passes among `allowed` (the backend's passes)
+    over the exported `model` with the backend's pass `options`, verified pass by pass when the
+    config asks; the passes' details go to `ctx.record` (the manifest's `build`). `workdir` is
+    scratch space for the calibrators. Returns the prepared model and the passes' results."""
     pctx = OnnxPassContext(
         config=ctx.config, inputs=ctx.inputs, outputs=ctx.outputs, backend=backend, workdir=workdir,
-        samples=ctx.samples, reference=ctx.reference, reporter=ctx.reporter, options=dict(options or {}),
+        samples=ctx.samples, reference=ctx.reference, reporter=ctx.reporter, options=dict(options),
         plan=ctx.plan,
     )
     verifier = ort_verifier(pctx) if ctx.config.verify_passes else None
-    with pctx.progress("ONNX passes"):  # the ONNX stage of the pass order, shown as its own step
-        model, results = run_onnx_passes(model, pctx, passes, verifier)
-    ctx.passes.extend(results)
+    stage = set(order.names(ONNX))
+    model, results = run_onnx_passes(model, pctx, [n for n in allowed if n in stage], verifier)
     ctx.record.update(pctx.record)
-    return model
+    return model, results
 
 
 __all__ = [
-    "OnnxPass", "OnnxPassContext", "ONNX_PASSES", "ALL_ONNX_PASSES", "run_onnx_passes",
-    "prepare_onnx", "export_program", "save_model", "Feeds", "InvalidModelError", "ort_verifier",
+    "OnnxPass", "OnnxPassContext", "run_onnx_passes", "run_onnx_stage", "export_program", "save_model", "Feeds",
+    "InvalidModelError", "ort_verifier",
 ]

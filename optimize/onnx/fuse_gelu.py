@@ -18,7 +18,7 @@ from onnx import version_converter
 from onnxscript.rewriter import pattern
 
 from optimize.onnx.base import OnnxPass, OnnxPassContext
-from optimize.onnx.fuse_layernorm import model_opset
+from optimize.onnx.fuse_layer_norm import model_opset
 
 GELU_OPSET = 20
 _SQRT_TWO = math.sqrt(2.0)

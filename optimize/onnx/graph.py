@@ -85,14 +85,6 @@ class Graph:
         shape = self.shapes.get(name)
         return len(shape) if shape is not None else None
 
-    def static_dim(self, name: str, axis: int) -> int | None:
-        """The size of `name`'s dim `axis` when it is a known constant."""
-        shape = self.shapes.get(name)
-        if shape is None or not -len(shape) <= axis < len(shape):
-            return None
-        size = shape[axis]
-        return size if isinstance(size, int) else None
-
     def single_consumer(self, name: str) -> onnx.NodeProto | None:
         users = self.consumers.get(name, [])
         if len(users) == 1 and name not in self.outputs:

@@ -1,6 +1,7 @@
 """The FX passes and their stage of the pass order.
 
-Passes run in the order of `optimize.passes.order.PASS_ORDER` (each module does one rewrite).
+Passes run in the order of `optimize.passes.order.PASS_ORDER`, the registry of both stages; each
+module here does one rewrite and is named for its pass.
 `CompileConfig.passes` turns passes on or off by name; a backend says which passes it can
 execute (fusions into kiln kernels only for backends that run those kernels). In verification
 mode the manager checks the graph against the reference after every pass and names the first
@@ -15,39 +16,22 @@ from torch import fx
 
 from optimize.passes import order
 from optimize.passes.base import FX, GENERIC_PASSES, KERNEL_PASSES, GraphPass, Pass, PassContext, PassResult
-from optimize.passes.constant_folding import ConstantFolding
-from optimize.passes.dead_code import DeadCode
-from optimize.passes.fuse_attention import FuseAttention
-from optimize.passes.fuse_bias_gelu import FuseBiasGelu
-from optimize.passes.fuse_embedding_layer_norm import FuseEmbeddingLayerNorm
-from optimize.passes.fuse_qkv import FuseQKV
-from optimize.passes.fuse_residual_layer_norm import FuseResidualLayerNorm
-from optimize.passes.precision import Precision
-from optimize.passes.quantize_int8 import QuantizeInt8
-from optimize.passes.remove_dropout import RemoveDropout
-from optimize.passes.remove_padding import RemovePadding
-from optimize.passes.order import PASS_ORDER, RENAMED, Step, canonical_passes
+from optimize.passes.order import PASS_ORDER, RENAMED, canonical_passes
 from optimize.runtime.config import Tolerance
 
-PASSES: dict[str, type[GraphPass]] = {p.name: p for p in (
-    RemoveDropout, ConstantFolding, DeadCode, FuseAttention, FuseQKV, FuseEmbeddingLayerNorm, FuseResidualLayerNorm,
-    FuseBiasGelu, QuantizeInt8, Precision, RemovePadding,
-)}
 Verifier = Callable[[fx.GraphModule], dict[str, float]]
 
 
 def register_pass(cls: type[GraphPass], after: str | None = None) -> type[GraphPass]:
     """Add an FX pass to the pass order (at the end of the FX stage, or right after the pass
     named `after`)."""
-    order.insert(Step(cls.name, FX), after)
-    PASSES[cls.name] = cls
+    order.register(cls, after)
     return cls
 
 
 def unregister_pass(name: str) -> None:
-    """Take an FX pass added with `register_pass` out again."""
+    """Take a pass added with `register_pass` out again."""
     order.remove(name)
-    del PASSES[name]
 
 
 def check_pass_names(names: list[str] | set[str]) -> None:
@@ -76,9 +60,9 @@ def run_passes(
         return graph, matches
 
     bounds = Tolerance(max_abs_error=tolerance[0], min_cosine=tolerance[1]) if tolerance else None
-    _, results = order.run_stage(FX, PASSES, gm, ctx, apply, allowed, verifier, bounds)
+    _, results = order.run_stage(FX, gm, ctx, apply, allowed, verifier, bounds)
     return results
 
 
-__all__ = ["Pass", "GraphPass", "PassContext", "PassResult", "PASS_ORDER", "PASSES", "RENAMED", "GENERIC_PASSES",
+__all__ = ["Pass", "GraphPass", "PassContext", "PassResult", "PASS_ORDER", "RENAMED", "GENERIC_PASSES",
            "KERNEL_PASSES", "register_pass", "unregister_pass", "run_passes", "check_pass_names"]

@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from optimize.passes.base import GraphPass, PassContext, attr_tensor, aten, call_nodes
-from optimize.passes.fuse_residual_layer_norm import layer_norm_args
+from optimize.passes.base import GraphPass, PassContext, attr_tensor, aten
+from optimize.passes.fuse_residual_layer_norm import layer_norms
 from optimize.passes.matching import (
     dtype_of,
     ensure_meta,
@@ -37,11 +37,7 @@ class FuseEmbeddingLayerNorm(GraphPass):
         ensure_meta(gm)
         ops = kernel_ops()
         fused = 0
-        for node in call_nodes(gm, aten.layer_norm.default):
-            parsed = layer_norm_args(gm, node)
-            if parsed is None:
-                continue
-            s, weight, bias, eps = parsed
+        for node, s, weight, bias, eps in layer_norms(gm):
             lookups = _lookups(gm, s, dtype_of(node))
             if lookups is None:
                 continue

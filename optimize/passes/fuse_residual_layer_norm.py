@@ -8,6 +8,7 @@ is not a residual connection.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -46,6 +47,15 @@ def layer_norm_args(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node
     return x, weight, bias, float(eps)
 
 
+def layer_norms(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, fx.Node, fx.Node | None, fx.Node | None, float]]:
+    """(norm, input, weight, bias, eps) of each LayerNorm of `gm` that `layer_norm_args`
+    accepts, in graph order; the nodes are listed first, so the caller may rewrite as it goes."""
+    for node in call_nodes(gm, aten.layer_norm.default):
+        parsed = layer_norm_args(gm, node)
+        if parsed is not None:
+            yield (node, *parsed)
+
+
 class FuseResidualLayerNorm(GraphPass):
     name: ClassVar[str] = "fuse_residual_layer_norm"
     description: ClassVar[str] = "residual add + LayerNorm → kiln.add_layer_norm"
@@ -54,11 +64,7 @@ class FuseResidualLayerNorm(GraphPass):
         ensure_meta(gm)
         ops = kernel_ops()
         fused = 0
-        for node in call_nodes(gm, aten.layer_norm.default):
-            parsed = layer_norm_args(gm, node)
-            if parsed is None:
-                continue
-            s, weight, bias, eps = parsed
+        for node, s, weight, bias, eps in layer_norms(gm):
             if not is_call(s, aten.add.Tensor) or s.kwargs.get("alpha", 1) != 1:
                 continue
             a, b = s.args[:2]

@@ -1,38 +1,57 @@
-"""The pass order: every pass kiln runs, FX and ONNX alike, in the one order they run in, and
-the one loop that runs a stage of it.
+"""The pass order: the one registry of every pass kiln runs, FX and ONNX alike, in the order
+they run in, and the one loop that runs a stage of it.
 
-A compile runs the FX stage over the captured program (`optimize.passes.run_passes`); backends
-that consume ONNX then export it and run the ONNX stage (`optimize.onnx.run_onnx_passes`, from
-their build, with their options). Both stages go through `run_stage`: the same on/off by name,
-the same skip reasons, the same pass-by-pass verification and the same `PassResult`, and the
-manifest's `passes` lists the whole order (`full_report`) with each pass's stage.
+A compile (`optimize.build`) runs the FX stage over the captured program
+(`optimize.passes.run_passes`); for a backend that consumes ONNX it then exports the program and
+runs the ONNX stage (`optimize.onnx.run_onnx_passes`) before the backend builds from the prepared
+model. A backend names the passes of both stages it takes (`Backend.passes`). Both stages go
+through `run_stage`: the same on/off by name, the same skip reasons, the same pass-by-pass
+verification and the same `PassResult`, and the manifest's `passes` lists the whole order
+(`full_report`) with each pass's stage, its matches and its time.
 
 Naming: a pass is named for the rewrite it does, in snake_case with whole words
 (`fuse_residual_layer_norm`, `fold_constants`); the same rewrite has the same name in both
 stages, an ONNX pass with the prefix `onnx_` (`mixed_precision` / `onnx_mixed_precision`,
-`quantize` / `onnx_quantize`). Names from before this scheme (`RENAMED`) are still accepted in
-`CompileConfig.passes` and `--enable-pass`/`--disable-pass`, with a deprecation warning.
+`quantize` / `onnx_quantize`). Its module carries the name without the prefix
+(`optimize.passes.<name>`, `optimize.onnx.<name>`). Names from before this scheme (`RENAMED`)
+are still accepted in `CompileConfig.passes` and `--enable-pass`/`--disable-pass`, with a
+deprecation warning.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from optimize.passes.base import FX, ONNX, PassResult
+from optimize.passes.base import FX, ONNX, Pass, PassResult
 from optimize.runtime.config import Tolerance
 from optimize.runtime.errors import AccuracyError, ConfigError
 
 
 @dataclass(frozen=True)
 class Step:
-    """One pass of the order: its name and the stage (`FX` or `ONNX`) that runs it."""
+    """One pass of the order: its name, the stage (`FX` or `ONNX`) that runs it, and where its
+    class is: "module:Class" (imported when the pass first runs, so an FX-only build never
+    imports onnx), or the class itself for a pass registered at run time (`register`)."""
 
     name: str
     stage: str
+    where: str | type[Pass]
+
+    def pass_class(self) -> type[Pass]:
+        """The pass's class; raises `TypeError` when it is not the pass the step names."""
+        if isinstance(self.where, str):
+            module, _, attr = self.where.partition(":")
+            cls = getattr(importlib.import_module(module), attr)
+        else:
+            cls = self.where
+        if not (isinstance(cls, type) and issubclass(cls, Pass) and cls.name == self.name and cls.stage == self.stage):
+            raise TypeError(f"{self.where} is not the {self.stage} pass {self.name!r}")
+        return cls
 
 
 # FX: clean-ups first so the fusions see the simplest graph; embedding + LN before residual + LN
@@ -45,13 +64,28 @@ class Step:
 # calibrates on the fp32 graph; mixed precision comes last, so int8 engines can run their
 # other ops in fp16.
 PASS_ORDER: list[Step] = [
-    *(Step(name, FX) for name in (
-        "remove_dropout", "fold_constants", "remove_dead_code",
-        "fuse_attention", "fuse_qkv", "fuse_embedding_layer_norm", "fuse_residual_layer_norm", "fuse_bias_gelu",
-        "quantize", "mixed_precision", "remove_padding")),
-    *(Step(name, ONNX) for name in (
-        "onnx_fold_constants", "onnx_fuse_layer_norm", "onnx_fuse_gelu", "onnx_ort_fusions",
-        "onnx_simplify_attention", "onnx_quantize", "onnx_mixed_precision")),
+    *(Step(name, FX, f"optimize.passes.{name}:{cls}") for name, cls in (
+        ("remove_dropout", "RemoveDropout"),
+        ("fold_constants", "FoldConstants"),
+        ("remove_dead_code", "RemoveDeadCode"),
+        ("fuse_attention", "FuseAttention"),
+        ("fuse_qkv", "FuseQKV"),
+        ("fuse_embedding_layer_norm", "FuseEmbeddingLayerNorm"),
+        ("fuse_residual_layer_norm", "FuseResidualLayerNorm"),
+        ("fuse_bias_gelu", "FuseBiasGelu"),
+        ("quantize", "Quantize"),
+        ("mixed_precision", "MixedPrecision"),
+        ("remove_padding", "RemovePadding"),
+    )),
+    *(Step(f"onnx_{name}", ONNX, f"optimize.onnx.{name}:{cls}") for name, cls in (
+        ("fold_constants", "FoldConstants"),
+        ("fuse_layer_norm", "FuseLayerNorm"),
+        ("fuse_gelu", "FuseGelu"),
+        ("ort_fusions", "OrtFusions"),
+        ("simplify_attention", "SimplifyAttention"),
+        ("quantize", "Quantize"),
+        ("mixed_precision", "MixedPrecision"),
+    )),
 ]
 # Names passes had before the naming scheme, accepted with a deprecation warning.
 RENAMED: dict[str, str] = {
@@ -86,15 +120,16 @@ def canonical_passes(toggles: Mapping[str, bool]) -> dict[str, bool]:
     return out
 
 
-def insert(step: Step, after: str | None = None) -> None:
-    """Put `step` into the order (at the end of its stage, or right after the pass `after`),
-    replacing a step of the same name."""
-    PASS_ORDER[:] = [s for s in PASS_ORDER if s.name != step.name]
+def register(cls: type[Pass], after: str | None = None) -> type[Pass]:
+    """Put the pass `cls` into the order, in its stage (at the stage's end, or right after the
+    pass named `after`), replacing a pass of the same name; returns `cls`."""
+    remove(cls.name)
     if after is None:
-        last = max((i for i, s in enumerate(PASS_ORDER) if s.stage == step.stage), default=len(PASS_ORDER) - 1)
+        last = max((i for i, s in enumerate(PASS_ORDER) if s.stage == cls.stage), default=len(PASS_ORDER) - 1)
     else:
-        last = [s.name for s in PASS_ORDER].index(after)
-    PASS_ORDER.insert(last + 1, step)
+        last = names().index(after)
+    PASS_ORDER.insert(last + 1, Step(cls.name, cls.stage, cls))
+    return cls
 
 
 def remove(name: str) -> None:
@@ -107,7 +142,7 @@ Apply = Callable[[Any, T], tuple[T, dict[str, int]]]
 Verifier = Callable[[T], dict[str, Any]]
 
 
-def run_stage(stage: str, classes: Mapping[str, type], target: T, ctx: Any, apply: Apply,
+def run_stage(stage: str, target: T, ctx: Any, apply: Apply,
               allowed: Iterable[str] | None = None, verifier: Verifier | None = None,
               tolerance: Tolerance | None = None, label: str = "pass") -> tuple[T, list[PassResult]]:
     """Run the passes of `stage` in order over `target` (a graph module, an ONNX model);
@@ -119,8 +154,9 @@ def run_stage(stage: str, classes: Mapping[str, type], target: T, ctx: Any, appl
     toggles = canonical_passes(ctx.config.passes)
     allowed = set(names(stage) if allowed is None else allowed)
     results = []
-    for name in names(stage):
-        p = classes[name]()
+    for step in [s for s in PASS_ORDER if s.stage == stage]:
+        name = step.name
+        p = step.pass_class()()
         reason = (f"not supported by backend {ctx.backend}" if name not in allowed
                   else "disabled in config" if not toggles.get(name, True) else p.applies(ctx))
         if reason:
@@ -151,5 +187,5 @@ def full_report(results: Iterable[PassResult], backend: str) -> list[PassResult]
             for s in PASS_ORDER]
 
 
-__all__ = ["FX", "ONNX", "Step", "PASS_ORDER", "RENAMED", "names", "canonical_passes", "insert", "remove",
+__all__ = ["FX", "ONNX", "Step", "PASS_ORDER", "RENAMED", "names", "canonical_passes", "register", "remove",
            "run_stage", "full_report"]

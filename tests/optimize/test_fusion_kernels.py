@@ -14,7 +14,8 @@ from torch import fx
 
 from optimize.backends import get_backend
 from optimize.capture import capture
-from optimize.passes import PASSES, PassContext, run_passes
+from optimize.passes import PassContext, run_passes
+from optimize.passes import order
 from optimize.runtime.config import CompileConfig
 from optimize.sources import load_source
 from optimize.verify import compare_real_tokens
@@ -66,7 +67,7 @@ def test_fused_graph_on_the_triton_kernels_matches_eager(model: str, precision: 
     src = load_source(source, config)
     plan = get_backend("triton").precision_plan(config)
     gm = capture(src, plan.capture).module()
-    run_passes(gm, PassContext(config, src.inputs, "triton", plan), frozenset(PASSES))
+    run_passes(gm, PassContext(config, src.inputs, "triton", plan), frozenset(order.names(order.FX)))
     feeds = src.make_inputs({"batch": 3, "seq": 7}, torch.Generator().manual_seed(1))
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     interpreter = OnTriton(gm)

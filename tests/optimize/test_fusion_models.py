@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from optimize.capture import capture
-from optimize.passes import PASSES, PassContext, PassResult, run_passes
+from optimize.passes import PassContext, PassResult, run_passes
+from optimize.passes import order
 from optimize.passes.remove_padding import RemovePadding
 from optimize.runtime.config import CompileConfig
 from optimize.sources import load_source
@@ -63,7 +64,8 @@ def fused(request: pytest.FixtureRequest) -> tuple[str, Fused]:
     config = CompileConfig(backend="triton", max_batch=4, max_seq=32, passes={"remove_padding": False})
     src = load_source(hf_dir(architecture, LAYERS), config)
     gm = capture(src).module()
-    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "triton"), frozenset(PASSES))}
+    fx_passes = frozenset(order.names(order.FX))
+    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "triton"), fx_passes)}
     feeds = src.make_inputs({"batch": 4, "seq": 19}, torch.Generator().manual_seed(3))
     assert len(set(feeds["attention_mask"].sum(1).tolist())) > 1, "the batch must mix lengths"
     with torch.inference_mode():

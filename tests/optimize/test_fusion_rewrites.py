@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from optimize.backends import get_backend
 from optimize.capture import capture
-from optimize.passes import PASSES, PassContext, run_passes
+from optimize.passes import PassContext, run_passes
+from optimize.passes import order
 from optimize.passes.base import call_nodes
 from optimize.runtime.config import CompileConfig
 from optimize.sources import load_source
@@ -29,7 +30,8 @@ def run(factory: str, precision: str = "fp32", **passes: bool):
     src = load_source(f"{__name__}:{factory}", config)
     plan = get_backend("triton").precision_plan(config)
     gm = capture(src, plan.capture).module()
-    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "triton", plan), frozenset(PASSES))}
+    fx_passes = frozenset(order.names(order.FX))
+    results = {r.name: r for r in run_passes(gm, PassContext(config, src.inputs, "triton", plan), fx_passes)}
     return gm, results, src
 
 

@@ -7,6 +7,7 @@ import optimize
 from optimize.capture import capture
 from optimize.passes import GENERIC_PASSES, PassContext, register_pass, run_passes, unregister_pass
 from optimize.passes.base import GraphPass, call_nodes
+from optimize.passes.order import PASS_ORDER, Step
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.errors import AccuracyError, ConfigError
 from optimize.sources import load_source
@@ -111,3 +112,20 @@ def test_compile_records_the_pass_report_in_the_manifest(tmp_path: Path):
     assert report["remove_dropout"]["accuracy"]["max_abs_error"] < 1e-5
     x = torch.randn(3, 8)
     torch.testing.assert_close(engine.run({"x": x})["output"], factory()[0].eval()(x), rtol=1e-5, atol=1e-5)
+    # the ONNX stage is a stage of the build, not a step hidden in the backend: its passes are
+    # reported like the FX ones, and the export and the passes are timed on their own
+    onnx_ran = [e for e in engine.manifest.passes if e["stage"] == "onnx" and not e.get("skipped")]
+    assert [e["pass"] for e in onnx_ran][:2] == ["onnx_fold_constants", "onnx_fuse_layer_norm"]
+    assert all(e["seconds"] > 0 for e in onnx_ran)
+    stages = list(engine.manifest.timings_s)
+    assert stages.index("FX passes") < stages.index("ONNX export") < stages.index("ONNX passes") \
+        < stages.index("build (onnxruntime)")
+
+
+def test_every_pass_of_the_order_is_the_class_its_module_names():
+    for step in PASS_ORDER:
+        cls = step.pass_class()
+        package = "optimize.passes." if step.stage == "fx" else "optimize.onnx."
+        assert cls.__module__ == package + step.name.removeprefix("onnx_"), "one name: the pass and its module"
+    with pytest.raises(TypeError, match="is not the fx pass 'fold_constants'"):
+        Step("fold_constants", "fx", "optimize.passes.remove_dropout:RemoveDropout").pass_class()

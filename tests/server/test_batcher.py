@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.batcher import Batcher, BatchPolicy, InOrder, QueueFull, QueuePolicy
+from server.batch_policy import BatchPolicy, QueuePolicy
+from server.batcher import Batcher, QueueFull
+from server.ordering import InOrder
 
 A, B = "shape-a", "shape-b"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.batcher import QueuePolicy
+from server.batch_policy import QueuePolicy
 from server.config import DEFAULT_MAX_MESSAGE_BYTES, SHAPE_BUCKETS, ModelConfig, ServerConfig
 from server.errors import ConfigError
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optimize.onnx.fuse_gelu import FuseGelu
-from optimize.onnx.fuse_layernorm import FuseLayerNorm
+from optimize.onnx.fuse_layer_norm import FuseLayerNorm
 from tests.optimize.onnx.helpers import op_types, run_ort
 
 

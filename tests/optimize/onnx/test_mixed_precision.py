@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from optimize.onnx import OnnxPassContext
-from optimize.onnx.attention import AttentionCleanup
+from optimize.onnx.simplify_attention import SimplifyAttention
 from optimize.onnx.graph import Graph
 from optimize.onnx.mixed_precision import KEEP_OPS, MixedPrecision
 from optimize.runtime.config import CompileConfig
@@ -22,7 +22,7 @@ def _input_types(model: onnx.ModelProto, op_type: str) -> set[int]:
 def test_minilm_fp16_keeps_norms_softmax_reductions_and_the_mask_in_fp32(minilm_onnx, pass_context, minilm_source,
                                                                          sentence_batches):
     ctx = pass_context("fp16")
-    model, _ = AttentionCleanup().run(minilm_onnx, ctx)
+    model, _ = SimplifyAttention().run(minilm_onnx, ctx)
     model, counts = MixedPrecision().run(model, ctx)
     onnx.checker.check_model(model, full_check=True)
     for op in ("LayerNormalization", "Softmax", "ReduceSum", "ReduceL2"):

@@ -5,7 +5,8 @@ import onnx
 import pytest
 
 from optimize.onnx.graph import Graph
-from optimize.onnx.quantize import Quantize, activation_sqnr
+from optimize.onnx.quantize import Quantize
+from optimize.onnx.sensitivity import activation_sqnr
 from tests.optimize.onnx.helpers import embedding_cosines
 
 
@@ -329,7 +330,7 @@ def test_fp8_on_a_tiny_opset_17_graph_matches_an_e4m3_reference(tmp_path, extra_
 
 
 def test_abs_histogram_percentile_is_at_most_one_bin_above_the_exact_one():
-    from optimize.onnx.quantize import HIST_BINS_PER_OCTAVE, PERCENTILE, AbsHistogram
+    from optimize.onnx.calibration import HIST_BINS_PER_OCTAVE, PERCENTILE, AbsHistogram
 
     rng = np.random.default_rng(3)
     parts = [rng.standard_t(3, size=n).astype(np.float32) * 0.7 for n in (100_003, 7, 54_321)]

@@ -45,7 +45,7 @@ def _cast_target(node: fx.Node) -> torch.dtype | None:
     return None
 
 
-class Precision(GraphPass):
+class MixedPrecision(GraphPass):
     name: ClassVar[str] = "mixed_precision"
     description: ClassVar[str] = "fp16/bf16 engines: norms, softmax and reductions in fp32"
 

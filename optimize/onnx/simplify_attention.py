@@ -215,7 +215,7 @@ def _fold_one_scale(g: Graph, mul: onnx.NodeProto) -> bool:
     return False
 
 
-class AttentionCleanup(OnnxPass):
+class SimplifyAttention(OnnxPass):
     name: ClassVar[str] = "onnx_simplify_attention"
     description: ClassVar[str] = "collapse K-transpose chains, merge transposes, fold softmax scales into Q/K"
 

@@ -16,7 +16,7 @@ _NEVER = {torch.ops.aten.rand.default, torch.ops.aten.randn.default, torch.ops.a
 _MAX_GROWTH = 4  # a folded constant may be at most 4x larger than the inputs it replaces
 
 
-class ConstantFolding(GraphPass):
+class FoldConstants(GraphPass):
     name: ClassVar[str] = "fold_constants"
     description: ClassVar[str] = "precompute nodes whose inputs are all constants"
 

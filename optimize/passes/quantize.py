@@ -19,7 +19,7 @@ from optimize.passes.matching import is_call, kernel_ops, match_linear, release_
 _EPILOGUES = {"none": "gelu", "tanh": "gelu_tanh"}  # bias_gelu approximate -> int8 linear activation
 
 
-class QuantizeInt8(GraphPass):
+class Quantize(GraphPass):
     name: ClassVar[str] = "quantize"
     description: ClassVar[str] = "weight-only int8 (per-channel) linears → kiln.int8_weight_linear"
 

@@ -3,14 +3,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimize.onnx.attention import AttentionCleanup
+from optimize.onnx.simplify_attention import SimplifyAttention
 from tests.optimize.onnx.helpers import op_types, run_ort
 
 
 def test_minilm_attention_is_cleaned_up_without_changing_results(minilm_onnx, sentence_batches):
     expected = [run_ort(minilm_onnx, feeds) for feeds in sentence_batches]
     nodes_before, shapes_before = len(minilm_onnx.graph.node), op_types(minilm_onnx).count("Shape")
-    model, counts = AttentionCleanup().run(minilm_onnx, None)
+    model, counts = SimplifyAttention().run(minilm_onnx, None)
     assert counts == {"transpose_chains": 6, "transposes_merged": 6, "scales_folded": 12}, "6 layers: one K chain, one Q and one K scale each"
     onnx.checker.check_model(model, full_check=True)
     assert len(model.graph.node) <= nodes_before - 60
@@ -48,7 +48,7 @@ def test_reshape_transpose_reshape_collapses_only_when_it_is_a_transpose(reshape
     model = _chain(reshape1, perm, reshape2)
     x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
     expected = run_ort(model, {"x": x})["y"]
-    rewritten, counts = AttentionCleanup().run(model, None)
+    rewritten, counts = SimplifyAttention().run(model, None)
     assert counts["transpose_chains"] == int(collapses)
     assert op_types(rewritten) == (["Transpose"] if collapses else ["Reshape", "Transpose", "Reshape"])
     np.testing.assert_array_equal(run_ort(rewritten, {"x": x})["y"], expected)

@@ -10,7 +10,7 @@ from torch import fx
 from optimize.passes.base import GraphPass, PassContext
 
 
-class DeadCode(GraphPass):
+class RemoveDeadCode(GraphPass):
     name: ClassVar[str] = "remove_dead_code"
     description: ClassVar[str] = "remove nodes and weights no output depends on"
 
