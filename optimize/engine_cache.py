@@ -9,7 +9,9 @@ entry (its id, the candidate and when the search was recorded) and the SHA-256 o
 An engine is restored only when all of that still matches, every file is intact and its
 manifest is one this kiln reads; anything else (missing, corrupted, from another search) is
 reported as the reason, and the caller builds the winner again and keeps that engine instead.
-Library versions are part of the key, so an engine is never reused under other versions.
+Library versions are part of the key, so an engine is never reused under other versions; the
+record also holds a digest of kiln's own sources, so an edited kiln (same version number)
+never reuses an engine an older one built.
 
 Disk use is bounded: after an engine is kept, the least recently used ones are removed until
 all fit in `max_bytes` (2 GiB by default; an engine larger than that is not kept).
@@ -17,6 +19,7 @@ all fit in `max_bytes` (2 GiB by default; an engine larger than that is not kept
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +51,16 @@ def file_digests(directory: Path) -> dict[str, str]:
     return digests
 
 
+@functools.cache
+def kiln_digest() -> str:
+    """SHA-256 over the sources of the `optimize` package (file names and contents)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
@@ -69,7 +82,7 @@ class EngineCache:
         staging = Path(tempfile.mkdtemp(prefix=f".{entry_id}.", dir=self.root))
         try:
             shutil.copytree(engine_dir, staging / ENGINE_DIR)
-            record = {"format": FORMAT, "entry": entry_id, "chosen": chosen, "recorded": recorded,
+            record = {"format": FORMAT, "entry": entry_id, "chosen": chosen, "recorded": recorded, "kiln": kiln_digest(),
                       "stored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "files": file_digests(staging / ENGINE_DIR)}
             (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
@@ -96,6 +109,8 @@ class EngineCache:
             return None, "its record is of another format"
         if (record.get("entry"), record.get("chosen"), record.get("recorded")) != (entry_id, chosen, recorded):
             return None, "the kept engine is from another search"
+        if record.get("kiln") != kiln_digest():
+            return None, "the kept engine was built by another kiln"
         engine = entry / ENGINE_DIR
         if MANIFEST_FILE not in record["files"]:
             return None, "the kept engine has no manifest"
@@ -139,4 +154,4 @@ class EngineCache:
                 total -= size
 
 
-__all__ = ["EngineCache", "file_digests", "DEFAULT_MAX_BYTES"]
+__all__ = ["EngineCache", "file_digests", "kiln_digest", "DEFAULT_MAX_BYTES"]

@@ -1,6 +1,7 @@
 """The engines kept beside the tuning cache: restored only when they are the search's and
 intact, and bounded in disk use (least recently used evicted first)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def test_an_engine_of_another_search_or_with_changed_files_is_not_restored(tmp_p
     assert cache.restore("b", "openvino/bf16", "t1", out) == (None, "no engine kept for it")
     assert cache.restore("a", "onnxruntime/fp32", "t1", out) == (None, "the kept engine is from another search")
     assert cache.restore("a", "openvino/bf16", "t0", out) == (None, "the kept engine is from another search")
+    record = json.loads((cache.root / "a" / "record.json").read_text())
+    (cache.root / "a" / "record.json").write_text(json.dumps({**record, "kiln": "an older kiln"}))
+    assert cache.restore("a", "openvino/bf16", "t1", out) == (None, "the kept engine was built by another kiln")
+    (cache.root / "a" / "record.json").write_text(json.dumps(record))
     (cache.root / "a" / "engine" / "model.bin").write_bytes(b"x" * 10)
     assert cache.restore("a", "openvino/bf16", "t1", out) == (None, "the kept engine's files changed: model.bin")
     (cache.root / "a" / "engine" / "model.bin").unlink()
