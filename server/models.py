@@ -167,6 +167,8 @@ class LoadedModels:
             await scheduler.stop(self._unload_grace_s)
         finally:
             self._retired.discard(scheduler)
+            # On the next turn of the loop, once the callers' frames no longer hold the scheduler.
+            asyncio.get_running_loop().call_soon(memory.refreeze_heap)
 
     async def _health(self, name: str, serving: bool) -> None:
         if self._set_health is not None:

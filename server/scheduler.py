@@ -59,6 +59,7 @@ class Work:
     results: list[Tensors | None] = field(default_factory=list)
     pending: list[Pending[Part]] = field(default_factory=list)
     dispatched: bool = False
+    reads_token_outputs: bool = True  # False: its answer reads no token-axis output (see `_by_text`)
 
 
 @dataclass(eq=False)
@@ -136,6 +137,7 @@ class ModelScheduler:
         assert layout is not None, "text requests are only queued for models with a text input"
         loop = asyncio.get_running_loop()
         work = Work(layout, loop.create_future(), request_id, timings or Timings())
+        work.reads_token_outputs = not (text and self._by_text(outputs))
         deadline_s = self._clock() + deadline_in_s if deadline_in_s is not None else None
         parts = self._parts(inputs, size, text, outputs)
         work.results = [None] * len(parts)
@@ -166,11 +168,8 @@ class ModelScheduler:
         slices that fit it."""
         if text:
             assert self.model.text_layout is not None
-            layout = self.model.text_layout
-            token_outputs = set(layout.output_axes)  # type: ignore[attr-defined]
-            asked = token_outputs if outputs is None else set(outputs)
-            by_text = self.model.task not in TOKEN_LEVEL_TASKS and not asked & token_outputs
-            return layout.split(inputs, self._max_batch_tokens, by_text=by_text)  # type: ignore[attr-defined]
+            return self.model.text_layout.split(  # type: ignore[attr-defined]
+                inputs, self._max_batch_tokens, by_text=self._by_text(outputs))
         if not self._max_batch_tokens or not self.model.max_batch_size:
             return [(inputs, size, 0)]
         tokens = layouts.token_length(inputs)
@@ -178,6 +177,15 @@ class ModelScheduler:
             return [(inputs, size, 0)]
         rows = max(1, self._max_batch_tokens // tokens)
         return [(part, int(next(iter(part.values())).shape[0]), tokens) for part in layouts.slices(inputs, rows)]
+
+    def _by_text(self, outputs: Sequence[str] | None) -> bool:
+        """Whether a text request asking for `outputs` (None: all) is queued text by text: its
+        answer reads no token-axis output (pooled embeddings, labels, pair scores), and its
+        task's answer needs none."""
+        assert self.model.text_layout is not None
+        token_outputs = set(self.model.text_layout.output_axes)  # type: ignore[attr-defined]
+        asked = token_outputs if outputs is None else set(outputs)
+        return self.model.task not in TOKEN_LEVEL_TASKS and not asked & token_outputs
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, let the workers finish everything queued and running (partial
@@ -325,6 +333,11 @@ class ModelScheduler:
         inputs, plan = layout.assemble([p.inputs for p in parts])
         t1 = time.perf_counter_ns()
         outputs = layout.execute(self.model.engine, inputs)
+        if not any(p.work.reads_token_outputs for p in parts):
+            # Nobody reads them (MiniLM's last_hidden_state: 6 MB a batch of 32 x 128, split per
+            # text and padded again per request): dropped before they are.
+            unread = getattr(layout, "output_axes", ())
+            outputs = {name: array for name, array in outputs.items() if name not in unread}
         t2 = time.perf_counter_ns()
         parts = layout.disassemble(outputs, plan)
         t3 = time.perf_counter_ns()

@@ -10,9 +10,9 @@ the server. More inputs than the model's `max_batch_size` are split into request
 that many, queued together so that they batch.
 
 `usage.prompt_tokens` counts the tokens the engine was given: each text's tokens after the
-pipeline's truncation, special tokens included, padding not; for token ids, the ids sent. Texts
-are tokenized inside their batch, so the count comes from tokenizing them again in a worker
-thread while the request waits in the queue.
+pipeline's truncation, special tokens included, padding not; for token ids, the ids sent. The
+count comes from the tokenization the texts are served from (`server.prepared.Usage`): they are
+tokenized once.
 
 `encoding_format` is "float" (the API's default) or "base64" (the SDKs' default: little-endian
 float32 bytes, base64-encoded); `dimensions` keeps the first N dimensions and scales the result
@@ -36,7 +36,8 @@ from starlette.routing import Route
 
 from server import codec
 from server.errors import Internal, InvalidArgument, MalformedRequest, NotFound, ServerError
-from server.http.common import OPENAI, call, endpoint, json_response, parse_json, read_body, until_disconnect
+from server.http.common import OPENAI, endpoint, json_response, parse_json, read_body, until_disconnect
+from server.prepared import Usage
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model
 from server.service import InferenceService
@@ -137,14 +138,6 @@ def _inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
                                   "non-empty lists of token ids"), "input")
 
 
-def _count_tokens(model: Model, texts: list[str]) -> int:
-    """Tokens the engine sees for `texts`: the pipeline's own tokenization, padding left out."""
-    assert model.pipeline is not None
-    tokens = model.pipeline.tokenize(texts)
-    mask = tokens.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(tokens["input_ids"].size)
-
-
 async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
     """Every result, in order; when one fails (or this is cancelled), the rest are cancelled."""
     tasks = [asyncio.ensure_future(w) for w in work]
@@ -157,10 +150,37 @@ async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
         raise
 
 
-def _encode(vector: np.ndarray, encoding: str) -> Any:
+def _encode(vectors: np.ndarray, encoding: str) -> list[Any]:
+    """Each row of `vectors` as the API sends it: a list of floats, or its little-endian
+    float32 bytes in base64. One conversion for all rows (a `tolist` or a `tobytes` per
+    request, not per row)."""
     if encoding == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
+        raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+        step = len(raw) // len(vectors) if len(vectors) else 0
+        return [base64.b64encode(raw[i:i + step]).decode("ascii") for i in range(0, len(raw), step)]
+    return nine_digits(vectors).tolist()  # type: ignore[no-any-return]
+
+
+# float32 needs at most 9 significant decimal digits to be read back exactly (FLT_DECIMAL_DIG).
+_DIGITS = 9
+
+
+def nine_digits(vectors: np.ndarray) -> np.ndarray:
+    """float32 `vectors` as doubles that print with at most 9 significant digits and read back
+    as the same float32s. A float32 widened to a double prints with 17 digits
+    (0.006385671440511942 for 0.00638567144): JSON twice as long and about a quarter slower
+    to write, for digits below the float32's precision."""
+    x = vectors.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponent = np.floor(np.log10(np.abs(x)))
+    shift = _DIGITS - 1 - np.where(np.isfinite(exponent), exponent, 0.0)  # 0, nan, inf: left as they are
+    up = shift >= 0
+    # Powers of ten up to 1e22 are exact doubles, so the quotient (product) is the double nearest
+    # the decimal, which Python prints as that decimal; past them (|x| < 1e-14 or > 1e30) it is
+    # within a few double ulps of it: still the same float32, perhaps printed longer.
+    power = 10.0 ** np.abs(shift)
+    scaled = np.where(up, x * power, x / power)
+    return np.where(up, np.round(scaled) / power, np.round(scaled) * power)
 
 
 class OpenAIRoutes:
@@ -198,8 +218,8 @@ class OpenAIRoutes:
         if params.dimensions is not None:  # the truncation text requests' `dimensions` parameter applies
             assert model.pipeline is not None
             vectors = model.pipeline.truncate_embeddings(vectors, params.dimensions)
-        data = [{"object": "embedding", "index": i, "embedding": _encode(v, params.encoding_format)}
-                for i, v in enumerate(vectors)]
+        data = [{"object": "embedding", "index": i, "embedding": e}
+                for i, e in enumerate(_encode(vectors, params.encoding_format))]
         return json_response({"object": "list", "data": data, "model": params.model,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -218,7 +238,7 @@ class OpenAIRoutes:
             request.parameters["truncate"].bool_param = True
         assert model.text_output is not None
         request.outputs.add(name=model.text_output)
-        counting: asyncio.Future[int] | None = None
+        usage = Usage()
         if text:
             assert model.text_input is not None
             try:
@@ -229,20 +249,11 @@ class OpenAIRoutes:
             texts[:] = encoded
             request.inputs.add(name=model.text_input, datatype="BYTES", shape=[len(encoded)])
             request.raw_input_contents.append(codec.encode_tensor(texts))
-            counting = asyncio.ensure_future(asyncio.to_thread(_count_tokens, model, list(items)))
             tokens = 0
         else:
             tokens = self._token_inputs(model, items, request)
-        try:
-            response = await call(self.service, "ModelInfer", request)
-            if counting is not None:
-                tokens = await counting
-        finally:
-            if counting is not None and counting.done():
-                counting.cancelled() or counting.exception()  # retrieved: a failed count is no stray warning
-            elif counting is not None:
-                counting.cancel()  # the thread finishes on its own; nobody waits for its count
-        return _vectors(response, len(items), model.name), tokens
+        response = await self.service.infer(request, usage)
+        return _vectors(response, len(items), model.name), tokens + usage.prompt_tokens
 
     @staticmethod
     def _token_inputs(model: Model, token_ids: Sequence[list[int]], request: pb.ModelInferRequest) -> int:
@@ -286,7 +297,7 @@ def _vectors(response: pb.ModelInferResponse, count: int, name: str) -> np.ndarr
         raise Internal(f"model '{name}' answered output '{output.name}' as {output.datatype} {list(shape)}, not "
                        f"floats of shape [{count}, width]")
     dtype = np.dtype(codec.DTYPE_OF[output.datatype]).newbyteorder("<")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32, copy=False)
 
 
 def _card(model: Model) -> dict[str, Any]:

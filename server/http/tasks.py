@@ -13,7 +13,6 @@ other `/v1` routes'.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,9 @@ from starlette.routing import Route
 
 from server import codec
 from server.errors import Internal, InvalidArgument, MalformedRequest, NotFound
-from server.http.common import OPENAI, call, endpoint, json_response, parse_json, read_body, until_disconnect
+from server.http.common import OPENAI, endpoint, json_response, parse_json, read_body, until_disconnect
 from server.http.openai import MAX_INPUTS, _about, _all, check_fields
+from server.prepared import Usage
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model
 from server.service import InferenceService
@@ -117,13 +117,6 @@ def _floats(response: pb.ModelInferResponse, count: int, model: str) -> np.ndarr
     return np.frombuffer(raw, dtype=dtype).reshape(tuple(output.shape)).astype(np.float32)
 
 
-def _count_tokens(model: Model, texts: list[str], pairs: list[str] | None) -> int:
-    """Tokens the engine reads for `texts` (and their `pairs`), padding left out."""
-    assert model.pipeline is not None
-    tokens = model.pipeline.tokenize(texts) if pairs is None else model.pipeline.tokenize_pairs(texts, pairs)
-    return int(tokens["attention_mask"].sum())
-
-
 class TaskRoutes:
     """The route handlers over one service; request bodies up to `limit_bytes`."""
 
@@ -148,15 +141,9 @@ class TaskRoutes:
         step = model.max_batch_size or model.engine.max_batch_size or 1
         parts = [self._request(model, texts[i:i + step], None if pairs is None else pairs[i:i + step], output, top_k,
                                truncate) for i in range(0, len(texts), step)]
-        counting = asyncio.ensure_future(asyncio.to_thread(_count_tokens, model, texts, pairs))
-        try:
-            responses = await _all([call(self.service, "ModelInfer", r) for r in parts])
-            tokens = await counting
-        finally:
-            if not counting.done():
-                counting.cancel()
-            elif not counting.cancelled():
-                counting.exception()  # retrieved: a failed count is no stray warning
+        usages = [Usage() for _ in parts]
+        responses = await _all([self.service.infer(r, u) for r, u in zip(parts, usages, strict=True)])
+        tokens = sum(u.prompt_tokens for u in usages)
         scores = np.concatenate([_floats(r, p.inputs[0].shape[0], model.name)
                                  for r, p in zip(responses, parts, strict=True)])
         return scores, tokens

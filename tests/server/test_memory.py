@@ -149,3 +149,28 @@ def test_twenty_minilm_reloads_under_traffic_keep_rss_within_15_percent_of_the_f
         after = rss_bytes()
     assert not failures, failures[:3]
     assert after <= bound, f"RSS {first / 2**20:.0f} MB after the first load, {after / 2**20:.0f} MB after reloads"
+
+
+class _Node:
+    """An object that only the cyclic collector can free (it refers to itself)."""
+
+    def __init__(self) -> None:
+        self.itself = self
+
+
+def test_a_frozen_heap_hides_cycles_from_the_collector_until_a_model_is_retired():
+    assert gc.get_freeze_count() == 0
+    memory.refreeze_heap()  # without freeze_heap: Python's defaults are left alone
+    assert gc.get_freeze_count() == 0
+    node = _Node()
+    freed = weakref.ref(node)
+    memory.freeze_heap()
+    try:
+        assert gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert freed() is not None  # frozen: full collections do not walk it
+        memory.refreeze_heap()  # what a retired model does
+        assert freed() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

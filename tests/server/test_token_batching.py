@@ -88,9 +88,15 @@ def test_requests_over_the_token_budget_are_split_and_answered_whole_in_order(se
         client_ = httpclient.InferenceServerClient(f"127.0.0.1:{served.server.http_port}")
         answers[name] = client_.infer("minilm", [text_input(httpclient, texts)]).as_numpy("sentence_embedding")
 
-    # Three requests at once: their texts mix in batches by length and come back to each in order.
+    def over_grpc_hidden(name: str, texts: list[str]) -> None:
+        result = grpcclient.InferenceServerClient(served.url).infer(
+            "minilm", [text_input(grpcclient, texts)], outputs=[grpcclient.InferRequestedOutput("last_hidden_state")])
+        answers[name] = result.as_numpy("last_hidden_state")
+
+    # Four requests at once: their texts mix in batches by length and come back to each in order;
+    # the one that reads the token-axis output gets it whole, though the others' do not carry it.
     jobs = [("openai", over_openai, SENTENCES), ("grpc", over_grpc, SENTENCES[::-1]),
-            ("http", over_http, SENTENCES[2:])]
+            ("http", over_http, SENTENCES[2:]), ("hidden", over_grpc_hidden, SENTENCES[:2])]
     threads = [threading.Thread(target=job, args=(name, texts)) for name, job, texts in jobs]
     for thread in threads:
         thread.start()
@@ -99,6 +105,10 @@ def test_requests_over_the_token_budget_are_split_and_answered_whole_in_order(se
     np.testing.assert_allclose(answers["openai"], want, atol=2e-5)
     np.testing.assert_allclose(answers["grpc"], want[::-1], atol=2e-5)
     np.testing.assert_allclose(answers["http"], want[2:], atol=2e-5)
+    tokenized = pipeline.tokenize(SENTENCES[:2])
+    hidden, real = engine.run(tokenized)["last_hidden_state"], tokenized["attention_mask"] == 1
+    assert answers["hidden"].shape == hidden.shape
+    np.testing.assert_allclose(answers["hidden"][real], hidden[real], atol=2e-4)  # padding positions aside
 
 
 def test_a_text_over_the_models_tokens_is_refused_naming_the_limit_unless_truncated(served: RunningServer,
