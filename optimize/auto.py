@@ -25,8 +25,10 @@ task's guard (`optimize.guards`: cosine ≥ 0.9999 on real texts for embeddings,
 for classifiers); it times the opt shape and a small one (1 x 32), the two a server sees most.
 
 With a `TuningCache` (`optimize.tuning`; the CLI always passes one), a search is recorded per
-machine and model, and the next build with the same key rebuilds and verifies only the winner;
-should the winner no longer pass, it searches again.
+machine and model and the winner's engine is kept beside it (`optimize.engine_cache`); the next
+build with the same key copies that engine into place once its files check out (seconds; its
+manifest says so under `build.auto.tuning`). Where the kept engine is missing or damaged, only
+the winner is built and verified again (and kept); should it no longer pass, it searches again.
 """
 
 from __future__ import annotations
@@ -44,14 +46,13 @@ from optimize.build import build_engine
 from optimize.guards import INT8_REACHABLE_COSINE, task_guard, with_task_checks
 from optimize.precision import admitted as precision_admits
 from optimize.runtime.config import AUTO_PRECISION, CompileConfig
-from optimize.runtime.errors import ConfigError, OptimizeError
+from optimize.runtime.errors import ConfigError, EngineError, OptimizeError
 from optimize.runtime.loading import load
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.precision import facts
 from optimize.sources import load_source
 from optimize.timing import ROUNDS, EngineTimes, Timings, time_engines
-from optimize.tuning import TuningCache, tuning_key
-
+from optimize.tuning import TuningCache, key_id, tuning_key
 
 
 @dataclass
@@ -236,25 +237,65 @@ def _request(config: CompileConfig, shapes: list[tuple[int, int]]) -> dict[str, 
             "calibration_samples": config.calibration_samples}
 
 
+def _note(reporter: Any, what: str, seconds: float = 0.0) -> None:
+    if reporter is not None:
+        reporter.start(what)
+        reporter.finish(what, round(seconds, 3))
+
+
+def _restore_winner(out_dir: Path, cached: dict[str, Any], tuning: TuningCache, entry_id: str, name: str,
+                    source: dict[str, Any], reporter: Any) -> Any:
+    """Copy the engine kept for a cached search into place; None when there is none usable
+    (the note says why, and the caller rebuilds the winner)."""
+    t0 = time.perf_counter()
+    engines = tuning.engines
+    record, why = engines.restore(entry_id, cached["chosen"], cached.get("recorded"), out_dir)
+    if record is None:
+        _note(reporter, f"tuning cache: {why}: rebuilding {cached['chosen']}")
+        return None
+    manifest = Manifest.read(out_dir)
+    # The same model (content digest) may come from another path, under another name.
+    manifest.name, manifest.source = name, source
+    manifest.build["auto"] = {**cached["auto"], "tuning": {
+        "cache": str(tuning.path), "hit": True, "recorded": cached.get("recorded"),
+        "engine": {"copied_from": str(engines.root / entry_id), "kept": record.get("stored")}}}
+    manifest.write(out_dir)
+    try:
+        engine = load(out_dir)
+    except EngineError as exc:
+        _note(reporter, f"tuning cache: the kept engine does not load ({str(exc)[:80]}): rebuilding {cached['chosen']}")
+        return None
+    _note(reporter, f"tuning cache: {cached['chosen']} was fastest here ({tuning.path}, "
+                    f"{cached.get('recorded', '?')}); its engine copied from the cache", time.perf_counter() - t0)
+    return engine
+
+
+def _keep_engine(tuning: TuningCache, entry_id: str, chosen: str, recorded: str | None, out_dir: Path,
+                 reporter: Any) -> None:
+    """Keep the winner's engine for the next build; a cache that cannot take it costs only speed."""
+    try:
+        kept = tuning.engines.keep(entry_id, chosen, recorded, out_dir)
+    except OSError as exc:
+        kept, why = False, str(exc)
+    else:
+        why = f"larger than the cache's {tuning.engines.max_bytes >> 20} MiB"
+    if not kept:
+        _note(reporter, f"tuning cache: the engine is not kept ({why[:80]}); the next build rebuilds it")
+
+
 def _rebuild_winner(source: str | Path, out_dir: Path, config: CompileConfig, cached: dict[str, Any],
                     tuning: TuningCache, name: str | None, reporter: Any) -> Any:
     """Build and verify only the candidate a cached search chose; None when it no longer
     passes (then the caller searches again)."""
     auto = cached["auto"]
     chosen = next(c for c in auto["candidates"] if c["candidate"] == cached["chosen"])
-    stage = f"tuning cache: {chosen['candidate']} was fastest here ({tuning.path}, {cached.get('recorded', '?')})"
-    if reporter is not None:
-        reporter.start(stage)
-        reporter.finish(stage, 0.0)
+    _note(reporter, f"tuning cache: {chosen['candidate']} was fastest here ({tuning.path}, {cached.get('recorded', '?')})")
     sub = replace(config, backend=chosen["backend"], precision=chosen["precision"],
                   backend_options=dict(chosen.get("options") or {}), tolerance=config.tolerance)
     try:
         build_engine(source, out_dir, sub, name=name, reporter=reporter)
     except OptimizeError as exc:
-        if reporter is not None:
-            note = f"cached choice {chosen['candidate']} no longer passes ({str(exc)[:80]}): searching again"
-            reporter.start(note)
-            reporter.finish(note, 0.0)
+        _note(reporter, f"cached choice {chosen['candidate']} no longer passes ({str(exc)[:80]}): searching again")
         return None
     manifest = Manifest.read(out_dir)
     manifest.build["auto"] = {**auto, "tuning": {"cache": str(tuning.path), "hit": True,
@@ -278,9 +319,13 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
         key = tuning_key(src.digest, _request(config, timing_shapes(config)))
         cached = tuning.lookup(key)
         if cached is not None:
+            engine = _restore_winner(out_dir, cached, tuning, key_id(key), name or src.name, src.describe(), reporter)
+            if engine is not None:
+                return engine
             del src
             engine = _rebuild_winner(source, out_dir, config, cached, tuning, name, reporter)
             if engine is not None:
+                _keep_engine(tuning, key_id(key), cached["chosen"], cached.get("recorded"), out_dir, reporter)
                 return engine
     del src
     found, skipped = survey(config, task)
@@ -330,8 +375,9 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
             "candidates": [c.to_json() for c in [*found, *skipped]],
             "chosen": best.label,
         }
+        entry = None
         if tuning is not None and key is not None:
-            tuning.store(key, {"chosen": best.label, "auto": manifest.build["auto"]})
+            entry = tuning.store(key, {"chosen": best.label, "auto": manifest.build["auto"]})
             manifest.build["auto"]["tuning"] = {"cache": str(tuning.path), "hit": False}
         manifest.write(chosen_dir)
         if out_dir.exists():
@@ -339,4 +385,6 @@ def compile_auto(source: str | Path, out_dir: str | Path, config: CompileConfig,
         chosen_dir.rename(out_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if tuning is not None and key is not None and entry is not None:
+        _keep_engine(tuning, key_id(key), best.label, entry["recorded"], out_dir, reporter)
     return load(out_dir)

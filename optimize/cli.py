@@ -171,8 +171,10 @@ def _auto_table(engine_dir: Path) -> Table | None:
         caption = f"[{colour}]{escape(confidence['verdict'])}[/]"
     tuning = auto.get("tuning") or {}
     if tuning.get("hit"):
-        cached = (f"[dim]choice from the tuning cache {escape(tuning['cache'])} (recorded {tuning.get('recorded')}); "
-                  "--retune measures again[/]")
+        kept = tuning.get("engine")
+        engine = f", engine copied from {escape(kept['copied_from'])}" if kept else ", engine rebuilt"
+        cached = (f"[dim]choice from the tuning cache {escape(tuning['cache'])} (recorded {tuning.get('recorded')})"
+                  f"{engine}; --retune measures again[/]")
         caption = f"{caption}\n{cached}" if caption else cached
     table = Table(title=f"backend auto: candidates at batch × seq {', '.join(shapes)} ({auto['timing']})",
                   title_justify="left", caption=caption, caption_justify="left")
@@ -284,11 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the task's accuracy guard (embeddings: cosine >= 0.9999 on real text; classifiers: the same "
                         "labels too); with a named backend the default is fp32")
     c.add_argument("--tuning-cache", type=Path, metavar="FILE",
-                   help="where backend auto records its choice per machine and model, so the next build of the "
-                        "same model rebuilds only the winner (default: $KILN_CACHE_DIR/tuning.json, else "
-                        "~/.cache/kiln/tuning.json)")
-    c.add_argument("--retune", action="store_true", help="measure every candidate again, replacing the cached choice")
-    c.add_argument("--no-tuning-cache", action="store_true", help="neither read nor write the tuning cache")
+                   help="where backend auto records its choice per machine and model (and keeps the winner's "
+                        "engine beside it), so the next build of the same model copies that engine "
+                        "(default: $KILN_CACHE_DIR/tuning.json, else ~/.cache/kiln/tuning.json)")
+    c.add_argument("--retune", action="store_true",
+                   help="measure every candidate again, replacing the cached choice and its kept engine")
+    c.add_argument("--no-tuning-cache", action="store_true", help="neither read nor write the tuning cache or its engines")
     c.add_argument("--task", metavar="TASK",
                    help="which head of a Hugging Face model to build: " + ", ".join(TASKS)
                         + " (default: the one the directory describes; an unknown head is refused)")

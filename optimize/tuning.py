@@ -1,5 +1,6 @@
 """The tuning cache: which candidate a measured build chose, per machine and model, so the next
-build of the same model on the same machine rebuilds only the winner (seconds, not minutes).
+build of the same model on the same machine copies the winner's kept engine (seconds), or, where
+that engine is gone or damaged, rebuilds only the winner (a minute, not several).
 
 `--backend auto` spends most of its time building and timing candidates that lose. What it
 learns holds as long as nothing it depends on changes, so the whole table (every candidate's
@@ -14,7 +15,9 @@ times, accuracy, the reasons for rejections and skips, how sure the choice was) 
 Any change makes another key, so a stale entry is never used; entries of other models and
 machines stay. Where the file lives: `--tuning-cache PATH` (CLI), else `$KILN_CACHE_DIR/tuning.json`,
 else `$XDG_CACHE_HOME/kiln/tuning.json`, else `~/.cache/kiln/tuning.json`. `--retune` measures
-again and replaces the entry. The file is JSON, written atomically (temporary file + rename), so
+again and replaces the entry (and its engine); `--no-tuning-cache` neither reads nor writes any
+of it. The winners' engines are kept beside the file (`optimize.engine_cache`,
+`tuning-engines/`, bounded in size). The file is JSON, written atomically (temporary file + rename), so
 a crash never leaves half of it, and one that cannot be read is set aside, never trusted.
 """
 
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from optimize.engine_cache import EngineCache
 
 CACHE_ENV = "KILN_CACHE_DIR"
 CACHE_FILE = "tuning.json"
@@ -115,11 +120,16 @@ class TuningCache:
         entry = self._read()["entries"].get(key_id(key))
         return entry if isinstance(entry, dict) and entry.get("key") == key and entry.get("chosen") else None
 
-    def store(self, key: dict[str, Any], record: dict[str, Any]) -> None:
-        """Record a finished search under `key` (replacing an older one)."""
+    @property
+    def engines(self) -> EngineCache:
+        """Where the winners' engines are kept: beside the file, `<stem>-engines/`."""
+        return EngineCache(self.path.with_name(f"{self.path.stem}-engines"))
+
+    def store(self, key: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        """Record a finished search under `key` (replacing an older one); returns the entry."""
         data = self._read()
         recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        data["entries"][key_id(key)] = {**record, "key": key, "recorded": recorded}
+        entry = data["entries"][key_id(key)] = {**record, "key": key, "recorded": recorded}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
         try:
@@ -129,6 +139,7 @@ class TuningCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return entry
 
 
-__all__ = ["TuningCache", "default_path", "tuning_key", "cpu_identity", "versions", "CACHE_ENV"]
+__all__ = ["TuningCache", "default_path", "tuning_key", "key_id", "cpu_identity", "versions", "CACHE_ENV"]

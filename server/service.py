@@ -1,10 +1,10 @@
 """`inference.GRPCInferenceService`: translates protobuf to tensors and back, nothing more.
 
-Validation lives in `codec` (wire form) and `Model.check_inputs` (engine specs), text limits
-and the tokenizer threads in `text`, batching in the model's `ModelScheduler`, status codes in
-`errors`, statistics in `stats`. Every unary RPC goes through `_rpc`, which turns a
-`ServerError` into its status code and anything unexpected into INTERNAL, logged with the
-request's id.
+Validation lives in `codec` (wire form) and `Model.check_inputs` (engine specs), a request
+decoded for its model in `prepared`, text limits and the tokenizer threads in `text`, batching
+in the model's `ModelScheduler`, status codes in `errors`, statistics in `stats`. Every unary
+RPC goes through `server.rpc.rpc`, which turns a `ServerError` into its status code and
+anything unexpected into INTERNAL, logged with the request's id.
 
 The served models and their lifecycle (load, reload, unload, draining) belong to
 `server.models.LoadedModels`; the repository RPCs only check that model control allows them and
@@ -14,40 +14,31 @@ call it. Triton's ModelConfig is built in `server.model_config`.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
-import functools
-import itertools
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
-from typing import Any, TypeVar
 
 import grpc
 
 from optimize.runtime.specs import TensorSpec
 from server import codec
 from server.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
-    Internal,
     InvalidArgument,
-    Rejected,
     ServerError,
     Unavailable,
     status_code,
 )
-from server.handlers import abort
 from server.model_config import model_config, wire_shape
 from server.models import LoadedModels
+from server.prepared import Prepared, Usage, answer_text, decode, failure_reason, token_count
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
-from server.repository import Model
+from server.rpc import Context, current_request_id, log_context, new_request_id, rpc, unimplemented
 from server.scheduler import ModelScheduler
-from server.stats import BACKEND, CANCELED, OTHER, REJECTED, Timings
+from server.stats import CANCELED, Timings
 from server.text import TokenizerPool, check_tokens
 
 log = logging.getLogger(__name__)
@@ -65,128 +56,10 @@ try:
 except metadata.PackageNotFoundError:  # used from a source checkout without installing
     VERSION = "0+unknown"
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Context = grpc.aio.ServicerContext
-Handler = Callable[[Any, Request, Context], Awaitable[Response]]
-# The id of the request being served (the client's, or one made up when it sent none), so every
-# log line about it carries one.
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-# Made-up ids: unique per process (pid) and request (counter), cheaper than uuid4's syscall.
-_request_counter = itertools.count(1)
 # A text request is prepared again when its model is reloaded while it is tokenized; a reload
 # takes far longer than tokenizing, so the second try finds the model settled unless something
 # reloads it in a loop.
 _PREPARE_ATTEMPTS = 3
-
-
-def _make_request_id() -> str:
-    return f"kiln-{os.getpid():x}-{next(_request_counter):x}"
-
-
-def _rpc(method: Handler) -> Handler:
-    """Answer errors with a status: `ServerError` → its code and message; anything else →
-    INTERNAL (logged with its traceback, since it is a bug)."""
-
-    @functools.wraps(method)
-    async def wrapper(self: InferenceService, request: Any, context: Context) -> Any:
-        try:
-            return await method(self, request, context)
-        except ServerError as exc:
-            code, details = status_code(exc), str(exc)
-            log.info("%s failed: %s", method.__name__, details, extra=_context(method.__name__, request, code))
-        except Exception as exc:
-            code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-            log.exception("%s failed unexpectedly", method.__name__, extra=_context(method.__name__, request, code))
-        await abort(context, code, details)  # the client's deadline or cancel may have ended the call first
-
-    return wrapper
-
-
-def _context(rpc: str, request: Any, code: grpc.StatusCode) -> dict[str, str]:
-    fields = {"rpc": rpc, "code": code.name}
-    model = getattr(request, "model_name", "") or getattr(request, "name", "")
-    if model:
-        fields["model"] = model
-    request_id = getattr(request, "id", "") or _request_id.get()
-    if request_id:
-        fields["request_id"] = request_id
-    return fields
-
-
-def _unimplemented(name: str) -> Callable[..., Awaitable[None]]:
-    """An RPC of the protocol this server does not implement: UNIMPLEMENTED, with its name."""
-
-    async def method(self: InferenceService, request: Any, context: Context) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server")
-
-    method.__name__ = method.__qualname__ = name
-    return method
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A request decoded and checked for one model: its `inputs` (texts, or tokens once
-    tokenized), `size` in samples, whether it is a `text` request, the `outputs` to return, the
-    `task_options` of its text interface (top_k, dimensions, ...) and, once tokenized, its
-    texts' `encoded` form (offsets for post-processing)."""
-
-    inputs: Mapping[str, Any]
-    size: int
-    text: bool
-    outputs: list[str]
-    task_options: Any = None
-    encoded: Any = None
-
-
-@dataclass
-class Usage:
-    """What a request cost, for the HTTP APIs' `usage`: `prompt_tokens`, the tokens the engine
-    reads for the request's texts (the pipeline's tokenization, after truncation, special tokens
-    included, padding not); left at 0 for a request of tokens. Counted from the one tokenization
-    the request's batch runs on, so the count costs no second pass over the texts."""
-
-    prompt_tokens: int = 0
-
-
-def _decode(request: pb.ModelInferRequest, model: Model, options: codec.RequestOptions) -> _Prepared:
-    """Decode and validate `request` for `model`, its task options included. Raises
-    `InvalidArgument`."""
-    inputs = codec.decode_inputs(request, model, truncate=options.truncate)
-    text = model.text_input is not None and model.text_input in inputs
-    size = model.check_text(inputs) if text else model.check_inputs(inputs)
-    task_options = None
-    if model.text is not None:
-        try:
-            task_options = model.text.check_options(codec.parameter_values(request), text=text)
-        except ValueError as exc:
-            raise InvalidArgument(f"model '{model.name}': {exc}") from None
-    return _Prepared(inputs, size, text, codec.requested_outputs(request, model, text=text), task_options)
-
-
-def _token_count(feeds: Mapping[str, Any]) -> int:
-    """Tokens in tokenized texts: their attention mask's ones (every id, without a mask)."""
-    mask = feeds.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(feeds["input_ids"].size)
-
-
-def _answer_text(model: Model, outputs: Mapping[str, Any], prepared: _Prepared, timings: Timings) -> Mapping[str, Any]:
-    """The outputs a text request asked for, made by its task's post-processing from the
-    engine's outputs (on the event loop: see `server.text`); counted as compute output, as
-    Triton counts a backend's output processing."""
-    assert model.text is not None
-    started = time.perf_counter_ns()
-    answer = model.text.postprocess(outputs, prepared.encoded, prepared.task_options, prepared.outputs)
-    timings.compute_output_ns += time.perf_counter_ns() - started
-    return answer
-
-
-def _failure_reason(exc: BaseException) -> str:
-    if isinstance(exc, (Rejected, DeadlineExceeded)):
-        return REJECTED
-    if isinstance(exc, Internal):
-        return BACKEND
-    return OTHER
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -207,15 +80,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return self.models.schedulers
 
     # -- health -----------------------------------------------------------------------------
-    @_rpc
+    @rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @_rpc
+    @rpc
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.accepting)
 
-    @_rpc
+    @rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
             scheduler = self.models.served(request.name, request.version)
@@ -224,11 +97,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.accepting and scheduler.accepting)
 
     # -- metadata ---------------------------------------------------------------------------
-    @_rpc
+    @rpc
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=VERSION, extensions=EXTENSIONS)
 
-    @_rpc
+    @rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self.models.served(request.name, request.version).model
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -252,12 +125,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs=outputs,
         )
 
-    @_rpc
+    @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self.models.served(request.name, request.version).model))
 
     # -- inference --------------------------------------------------------------------------
-    @_rpc
+    @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
@@ -276,22 +149,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("the server is shutting down")
         scheduler = self.models.served(request.model_name, request.model_version)
         model = scheduler.model
-        request_id = request.id or _make_request_id()  # logs always carry an id
-        _request_id.set(request_id)
+        request_id = request.id or new_request_id()  # logs always carry an id
+        current_request_id.set(request_id)
         timings = Timings()
         try:
             options = codec.request_options(request)
             scheduler, prepared = await self._prepare(request, scheduler, options, timings)
             model = scheduler.model
             if usage is not None and prepared.text:
-                usage.prompt_tokens = _token_count(prepared.inputs)
+                usage.prompt_tokens = token_count(prepared.inputs)
             outputs = await scheduler.infer(
                 prepared.inputs, prepared.size, request_id, text=prepared.text, outputs=prepared.outputs,
                 priority=options.priority,
                 timeout_us=options.timeout_us, timings=timings,
                 deadline_in_s=deadline_s - time.monotonic() if deadline_s is not None else None)
             if prepared.text:
-                outputs = _answer_text(model, outputs, prepared, timings)
+                outputs = answer_text(model, outputs, prepared, timings)
             response = codec.encode_response(request, model, outputs, prepared.outputs)
         except asyncio.CancelledError:
             scheduler.stats.record_failure(time.perf_counter_ns() - started, CANCELED)
@@ -299,7 +172,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                                                    "request_id": request_id})
             raise
         except ServerError as exc:
-            scheduler.stats.record_failure(time.perf_counter_ns() - started, _failure_reason(exc))
+            scheduler.stats.record_failure(time.perf_counter_ns() - started, failure_reason(exc))
             raise
         scheduler.stats.record_success(time.perf_counter_ns() - started, timings)
         if log.isEnabledFor(logging.DEBUG):
@@ -311,7 +184,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _prepare(self, request: pb.ModelInferRequest, scheduler: ModelScheduler,
-                       options: codec.RequestOptions, timings: Timings) -> tuple[ModelScheduler, _Prepared]:
+                       options: codec.RequestOptions, timings: Timings) -> tuple[ModelScheduler, Prepared]:
         """The request decoded and validated for `scheduler`'s model, its texts tokenized in the
         tokenizer pool (never on the event loop or a model instance), and the scheduler to queue
         it on. A reload that swaps the model in while texts are tokenized means the new
@@ -319,7 +192,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         `_PREPARE_ATTEMPTS` times, then `Unavailable`). Raises `InvalidArgument`, `NotFound`."""
         for _ in range(_PREPARE_ATTEMPTS):
             model = scheduler.model
-            prepared = _decode(request, model, options)
+            prepared = decode(request, model, options)
             if not prepared.text:
                 return scheduler, prepared
             assert model.pipeline is not None
@@ -352,11 +225,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except ServerError as exc:
                 log.info("ModelStreamInfer request failed: %s", exc,
-                         extra=_context("ModelStreamInfer", request, status_code(exc)))
+                         extra=log_context("ModelStreamInfer", request, status_code(exc)))
                 answer = _stream_error(request, str(exc))
             except Exception as exc:
                 log.exception("ModelStreamInfer request failed unexpectedly",
-                              extra=_context("ModelStreamInfer", request, grpc.StatusCode.INTERNAL))
+                              extra=log_context("ModelStreamInfer", request, grpc.StatusCode.INTERNAL))
                 answer = _stream_error(request, f"internal error: {type(exc).__name__}: {exc}")
             await answers.put(answer)
 
@@ -382,7 +255,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     # -- statistics -------------------------------------------------------------------------
-    @_rpc
+    @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: Context) -> pb.ModelStatisticsResponse:
         if request.name:
@@ -392,7 +265,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[s.stats.proto() for s in schedulers])
 
     # -- repository -------------------------------------------------------------------------
-    @_rpc
+    @rpc
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Context) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
@@ -403,7 +276,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 index.models.add(name=state.name, state=UNAVAILABLE, reason=state.reason)
         return index
 
-    @_rpc
+    @rpc
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Context) -> pb.RepositoryModelLoadResponse:
         self._check_control("load")
@@ -414,7 +287,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         await self.models.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @_rpc
+    @rpc
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Context) -> pb.RepositoryModelUnloadResponse:
         self._check_control("unload")
@@ -434,14 +307,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._tokenizer.close()
 
     # -- not implemented --------------------------------------------------------------------
-    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
-    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
-    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
-    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
-    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
-    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
-    TraceSetting = _unimplemented("TraceSetting")
-    LogSettings = _unimplemented("LogSettings")
+    SystemSharedMemoryStatus = unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = unimplemented("TraceSetting")
+    LogSettings = unimplemented("LogSettings")
 
 
 def _wants_final_flag(request: pb.ModelInferRequest) -> bool:

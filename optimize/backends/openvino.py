@@ -50,7 +50,7 @@ from optimize.backends import openvino_int8
 from optimize.passes.base import GENERIC_PASSES
 from optimize.precision import PrecisionPlan, native_on_cpu
 from optimize.runtime.backends.openvino import (HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine,
-                                                engine_config)
+                                                engine_config, shape_cache_is_exact)
 from optimize.runtime.config import CompileConfig
 from optimize.runtime.engine import Engine
 from optimize.runtime.errors import AccuracyError, ConfigError
@@ -241,9 +241,10 @@ class OpenVINOBackend(Backend):
         with torch.inference_mode():
             references = [ctx.reference(**feeds) for feeds in batches]
         outputs = [s.name for s in ctx.outputs]
-        properties = engine_config(options, plan.precision, _float_compute(plan))
 
         def score(model: Any) -> float:
+            properties = engine_config(options, plan.precision, _float_compute(plan),
+                                       shape_cache=shape_cache_is_exact(model))
             compiled = core.compile_model(model, options["device"], properties)
             inputs = [p.get_any_name() for p in model.inputs]
             worst = 1.0

@@ -11,7 +11,7 @@ that many, queued together so that they batch.
 
 `usage.prompt_tokens` counts the tokens the engine was given: each text's tokens after the
 pipeline's truncation, special tokens included, padding not; for token ids, the ids sent. The
-count comes from the tokenization the texts are served from (`server.service.Usage`): they are
+count comes from the tokenization the texts are served from (`server.prepared.Usage`): they are
 tokenized once.
 
 `encoding_format` is "float" (the API's default) or "base64" (the SDKs' default: little-endian
@@ -37,9 +37,10 @@ from starlette.routing import Route
 from server import codec
 from server.errors import Internal, InvalidArgument, MalformedRequest, NotFound, ServerError
 from server.http.common import OPENAI, endpoint, json_response, parse_json, read_body, until_disconnect
+from server.prepared import Usage
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model
-from server.service import InferenceService, Usage
+from server.service import InferenceService
 
 # OpenAI's own limit on the inputs of one request.
 MAX_INPUTS = 2048

@@ -26,9 +26,10 @@ from server import codec
 from server.errors import Internal, InvalidArgument, MalformedRequest, NotFound
 from server.http.common import OPENAI, endpoint, json_response, parse_json, read_body, until_disconnect
 from server.http.openai import MAX_INPUTS, _about, _all, check_fields
+from server.prepared import Usage
 from server.proto import grpc_service_pb2 as pb
 from server.repository import Model
-from server.service import InferenceService, Usage
+from server.service import InferenceService
 
 RERANK_FIELDS = ("model", "query", "documents", "top_n", "return_documents", "raw_scores", "truncate")
 CLASSIFY_FIELDS = ("model", "input", "raw_scores", "truncate")

@@ -14,7 +14,7 @@ import torch
 import optimize
 from optimize.auto import candidates, judged_accuracy, timing_shapes
 from optimize.backends.base import cpu_has_native_bf16
-from optimize.runtime.errors import ConfigError
+from optimize.runtime.errors import ConfigError, OptimizeError
 from tests.optimize.hf_random import TINY_BERT, hf_dir
 
 
@@ -142,3 +142,55 @@ def test_auto_chooses_the_same_engine_while_a_cpu_burner_spins_on_every_core(tmp
     assert main(["info", str(tmp_path / "busy")]) == 0
     table = " ".join(capsys.readouterr().out.split())  # the caption wraps at the table's width
     assert "cpu/run" in table and "spread" in table and "machine busy" in table, "the CLI table says how sure it is"
+
+
+def test_a_second_build_copies_the_kept_engine_and_a_damaged_one_is_rebuilt(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    import optimize.auto as auto_module
+    from optimize.tuning import TuningCache
+
+    source = hf_dir("bert", 2, **TINY_BERT)
+    config = optimize.CompileConfig(backend="auto", max_batch=2, max_seq=16,
+                                    backend_options={"backends": ["eager"], "shapes": ["1x8"]})
+    cache = TuningCache(tmp_path / "cache" / "tuning.json")
+    first = optimize.compile(source, tmp_path / "e1", config, tuning=cache)
+    assert first.manifest.build["auto"]["tuning"] == {"cache": str(cache.path), "hit": False}
+    [kept] = [p for p in cache.engines.root.iterdir() if not p.name.startswith(".")]
+    feeds = {s.name: torch.ones(1, 8, dtype=torch.long) for s in first.manifest.inputs}
+
+    built: list[str] = []
+    real_build = auto_module.build_engine
+
+    def refuse_to_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cache hit must not build")
+
+    monkeypatch.setattr(auto_module, "build_engine", refuse_to_build)
+    second = optimize.compile(source, tmp_path / "e2", config, tuning=cache, name="again")
+    tuning = second.manifest.build["auto"]["tuning"]
+    assert tuning["hit"] is True and tuning["engine"]["copied_from"] == str(kept), "the manifest says where it came from"
+    assert second.manifest.name == "again" and second.manifest.accuracy == first.manifest.accuracy
+    assert torch.equal(second.run(feeds)["last_hidden_state"], first.run(feeds)["last_hidden_state"])
+
+    def counting_build(*args: object, **kwargs: object) -> object:
+        built.append(str(args[1]))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(auto_module, "build_engine", counting_build)
+    payload = next(kept / "engine" / rel for rel in first.manifest.payload)
+    payload.write_bytes(payload.read_bytes() + b"damaged")
+    third = optimize.compile(source, tmp_path / "e3", config, tuning=cache)
+    assert built == [str(tmp_path / "e3")], "a damaged kept engine: only the winner is rebuilt"
+    assert third.manifest.build["auto"]["tuning"]["hit"] is True and "engine" not in third.manifest.build["auto"]["tuning"]
+    record, why = cache.engines.restore(kept.name, third.manifest.build["auto"]["chosen"],
+                                        third.manifest.build["auto"]["tuning"]["recorded"], tmp_path / "e4")
+    assert record is not None, f"the rebuilt engine is kept again: {why}"
+
+    def record_and_fail(*args: object, **kwargs: object) -> None:
+        built.append(str(args[1]))
+        raise OptimizeError("not built in this test")
+
+    built.clear()
+    monkeypatch.setattr(auto_module, "build_engine", record_and_fail)
+    with pytest.raises(OptimizeError, match="no candidate passed"):
+        optimize.compile(source, tmp_path / "e5", config, tuning=TuningCache(cache.path, retune=True))
+    assert built == [str(tmp_path / ".e5.auto" / "0")], "--retune searches again, the kept engine unused"

@@ -53,11 +53,13 @@ def test_default_compile_measures_under_the_task_guard_then_reuses_the_cached_ch
 
     second = run_cli("compile", str(model), "-o", str(tmp_path / "e2"), *common)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "tuning cache" in second.stderr and "candidate 1/" not in second.stderr, "only the winner is rebuilt"
+    assert "tuning cache" in second.stderr and "candidate 1/" not in second.stderr, "nothing is searched again"
+    assert "build (" not in second.stderr, "the winner's kept engine is copied, not rebuilt"
     again = json.loads((tmp_path / "e2" / "manifest.json").read_text())
     assert again["build"]["auto"]["chosen"] == auto["chosen"] and again["build"]["auto"]["tuning"]["hit"] is True
+    assert again["build"]["auto"]["tuning"]["engine"]["copied_from"].startswith(str(cache.parent / "tuning-engines"))
     assert f"{again['backend']}/{again['config']['precision']}" == auto["chosen"].split("[")[0]
-    assert again["accuracy"]["samples"]["labels_compared"] > 0, "the winner is verified again, labels included"
+    assert again["accuracy"]["samples"]["labels_compared"] > 0, "the copy carries its verification, labels included"
 
 
 def test_guards_follow_the_task():

@@ -26,8 +26,31 @@ def test_fp32_engine_matches_eager_exactly_enough_and_bounds_its_dims(tmp_path: 
     assert (shape[1].get_min_length(), shape[1].get_max_length()) == (1, 16)
     from tests.optimize.factories import TinyTokenModel
 
-    ids = torch.randint(0, 50, (3, 11))
-    torch.testing.assert_close(engine.run({"ids": ids})["output_0"], TinyTokenModel().eval()(ids)[0], rtol=1e-4, atol=1e-4)
+    reference = TinyTokenModel().eval()
+    # With OpenVINO's CPU shape cache on, this graph is wrong at [4, 16] when the engine's first
+    # call was at [1, 1] (SHAPE_CACHE_UNSAFE_OPS): kiln turns it off here, and every shape stays exact.
+    assert not engine.shape_cache
+    for shape in [(1, 1), (4, 16), (1, 16), (3, 11), (4, 16)]:
+        ids = torch.randint(0, 50, shape)
+        torch.testing.assert_close(engine.run({"ids": ids})["output_0"], reference(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_bert_graph_keeps_the_shape_cache_and_stays_exact_across_shapes(tmp_path: Path):
+    import transformers
+
+    from tests.optimize.hf_random import TINY_BERT, hf_dir
+
+    source = hf_dir("bert", 1, **TINY_BERT)
+    engine = optimize.compile(source, tmp_path / "ov", optimize.CompileConfig(backend="openvino", max_batch=4, max_seq=16))
+    assert engine.shape_cache, "MatMul-Softmax-MatMul attention: alternating shapes are prepared once"
+    model = transformers.AutoModel.from_pretrained(source).eval()
+    for batch, seq in [(1, 1), (4, 16), (1, 16), (2, 7), (4, 16)]:
+        ids = torch.randint(0, 1000, (batch, seq))
+        feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            expected = model(**feeds).last_hidden_state
+        got = engine.run({s.name: feeds[s.name] for s in engine.manifest.inputs})["last_hidden_state"]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_weight_compression_is_judged_on_real_sentences(tmp_path: Path, minilm_model_dir: Path):
