@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, help="without --address: CPUs the local Ray may use (default: all)")
     parser.add_argument("--actors", type=int, default=1, help="actors, each holding one engine (default: 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves (default: 1)")
+    parser.add_argument("--threads-per-actor", type=int,
+                        help="CPU threads each actor's engine computes with (default: without --address, this "
+                             "machine's CPUs (--num-cpus) shared among the actors; with it, --cpus-per-actor "
+                             "rounded, at least 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves (default: 0)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"rows handed to an actor at a time (default: {DEFAULT_BATCH_SIZE})")
@@ -88,12 +93,14 @@ def run(args: argparse.Namespace) -> Summary:
         log.info("resuming: %d id(s) already in %s are skipped", len(done), output)
         ds = ds.map_batches(drop_done, fn_kwargs={"column": args.id_column, "done": done}, batch_format="pyarrow",
                             num_cpus=IO_TASK_CPUS)
+    threads = threads_per_actor(args)
     outputs = embed_dataset(ds, engine_dir, text_column=args.text_column, id_column=args.id_column,
                             outputs=[c.name for c in columns], actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                            gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size)
-    log.info("engine %s: %s; %d actor(s) x %g CPU%s -> %s", engine_dir, ", ".join(
+                            gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
+                            threads_per_actor=threads)
+    log.info("engine %s: %s; %d actor(s) x %g CPU%s, %d thread(s) each -> %s", engine_dir, ", ".join(
         f"{c.name}{list(c.shape)} {c.dtype}" for c in columns), args.actors, args.cpus_per_actor,
-        f" + {args.gpus_per_actor:g} GPU" if args.gpus_per_actor else "", output)
+        f" + {args.gpus_per_actor:g} GPU" if args.gpus_per_actor else "", threads, output)
     started = time.perf_counter()
     sink = part_files_sink(output, args.id_column)
     outputs.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
@@ -101,6 +108,17 @@ def run(args: argparse.Namespace) -> Summary:
     # counted from the files, which a task run twice cannot inflate
     total, duplicates = deduplicate(output, args.id_column)
     return Summary(written=total - len(done), resumed=len(done), total=total, duplicates=duplicates, seconds=seconds)
+
+
+def threads_per_actor(args: argparse.Namespace) -> int:
+    """`--threads-per-actor`, or by default each actor's share of the cores: engines size their
+    thread pools to every core of the machine, so two actors on one machine would each run as
+    many threads as it has cores and slow each other down."""
+    if args.threads_per_actor is not None:
+        return args.threads_per_actor
+    if args.address:
+        return max(1, round(args.cpus_per_actor))
+    return max(1, (args.num_cpus or os.cpu_count() or 1) // args.actors)
 
 
 def _check_room(actors: int, cpus_per_actor: float, joined: bool) -> None:

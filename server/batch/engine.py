@@ -60,11 +60,12 @@ class EngineBatches:
     loaded engine; a pyarrow Table holding `id_column` and `text_column` in, a Table with the id
     and one column per output out, row for row in the same order. Usable without Ray too.
 
-    Raises `BatchError` for a row without text (naming its id)."""
+    Raises `BatchError` for a row without text (naming its id). `threads`: the CPU threads the
+    engine computes with (`optimize.runtime.load`); None: the engine's own choice."""
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, text_column: str = "text", id_column: str = "id",
-                 outputs: Sequence[str] | None = None) -> None:
-        self.engine = runtime.load(engine_dir)
+                 outputs: Sequence[str] | None = None, threads: int | None = None) -> None:
+        self.engine = runtime.load(engine_dir, threads=threads)
         self.columns = output_columns(self.engine, outputs)
         self.pipeline = self.engine.pipeline
         self.text_column, self.id_column = text_column, id_column

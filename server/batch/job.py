@@ -33,11 +33,13 @@ IO_TASK_CPUS = 0
 def embed_dataset(ds: Any, engine_dir: str | os.PathLike[str], *, text_column: str = "text", id_column: str = "id",
                   outputs: Sequence[str] | None = None, actors: int = 1, cpus_per_actor: float = 1.0,
                   gpus_per_actor: float = 0.0, batch_size: int = DEFAULT_BATCH_SIZE,
-                  rows_per_task: int | None = None) -> Any:
+                  rows_per_task: int | None = None, threads_per_actor: int | None = None) -> Any:
     """A Ray Dataset of `id_column` and the engine's outputs (default: its pipeline's, e.g.
     `sentence_embedding` as a fixed-size list of float32) for every row of `ds`, computed by a
     pool of `actors` actors that each hold the engine loaded from `engine_dir` (a path every node
-    can read) and reserve `cpus_per_actor` CPUs and `gpus_per_actor` GPUs. The rows reach the
+    can read) and reserve `cpus_per_actor` CPUs and `gpus_per_actor` GPUs; each engine computes
+    with `threads_per_actor` CPU threads (None: the engine's own choice, usually every core of
+    its machine, so actors sharing a machine should be given their share). The rows reach the
     actors in blocks of at most `rows_per_task` rows (default: `BATCHES_PER_TASK` batches of
     `batch_size`), each one actor task and, written with `part_files_sink`, one output file. Lazy,
     like every Ray Dataset: nothing runs until it is consumed or written.
@@ -56,6 +58,8 @@ def embed_dataset(ds: Any, engine_dir: str | os.PathLike[str], *, text_column: s
         raise BatchError(f"the input has no column {missing[0]!r}; it has {', '.join(ds.columns())} "
                          "(choose with --id-column / --text-column)")
     rows_per_task = BATCHES_PER_TASK * batch_size if rows_per_task is None else rows_per_task
+    if threads_per_actor is not None and threads_per_actor < 1:
+        raise BatchError(f"threads_per_actor must be at least 1, got {threads_per_actor}")
     if actors < 1 or batch_size < 1 or rows_per_task < 1:
         raise BatchError(f"actors, batch_size and rows_per_task must be at least 1, got {actors}, {batch_size} "
                          f"and {rows_per_task}")
@@ -63,7 +67,7 @@ def embed_dataset(ds: Any, engine_dir: str | os.PathLike[str], *, text_column: s
     return blocks.map_batches(
         EngineBatches,
         fn_constructor_kwargs={"engine_dir": str(engine_dir), "text_column": text_column, "id_column": id_column,
-                               "outputs": [c.name for c in columns]},
+                               "outputs": [c.name for c in columns], "threads": threads_per_actor},
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
     )

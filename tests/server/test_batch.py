@@ -125,6 +125,17 @@ def test_input_formats_are_told_from_the_file_names(tmp_path):
         batch.job.format_of(tmp_path)
 
 
+def test_actors_on_this_machine_share_its_cores_by_default(tmp_path):
+    # an engine sizes its threads to every core: two actors each doing so would fight over them
+    def threads(*flags: str) -> int:
+        return batch.cli.threads_per_actor(batch.parse_args(["e", "--input", "i", "--output", "o", *flags]))
+
+    assert threads("--num-cpus", "8") == 8 and threads("--num-cpus", "8", "--actors", "2") == 4
+    assert threads("--num-cpus", "2", "--actors", "3") == 1
+    assert threads("--address", "auto", "--cpus-per-actor", "4") == 4, "on a cluster: the CPUs it reserves"
+    assert threads("--actors", "2", "--threads-per-actor", "3") == 3
+
+
 # -- on Ray ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import optimize
@@ -66,3 +67,16 @@ def test_quantized_precisions_are_judged_on_samples_and_others_on_both():
     bad = AccuracyReport(max_abs_error=0.1, min_cosine=0.9, worst="output 'y' on sample batch {'batch': 1}")
     _, failure = judge(samples, bad, optimize.CompileConfig(precision="int8-weight"))
     assert failure.startswith("engine disagrees with fp32 eager on real samples") and "output 'y'" in failure
+
+
+def test_an_engine_loaded_with_threads_computes_with_that_many_and_the_same_answer(minilm_engine_dir: Path):
+    # a Ray actor holding half of the machine loads its engine with threads=1
+    own, one = optimize.runtime.load(minilm_engine_dir), optimize.runtime.load(minilm_engine_dir, threads=1)
+    assert one._session.get_session_options().intra_op_num_threads == 1
+    assert own._session.get_session_options().intra_op_num_threads == 0, "the engine's own choice: every core"
+    feeds = one.pipeline.tokenize(["threads change the speed, not the answer"])
+    ours, theirs = (np.asarray(e.run(feeds)["sentence_embedding"]) for e in (one, own))
+    assert np.abs(ours - theirs).max() < 1e-5
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(EngineError, match="threads must be a whole number of at least 1"):
+            optimize.runtime.load(minilm_engine_dir, threads=bad)
