@@ -151,36 +151,14 @@ async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
 
 
 def _encode(vectors: np.ndarray, encoding: str) -> list[Any]:
-    """Each row of `vectors` as the API sends it: a list of floats, or its little-endian
-    float32 bytes in base64. One conversion for all rows (a `tolist` or a `tobytes` per
-    request, not per row)."""
+    """Each row of `vectors` as the API sends it: its float32s (a numpy row, which
+    `json_response` writes as a list of the shortest exact numbers), or its little-endian
+    float32 bytes in base64 (one `tobytes` per request, not per row)."""
     if encoding == "base64":
         raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
         step = len(raw) // len(vectors) if len(vectors) else 0
         return [base64.b64encode(raw[i:i + step]).decode("ascii") for i in range(0, len(raw), step)]
-    return nine_digits(vectors).tolist()  # type: ignore[no-any-return]
-
-
-# float32 needs at most 9 significant decimal digits to be read back exactly (FLT_DECIMAL_DIG).
-_DIGITS = 9
-
-
-def nine_digits(vectors: np.ndarray) -> np.ndarray:
-    """float32 `vectors` as doubles that print with at most 9 significant digits and read back
-    as the same float32s. A float32 widened to a double prints with 17 digits
-    (0.006385671440511942 for 0.00638567144): JSON twice as long and about a quarter slower
-    to write, for digits below the float32's precision."""
-    x = vectors.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        exponent = np.floor(np.log10(np.abs(x)))
-    shift = _DIGITS - 1 - np.where(np.isfinite(exponent), exponent, 0.0)  # 0, nan, inf: left as they are
-    up = shift >= 0
-    # Powers of ten up to 1e22 are exact doubles, so the quotient (product) is the double nearest
-    # the decimal, which Python prints as that decimal; past them (|x| < 1e-14 or > 1e30) it is
-    # within a few double ulps of it: still the same float32, perhaps printed longer.
-    power = 10.0 ** np.abs(shift)
-    scaled = np.where(up, x * power, x / power)
-    return np.where(up, np.round(scaled) / power, np.round(scaled) * power)
+    return list(np.ascontiguousarray(vectors, dtype=np.float32))  # rows; `json_response` prints float32s
 
 
 class OpenAIRoutes:
