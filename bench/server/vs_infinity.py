@@ -139,7 +139,7 @@ def infinity_setup(configs: list[str]) -> tuple[Path, Path]:
         shutil.copytree(minilm_dir(), model, dirs_exist_ok=True)
     if "optimum" in configs and not (model / "model.onnx").exists():
         print("exporting all-MiniLM-L6-v2 to ONNX for Infinity's optimum engine (once)")
-        run_logged([str(venv / "bin" / "optimum-cli"), "export", "onnx", "--model", str(model), "--task",
+        run_logged([str(venv / "bin" / "python"), str(venv / "bin" / "optimum-cli"), "export", "onnx", "--model", str(model), "--task",
                     "feature-extraction", "--library-name", "transformers", str(model)], CACHE / "onnx-export.log",
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return program, model
@@ -232,7 +232,8 @@ def infinity_server(program: Path, model: Path, config: str) -> Iterator[Running
     log = CACHE / f"infinity-{config}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(program), "v2", "--model-id", ".", "--served-model-name", MODEL, "--port", str(port),
+            # through the venv's python: the script's #! line names the directory the venv was made in
+            [str(program.parent / "python"), str(program), "v2", "--model-id", ".", "--served-model-name", MODEL, "--port", str(port),
              "--url-prefix", "/v1", "--batch-size", str(MAX_BATCH), "--pooling-method", "mean",
              *INFINITY_CONFIGS[config]],
             cwd=model, stdout=out, stderr=subprocess.STDOUT,
