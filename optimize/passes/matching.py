@@ -59,6 +59,19 @@ def shape_of(node: Any) -> tuple[Any, ...] | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def token_dims(node: Any, batch: Any, seq: Any) -> int | None:
+    """How `node` lays out the tokens of a [batch, seq] input (`batch` and `seq` as `expr`
+    gives them): 2 for a [B, S, ...] value, 1 for a flattened [B*S, ...], None otherwise."""
+    shape = shape_of(node)
+    if not shape:
+        return None
+    if len(shape) >= 2 and expr(shape[0]) == batch and expr(shape[1]) == seq:
+        return 2
+    if expr(shape[0]) == batch * seq:
+        return 1
+    return None
+
+
 def dtype_of(node: Any) -> torch.dtype | None:
     """The recorded dtype of a tensor-valued `node`, else None."""
     v = value(node)

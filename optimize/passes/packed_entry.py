@@ -48,7 +48,7 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from optimize.passes.base import aten
-from optimize.passes.matching import ensure_meta, expr, kernel_ops, native_ops, shape_of, value
+from optimize.passes.matching import ensure_meta, expr, kernel_ops, native_ops, shape_of, token_dims, value
 from optimize.passes.remove_padding import _DIM_OPS, _POINTWISE, _RESHAPES, _ROW_DATA, _kernel_row_data
 from optimize.runtime.specs import TensorSpec
 
@@ -304,14 +304,7 @@ class _PackedGraph:
 
     def _padded(self, node: Any) -> int | None:
         """2 for a [B, S, ...] value, 1 for [B*S, ...], None otherwise."""
-        shape = shape_of(node)
-        if not shape:
-            return None
-        if len(shape) >= 2 and expr(shape[0]) == self.batch and expr(shape[1]) == self.seq:
-            return 2
-        if expr(shape[0]) == self.batch * self.seq:
-            return 1
-        return None
+        return token_dims(node, self.batch, self.seq)
 
     def _broadcast(self, x: fx.Node) -> fx.Node:
         """A value that broadcasts against padded tokens ([S, ...] or [1, S, ...] per position,

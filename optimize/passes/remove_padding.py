@@ -39,7 +39,7 @@ import torch
 from torch import fx
 
 from optimize.passes.base import GraphPass, PassContext, aten, call_nodes
-from optimize.passes.matching import ensure_meta, expr, is_static, kernel_ops, native_ops, shape_of, value
+from optimize.passes.matching import ensure_meta, expr, is_static, kernel_ops, native_ops, shape_of, token_dims, value
 
 _POINTWISE = {
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
@@ -95,14 +95,7 @@ class _Layout:
 
     def token_dims(self, node: Any) -> int | None:
         """2 for a [B, S, ...] value, 1 for [B*S, ...], None for anything else."""
-        shape = shape_of(node)
-        if not shape:
-            return None
-        if len(shape) >= 2 and expr(shape[0]) == self.batch and expr(shape[1]) == self.seq:
-            return 2
-        if expr(shape[0]) == self.batch * self.seq:
-            return 1
-        return None
+        return token_dims(node, self.batch, self.seq)
 
     def is_param(self, node: Any, rank_limit: int | None = None) -> bool:
         """A constant (a weight, or computed from weights) of rank <= `rank_limit`."""
