@@ -100,19 +100,19 @@ def _tiny_bert_int8(tmp_path: Path, min_cosine: float, **options: object) -> opt
 
 
 def test_int8_keeps_the_costliest_matmuls_in_float_until_the_guard_is_met(tmp_path: Path):
-    engine = _tiny_bert_int8(tmp_path, 0.9999)
+    engine = _tiny_bert_int8(tmp_path, 0.99995)
     quantization = engine.manifest.build["quantization"]
     kept = quantization["kept_in_float"]
-    assert quantization["calibration_cosine_all_int8"] < 0.9999, "all-int8 misses the guard, so layers are kept"
+    assert quantization["calibration_cosine_all_int8"] < 0.99995, "all-int8 misses the guard, so layers are kept"
     assert kept["matmuls"] and kept["quantized"] > 0, "some MatMuls stay int8, the costliest go to float"
-    assert kept["calibration_cosine"] >= 0.9999 and len(kept["steps"]) >= 1
+    assert kept["calibration_cosine"] >= 0.99995 and len(kept["steps"]) >= 1
     import openvino as ov
 
     model = ov.Core().read_model(str(tmp_path / "ov-int8" / "model.xml"))
     fake_quantized = {t.get_node().get_friendly_name() for op in model.get_ordered_ops()
                       if op.get_type_name() == "FakeQuantize" for t in op.output(0).get_target_inputs()}
     assert not fake_quantized & set(kept["matmuls"]), "kept MatMuls read no quantized activation"
-    assert engine.manifest.accuracy["min_cosine"] >= 0.9999
+    assert engine.manifest.accuracy["min_cosine"] >= 0.99995
     # what is not int8 computes in bf16 where the CPU has it natively, and the engine loads so
     expected = "bf16" if native_bf16() else "f32"
     assert quantization["float_compute"] == expected

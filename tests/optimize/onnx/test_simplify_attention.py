@@ -11,10 +11,12 @@ def test_minilm_attention_is_cleaned_up_without_changing_results(minilm_onnx, se
     expected = [run_ort(minilm_onnx, feeds) for feeds in sentence_batches]
     nodes_before, shapes_before = len(minilm_onnx.graph.node), op_types(minilm_onnx).count("Shape")
     model, counts = SimplifyAttention().run(minilm_onnx, None)
-    assert counts == {"transpose_chains": 6, "transposes_merged": 6, "scales_folded": 12}, "6 layers: one K chain, one Q and one K scale each"
+    assert counts == {"transpose_chains": 6, "transposes_merged": 6, "scales_folded": 12, "nan_guards_removed": 6}, \
+        "6 layers: one K chain, one Q and one K scale, one softmax NaN guard each"
     onnx.checker.check_model(model, full_check=True)
     assert len(model.graph.node) <= nodes_before - 60
     assert op_types(model).count("Shape") < shapes_before, "the K-transpose shape arithmetic is gone"
+    assert "IsNaN" not in op_types(model), "the exporter's masks fill with a finite minimum: no guard is needed"
     assert sum(1 for n in model.graph.node if n.op_type == "Transpose"
                and list(n.attribute[0].ints) == [0, 2, 3, 1]) == 6, "K goes straight to [batch, heads, dim, seq]"
     for feeds, want in zip(sentence_batches, expected):
@@ -52,3 +54,42 @@ def test_reshape_transpose_reshape_collapses_only_when_it_is_a_transpose(reshape
     assert counts["transpose_chains"] == int(collapses)
     assert op_types(rewritten) == (["Transpose"] if collapses else ["Reshape", "Transpose", "Reshape"])
     np.testing.assert_array_equal(run_ort(rewritten, {"x": x})["y"], expected)
+
+
+def _guarded_attention(fill: float) -> onnx.ModelProto:
+    """softmax(q·kᵀ + where(mask, 0, fill)) under torch's NaN guard, then ·v."""
+    nodes = [
+        helper.make_node("MatMul", ["q", "k"], ["scores"]),
+        helper.make_node("Where", ["mask", "zero", "fill"], ["bias"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+        helper.make_node("IsNaN", ["p"], ["nan"]),
+        helper.make_node("Where", ["nan", "zero", "p"], ["safe"]),
+        helper.make_node("MatMul", ["safe", "v"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(fill, np.float32), "fill")]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [2, 4, 8]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 8, 4]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 4, 8]),
+              helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 1, 4])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+@pytest.mark.parametrize("fill, removed", [(float(np.finfo(np.float32).min), True), (float("-inf"), False)],
+                         ids=["finite-mask", "infinite-mask"])
+def test_the_softmax_nan_guard_goes_only_where_no_row_can_be_nan(fill, removed):
+    rng = np.random.default_rng()
+    mask = rng.random((2, 1, 4)) < 0.6
+    mask[1] = False  # every key masked for the second batch: -inf logits give NaN without the guard
+    feeds = {"q": rng.standard_normal((2, 4, 8), np.float32), "k": rng.standard_normal((2, 8, 4), np.float32),
+             "v": rng.standard_normal((2, 4, 8), np.float32), "mask": mask}
+    model = _guarded_attention(fill)
+    expected = run_ort(model, feeds)["y"]
+    rewritten, counts = SimplifyAttention().run(model, None)
+    assert counts["nan_guards_removed"] == int(removed)
+    assert ("IsNaN" in op_types(rewritten)) != removed
+    got = run_ort(rewritten, feeds)["y"]
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, expected)
