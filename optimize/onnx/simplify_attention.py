@@ -17,7 +17,12 @@ real pattern — MatMul(Q, Kᵀ) → Add(mask) → Softmax → MatMul(V) — onl
   is masked with -inf, and the exporter's masks fill with the dtype's finite minimum instead. The
   guard costs two full passes over the [batch, heads, seq, seq] scores and hides the attention
   pattern from OpenVINO's fused attention (measured on all-MiniLM-L6-v2 with the OpenVINO bf16
-  engine, Intel Xeon with AMX, 2 cores: 8-10% of the whole model at 8 × 128 and at 1 × 32).
+  engine, Intel Xeon with AMX, 2 cores: 8-10% of the whole model at 8 × 128 and at 1 × 32);
+- `masks_narrowed`: transformers builds an encoder's mask as `padding & (q_idx >= 0)`; the second
+  term is true everywhere (`all_true`), yet it broadcasts the [batch, 1, 1, keys] padding mask
+  up to [batch, 1, queries, keys], and every layer then reads that square. The `And` goes when
+  all the mask reaches are `Where`s feeding `Add`s into whose other operand (the scores) the
+  dropped term broadcasts without widening it, so the narrow mask gives the same sums.
 """
 
 from __future__ import annotations
@@ -253,6 +258,86 @@ def finite_scores(g: Graph, value: str, depth: int = 0) -> bool:
     return False
 
 
+def lower_bound(g: Graph, value: str, depth: int = 0) -> float | None:
+    """A number no element of the integer tensor `value` is below, when one is evident: a
+    constant's minimum, or the start of an increasing `Range`, through layout ops and casts."""
+    if depth > 12:
+        return None
+    const = g.constant(value)
+    if const is not None:
+        return float(const.min()) if const.size and const.dtype.kind in "iu" else None
+    node = g.producer.get(value)
+    if node is None:
+        return None
+    if node.op_type == "Range":
+        start, delta = g.constant(node.input[0]), g.constant(node.input[2])
+        if start is None or delta is None or start.size != 1 or delta.size != 1 or float(delta.reshape(())) <= 0:
+            return None
+        return float(start.reshape(()))
+    if node.op_type in _FINITE_THROUGH:
+        return lower_bound(g, node.input[0], depth + 1)
+    return None
+
+
+def all_true(g: Graph, value: str, depth: int = 0) -> bool:
+    """Whether the boolean tensor `value` is true everywhere, evidently: a constant, `And`s of
+    such, and comparisons a `lower_bound` decides."""
+    if depth > 12:
+        return False
+    const = g.constant(value)
+    if const is not None:
+        return const.dtype == np.bool_ and bool(const.all())
+    node = g.producer.get(value)
+    if node is None:
+        return False
+    if node.op_type == "And":
+        return all(all_true(g, v, depth + 1) for v in node.input)
+    if node.op_type in ("GreaterOrEqual", "Greater"):
+        low, limit = lower_bound(g, node.input[0]), g.constant(node.input[1])
+        if low is None or limit is None or limit.size == 0:
+            return False
+        return low >= float(limit.max()) if node.op_type == "GreaterOrEqual" else low > float(limit.max())
+    return False
+
+
+def _adds_keep_their_shape(g: Graph, mask: str, dropped: str) -> bool:
+    """Whether `mask` reaches only `Where` conditions whose choices feed only `Add`s into whose
+    other operand the `dropped` term broadcasts without widening it (each of its dims is 1 or
+    the other operand's same dim), so the mask without that term gives the same sums."""
+    wheres = g.consumers.get(mask, [])
+    narrow = g.shapes.get(dropped)
+    if not wheres or mask in g.outputs or narrow is None:
+        return False
+    for where in wheres:
+        if where.op_type != "Where" or list(where.input).count(mask) != 1 or where.input[0] != mask:
+            return False
+        adds = g.consumers.get(where.output[0], [])
+        if not adds or where.output[0] in g.outputs:
+            return False
+        for add in adds:
+            if add.op_type != "Add" or list(add.input).count(where.output[0]) != 1:
+                return False
+            other = g.shapes.get(add.input[1] if add.input[0] == where.output[0] else add.input[0])
+            if other is None or len(narrow) > len(other):
+                return False
+            if any(d != 1 and (d is None or d != o) for d, o in zip(narrow, other[len(other) - len(narrow):])):
+                return False
+    return True
+
+
+def _narrow_one_mask(g: Graph, node: onnx.NodeProto) -> bool:
+    if node.output[0] in g.outputs:
+        return False
+    for kept, dropped in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+        if all_true(g, dropped) and _adds_keep_their_shape(g, node.output[0], dropped):
+            target = node.output[0]
+            g.remove_nodes([node])
+            g.rename_input(target, kept)
+            _settle(g)
+            return True
+    return False
+
+
 def _remove_one_nan_guard(g: Graph, where: onnx.NodeProto) -> bool:
     condition, zero, probabilities = where.input
     is_nan = g.producer.get(condition)
@@ -272,7 +357,7 @@ def _remove_one_nan_guard(g: Graph, where: onnx.NodeProto) -> bool:
 class SimplifyAttention(OnnxPass):
     name: ClassVar[str] = "onnx_simplify_attention"
     description: ClassVar[str] = ("collapse K-transpose chains, merge transposes, fold softmax scales into Q/K, "
-                                   "drop softmax NaN guards over finite scores")
+                                   "drop softmax NaN guards over finite scores, narrow always-true mask terms")
 
     def run(self, model: onnx.ModelProto, ctx: OnnxPassContext) -> tuple[onnx.ModelProto, dict[str, int]]:
         g = Graph(model)
@@ -281,6 +366,7 @@ class SimplifyAttention(OnnxPass):
             "transposes_merged": _rewrite_all(g, "Transpose", _merge_one_transpose),
             "scales_folded": _rewrite_all(g, "Mul", _fold_one_scale),
             "nan_guards_removed": _rewrite_all(g, "Where", _remove_one_nan_guard),
+            "masks_narrowed": _rewrite_all(g, "And", _narrow_one_mask),
         }
         if any(counts.values()):
             # Shapes of rewritten values may have changed: recompute them.
