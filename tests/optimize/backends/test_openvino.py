@@ -44,6 +44,7 @@ def test_a_bert_graph_keeps_the_shape_cache_and_stays_exact_across_shapes(tmp_pa
     engine = optimize.compile(source, tmp_path / "ov", optimize.CompileConfig(backend="openvino", max_batch=4, max_seq=16))
     assert engine.shape_cache, "MatMul-Softmax-MatMul attention: alternating shapes are prepared once"
     model = transformers.AutoModel.from_pretrained(source).eval()
+    answers = []
     for batch, seq in [(1, 1), (4, 16), (1, 16), (2, 7), (4, 16)]:
         ids = torch.randint(0, 1000, (batch, seq))
         feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -51,6 +52,9 @@ def test_a_bert_graph_keeps_the_shape_cache_and_stays_exact_across_shapes(tmp_pa
             expected = model(**feeds).last_hidden_state
         got = engine.run({s.name: feeds[s.name] for s in engine.manifest.inputs})["last_hidden_state"]
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        answers.append((got, got.clone()))
+    for got, copy in answers:
+        assert torch.equal(got, copy), "an answer is the caller's: later calls do not write into it"
 
 
 def test_int8_weight_compression_is_judged_on_real_sentences(tmp_path: Path, minilm_model_dir: Path):
