@@ -6,7 +6,6 @@ calls it directly, `auto` once per candidate."""
 from __future__ import annotations
 
 import functools
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from optimize.runtime.precision import facts
 from optimize.samples import calibration_feeds, verification_feeds
 from optimize.sources import load_source
 from optimize.sources.base import Source
+from optimize.staging import staged_directory
 from optimize.verify import compare_real_tokens, judge, verification_sizes, verify, verify_batches
 
 
@@ -79,59 +79,54 @@ def build_engine(source: str | Path, out_dir: str | Path, config: CompileConfig,
     if backend.consumes_onnx:
         pass_results += prepare_onnx(program, ctx, backend, stage)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        with stage(f"build ({backend.name})"):
-            payload = backend.build(program, ctx, staging)
-            if src.pipeline is not None and src.pipeline_dir is not None:
-                payload += store_pipeline(src.pipeline, src.pipeline_dir, staging)
-        manifest = Manifest(
-            name=name or src.name,
-            backend=backend.name,
-            config=config,
-            inputs=src.inputs,
-            outputs=outputs,
-            source=src.describe(),
-            payload=payload,
-            passes=[r.to_json() for r in full_report(pass_results, backend.name)],
-            build=ctx.record,
-            pipeline=src.pipeline,
-            environment=build_environment(),
-        )
-        manifest.write(staging)
+        with staged_directory(out_dir) as staging:
+            with stage(f"build ({backend.name})"):
+                payload = backend.build(program, ctx, staging)
+                if src.pipeline is not None and src.pipeline_dir is not None:
+                    payload += store_pipeline(src.pipeline, src.pipeline_dir, staging)
+            manifest = Manifest(
+                name=name or src.name,
+                backend=backend.name,
+                config=config,
+                inputs=src.inputs,
+                outputs=outputs,
+                source=src.describe(),
+                payload=payload,
+                passes=[r.to_json() for r in full_report(pass_results, backend.name)],
+                build=ctx.record,
+                pipeline=src.pipeline,
+                environment=build_environment(),
+            )
+            manifest.write(staging)
 
-        runnable, why_not = backend.can_run_here()
-        failure = ""
-        if runnable:
-            shapes = verification_sizes(src.inputs, config)
-            sentences = verification_feeds(src, config)
-            with stage("verify", total=len(shapes) + len(sentences)):
-                engine = load(staging)
-                progress = lambda sizes: reporter.advance(" ".join(f"{k}={v}" for k, v in sizes.items()))  # noqa: E731
-                report = verify(engine.run, src.module, src.make_inputs, src.inputs, config, on_shape=progress)
-                real = verify_batches(engine.run, src.module, sentences, on_batch=progress) if sentences else None
-                del engine
-            manifest.accuracy, failure = judge(report, real, config)
-        else:
-            # Never silent: the manifest, the progress display and the returned engine say why.
-            reporter.start(f"verify skipped: {why_not}")
-            reporter.finish(f"verify skipped: {why_not}", 0.0)
-            tol = config.tolerance
-            assert tol is not None
-            manifest.accuracy = {"skipped": f"not verified: {why_not}", "tolerance": tol.to_json(),
-                                 "reference": "fp32 eager"}
-        manifest.timings_s = timings
-        manifest.write(staging)
-        if failure:
-            raise AccuracyError(failure)
-        _make_readable(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            runnable, why_not = backend.can_run_here()
+            failure = ""
+            if runnable:
+                shapes = verification_sizes(src.inputs, config)
+                sentences = verification_feeds(src, config)
+                with stage("verify", total=len(shapes) + len(sentences)):
+                    engine = load(staging)
+                    def progress(sizes: dict[str, int]) -> None:
+                        reporter.advance(" ".join(f"{k}={v}" for k, v in sizes.items()))
+
+                    report = verify(engine.run, src.module, src.make_inputs, src.inputs, config, on_shape=progress)
+                    real = verify_batches(engine.run, src.module, sentences, on_batch=progress) if sentences else None
+                    del engine
+                manifest.accuracy, failure = judge(report, real, config)
+            else:
+                # Never silent: the manifest, the progress display and the returned engine say why.
+                reporter.start(f"verify skipped: {why_not}")
+                reporter.finish(f"verify skipped: {why_not}", 0.0)
+                tol = config.tolerance
+                assert tol is not None
+                manifest.accuracy = {"skipped": f"not verified: {why_not}", "tolerance": tol.to_json(),
+                                     "reference": "fp32 eager"}
+            manifest.timings_s = timings
+            manifest.write(staging)
+            if failure:
+                raise AccuracyError(failure)
+            _make_readable(staging)
     finally:
         torch.set_grad_enabled(True)
     if not runnable:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 from optimize.runtime.errors import EngineError
 from optimize.runtime.manifest import MANIFEST_FILE, Manifest
+from optimize.staging import staged_directory
 
 RECORD_FILE = "record.json"
 ENGINE_DIR = "engine"
@@ -78,20 +78,12 @@ class EngineCache:
         size = _size(engine_dir)
         if size > self.max_bytes:
             return False
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry_id}.", dir=self.root))
-        try:
+        with staged_directory(self.root / entry_id) as staging:
             shutil.copytree(engine_dir, staging / ENGINE_DIR)
             record = {"format": FORMAT, "entry": entry_id, "chosen": chosen, "recorded": recorded, "kiln": kiln_digest(),
                       "stored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "files": file_digests(staging / ENGINE_DIR)}
             (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
-            target = self.root / entry_id
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self._evict(keep=entry_id)
         return True
 
@@ -125,16 +117,8 @@ class EngineCache:
             Manifest.read(engine)
         except EngineError as exc:
             return None, f"the kept engine's manifest cannot be used ({str(exc)[:160]})"
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with staged_directory(out_dir) as staging:
             shutil.copytree(engine, staging, dirs_exist_ok=True)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            staging.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         os.utime(entry / RECORD_FILE)  # recently used: evicted last
         return record, ""
 
