@@ -227,14 +227,30 @@ def _fold_one_scale(g: Graph, mul: onnx.NodeProto) -> bool:
     return False
 
 
-# Ops through which a finite value stays finite (layout, casts, broadcasting).
-_FINITE_THROUGH = LAYOUT_OPS | {"Cast", "Expand"}
+# Ops that move or broadcast elements without changing any: a bound on the input holds for the
+# output. Casts qualify only into types that neither overflow nor wrap what they are given
+# (`_keeps_values`): fp32's finite minimum cast to fp16 is -inf, and int64 cast to int8 wraps.
+_MOVES_ELEMENTS = LAYOUT_OPS | {"Expand"}
+_WIDE_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
+
+
+def _keeps_values(g: Graph, node: onnx.NodeProto) -> bool:
+    """Whether `node` passes its first input's values through unchanged (up to rounding)."""
+    if node.op_type in _MOVES_ELEMENTS:
+        return True
+    if node.op_type != "Cast":
+        return False
+    to = _attr(node, "to")
+    source = g.types.get(node.input[0])
+    return to in _WIDE_FLOATS and source in (*_WIDE_FLOATS, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                                             onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
 
 
 def finite_scores(g: Graph, value: str, depth: int = 0) -> bool:
     """Whether `value` is finite by construction: a sum of MatMuls of activations (finite
     whenever the model's activations are), finite constants, `Where` choices between such
-    terms, and their products with finite constants, through layout ops and casts."""
+    terms, and their products with (and quotients by nonzero) finite constants, through layout
+    ops and casts that keep values."""
     if depth > 12:
         return False
     const = g.constant(value)
@@ -250,17 +266,20 @@ def finite_scores(g: Graph, value: str, depth: int = 0) -> bool:
         return all(finite_scores(g, v, depth + 1) for v in node.input)
     if op in ("Mul", "Div"):
         factor = g.constant(node.input[1])
-        return factor is not None and bool(np.isfinite(factor).all()) and finite_scores(g, node.input[0], depth + 1)
+        if factor is None or not np.isfinite(factor).all() or (op == "Div" and np.any(factor == 0)):
+            return False
+        return finite_scores(g, node.input[0], depth + 1)
     if op == "Where":
         return all(finite_scores(g, v, depth + 1) for v in node.input[1:])
-    if op in _FINITE_THROUGH:
+    if _keeps_values(g, node):
         return finite_scores(g, node.input[0], depth + 1)
     return False
 
 
 def lower_bound(g: Graph, value: str, depth: int = 0) -> float | None:
     """A number no element of the integer tensor `value` is below, when one is evident: a
-    constant's minimum, or the start of an increasing `Range`, through layout ops and casts."""
+    constant's minimum, or the start of an increasing `Range`, through layout ops and casts
+    that keep values."""
     if depth > 12:
         return None
     const = g.constant(value)
@@ -274,7 +293,7 @@ def lower_bound(g: Graph, value: str, depth: int = 0) -> float | None:
         if start is None or delta is None or start.size != 1 or delta.size != 1 or float(delta.reshape(())) <= 0:
             return None
         return float(start.reshape(()))
-    if node.op_type in _FINITE_THROUGH:
+    if _keeps_values(g, node):
         return lower_bound(g, node.input[0], depth + 1)
     return None
 

@@ -57,12 +57,16 @@ def test_reshape_transpose_reshape_collapses_only_when_it_is_a_transpose(reshape
     np.testing.assert_array_equal(run_ort(rewritten, {"x": x})["y"], expected)
 
 
-def _guarded_attention(fill: float) -> onnx.ModelProto:
-    """softmax(q·kᵀ + where(mask, 0, fill)) under torch's NaN guard, then ·v."""
+def _guarded_attention(fill: float, through_fp16: bool) -> onnx.ModelProto:
+    """softmax(q·kᵀ + where(mask, 0, fill)) under torch's NaN guard, then ·v; the mask optionally
+    cast to fp16 and back (fp32's finite minimum becomes -inf there)."""
+    casts = [helper.make_node("Cast", ["bias"], ["bias16"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["bias16"], ["bias32"], to=TensorProto.FLOAT)] if through_fp16 else []
     nodes = [
         helper.make_node("MatMul", ["q", "k"], ["scores"]),
         helper.make_node("Where", ["mask", "zero", "fill"], ["bias"]),
-        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+        *casts,
+        helper.make_node("Add", ["scores", "bias32" if through_fp16 else "bias"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
         helper.make_node("IsNaN", ["p"], ["nan"]),
         helper.make_node("Where", ["nan", "zero", "p"], ["safe"]),
@@ -78,15 +82,17 @@ def _guarded_attention(fill: float) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
 
 
-@pytest.mark.parametrize("fill, removed", [(float(np.finfo(np.float32).min), True), (float("-inf"), False)],
-                         ids=["finite-mask", "infinite-mask"])
-def test_the_softmax_nan_guard_goes_only_where_no_row_can_be_nan(fill, removed):
+@pytest.mark.parametrize("fill, through_fp16, removed", [(float(np.finfo(np.float32).min), False, True),
+                                                         (float("-inf"), False, False),
+                                                         (float(np.finfo(np.float32).min), True, False)],
+                         ids=["finite-mask", "infinite-mask", "finite-mask-made-infinite-by-fp16"])
+def test_the_softmax_nan_guard_goes_only_where_no_row_can_be_nan(fill, through_fp16, removed):
     rng = np.random.default_rng()
     mask = rng.random((2, 1, 4)) < 0.6
     mask[1] = False  # every key masked for the second batch: -inf logits give NaN without the guard
     feeds = {"q": rng.standard_normal((2, 4, 8), np.float32), "k": rng.standard_normal((2, 8, 4), np.float32),
              "v": rng.standard_normal((2, 4, 8), np.float32), "mask": mask}
-    model = _guarded_attention(fill)
+    model = _guarded_attention(fill, through_fp16)
     expected = run_ort(model, feeds)["y"]
     rewritten, counts = SimplifyAttention().run(model, None)
     assert counts["nan_guards_removed"] == int(removed)
