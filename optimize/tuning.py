@@ -18,17 +18,22 @@ else `$XDG_CACHE_HOME/kiln/tuning.json`, else `~/.cache/kiln/tuning.json`. `--re
 again and replaces the entry (and its engine); `--no-tuning-cache` neither reads nor writes any
 of it. The winners' engines are kept beside the file (`optimize.engine_cache`,
 `tuning-engines/`, bounded in size). The file is JSON, written atomically (temporary file + rename), so
-a crash never leaves half of it, and one that cannot be read is set aside, never trusted.
+a crash never leaves half of it, and one that cannot be read is set aside, never trusted. Writers
+take turns (an exclusive lock on `tuning.json.lock` around read, update and replace), so two
+compiles finishing at once on one machine both keep their entries.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -125,20 +130,32 @@ class TuningCache:
         """Where the winners' engines are kept: beside the file, `<stem>-engines/`."""
         return EngineCache(self.path.with_name(f"{self.path.stem}-engines"))
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the file's writer lock: another process's read-update-replace waits for ours,
+        instead of replacing the file with a copy that lacks our entry."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def store(self, key: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
         """Record a finished search under `key` (replacing an older one); returns the entry."""
-        data = self._read()
-        recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        entry = data["entries"][key_id(key)] = {**record, "key": key, "recorded": recorded}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self._writing():
+            data = self._read()
+            recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            entry = data["entries"][key_id(key)] = {**record, "key": key, "recorded": recorded}
+            fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         return entry
 
 

@@ -95,6 +95,32 @@ def test_tuning_cache_keys_on_model_and_request_and_sets_aside_what_it_cannot_re
     assert cache.lookup(key) is None and (tmp_path / "tuning.json.unreadable").exists()
 
 
+def _store_many(path: str, writer: int, count: int, start) -> None:
+    start.wait()
+    cache = TuningCache(Path(path))
+    for i in range(count):
+        cache.store(tuning_key(f"model-{writer}-{i}", {"shapes": ["8x128"]}), {"chosen": f"writer-{writer}", "auto": {}})
+
+
+def test_compiles_finishing_together_keep_every_entry(tmp_path: Path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    writers, count = 3, 15
+    start = context.Barrier(writers)
+    processes = [context.Process(target=_store_many, args=(str(tmp_path / "tuning.json"), w, count, start))
+                 for w in range(writers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+        assert p.exitcode == 0
+    cache = TuningCache(tmp_path / "tuning.json")
+    missing = [(w, i) for w in range(writers) for i in range(count)
+               if cache.lookup(tuning_key(f"model-{w}-{i}", {"shapes": ["8x128"]})) is None]
+    assert not missing, f"{len(missing)} of {writers * count} entries lost to a concurrent writer"
+
+
 def test_precision_auto_needs_backend_auto():
     from optimize.runtime.errors import ConfigError
 
