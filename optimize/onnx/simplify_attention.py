@@ -113,6 +113,14 @@ def _settle(g: Graph) -> None:
     g.prune()
 
 
+def _bypass(g: Graph, node: onnx.NodeProto, value: str) -> None:
+    """Remove `node` (one output) and make its consumers read `value` instead."""
+    target = node.output[0]
+    g.remove_nodes([node])
+    g.rename_input(target, value)
+    _settle(g)
+
+
 def _collapse_one_chain(g: Graph, reshape2: onnx.NodeProto) -> bool:
     transpose = g.producer.get(reshape2.input[0])
     if transpose is None or transpose.op_type != "Transpose" or g.single_consumer(transpose.output[0]) is None:
@@ -219,10 +227,7 @@ def _fold_one_scale(g: Graph, mul: onnx.NodeProto) -> bool:
         if bias is not None:
             slot = 1 if g.constant(bias.input[1]) is not None else 0
             bias.input[slot] = _scaled_constant(g, bias.input[slot], scale.reshape(()))
-        target = mul.output[0]
-        g.remove_nodes([mul])
-        g.rename_input(target, value)
-        _settle(g)
+        _bypass(g, mul, value)
         return True
     return False
 
@@ -349,10 +354,7 @@ def _narrow_one_mask(g: Graph, node: onnx.NodeProto) -> bool:
         return False
     for kept, dropped in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
         if all_true(g, dropped) and _adds_keep_their_shape(g, node.output[0], dropped):
-            target = node.output[0]
-            g.remove_nodes([node])
-            g.rename_input(target, kept)
-            _settle(g)
+            _bypass(g, node, kept)
             return True
     return False
 
@@ -366,10 +368,7 @@ def _remove_one_nan_guard(g: Graph, where: onnx.NodeProto) -> bool:
             or softmax.op_type != "Softmax" or fill is None or np.any(fill != 0)
             or where.output[0] in g.outputs or not finite_scores(g, softmax.input[0])):
         return False
-    target = where.output[0]
-    g.remove_nodes([where])
-    g.rename_input(target, probabilities)
-    _settle(g)
+    _bypass(g, where, probabilities)
     return True
 
 
