@@ -30,8 +30,20 @@ from pathlib import Path
 
 import torch
 
-from bench.engines.worker import dense_inputs
 from optimize.timing.worker import answer_runs
+
+VOCAB_LOW, VOCAB_HIGH = 1000, 29000  # ordinary word-piece ids of a BERT vocabulary
+
+
+def dense_inputs(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """[batch, seq] token ids with no padding: every engine does the full work, padding-free
+    ones included (they gain nothing here)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(VOCAB_LOW, VOCAB_HIGH, (batch, seq), generator=generator, dtype=torch.int64),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
+    }
+
 
 PEERS = ("eager-fp32", "eager-bf16-autocast", "torch-compile", "torch-compile-bf16-autocast")
 Run = Callable[[dict[str, torch.Tensor]], torch.Tensor]
