@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optimize
-from optimize.runtime.errors import ConfigError
+from optimize.runtime.errors import ConfigError, EngineError
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install 'kiln[cpu-engines]')")
 
@@ -22,6 +22,10 @@ def test_minilm_fp32_encoder_matches_eager_with_pooling_applied_after_it(tmp_pat
     out = engine.run({k: torch.from_numpy(v) for k, v in feeds.items()})
     assert out["last_hidden_state"].shape == (2, feeds["input_ids"].shape[1], 384)
     torch.testing.assert_close(out["sentence_embedding"].norm(dim=1), torch.ones(2))
+    # the encoder takes lengths: a left-padded row would be read wrongly, so it is refused by name
+    left = {k: torch.from_numpy(v).flip(1) for k, v in feeds.items()}
+    with pytest.raises(EngineError, match="right-padded batches: row 0 of attention_mask"):
+        engine.run(left)
 
 
 def test_sources_other_than_hugging_face_directories_are_refused(tmp_path: Path):
