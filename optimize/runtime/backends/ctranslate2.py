@@ -46,14 +46,16 @@ class CTranslate2Engine(Engine):
 
         ids = inputs["input_ids"].detach().cpu()
         mask = inputs["attention_mask"].detach().cpu()
-        lengths = mask.sum(dim=1).to(torch.int32).clamp(min=1)
+        tokens = mask != 0
+        counts = tokens.sum(dim=1, keepdim=True)
         # CTranslate2 takes lengths, not a mask: tokens after a row's first padding position
         # would be read as padding (left padding, holes), a silently different answer.
-        right_padded = torch.arange(mask.shape[1]).unsqueeze(0) < mask.sum(dim=1, keepdim=True)
-        if not torch.equal(mask != 0, right_padded):
-            row = int((mask.ne(0) != right_padded).any(dim=1).nonzero()[0])
+        misplaced = tokens != (torch.arange(mask.shape[1]).unsqueeze(0) < counts)
+        if misplaced.any():
+            row = int(misplaced.any(dim=1).nonzero()[0])
             raise EngineError(f"CTranslate2 engines take right-padded batches: row {row} of attention_mask has a "
                               "token after padding (left padding or a hole); pad on the right")
+        lengths = counts.squeeze(1).to(torch.int32).clamp(min=1)
         out = self._encoder.forward_batch(
             ctranslate2.StorageView.from_array(np.ascontiguousarray(ids.numpy().astype(np.int32))),
             ctranslate2.StorageView.from_array(lengths.numpy()),
