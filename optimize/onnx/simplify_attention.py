@@ -236,7 +236,10 @@ def _fold_one_scale(g: Graph, mul: onnx.NodeProto) -> bool:
 # output. Casts qualify only into types that neither overflow nor wrap what they are given
 # (`_keeps_values`): fp32's finite minimum cast to fp16 is -inf, and int64 cast to int8 wraps.
 _MOVES_ELEMENTS = LAYOUT_OPS | {"Expand"}
-_WIDE_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
+# What fp32 or fp64 holds without wrapping (integers round, keeping their order and sign).
+_CAST_SOURCES = frozenset({onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                           onnx.TensorProto.BOOL})
 
 
 def _keeps_values(g: Graph, node: onnx.NodeProto) -> bool:
@@ -247,8 +250,10 @@ def _keeps_values(g: Graph, node: onnx.NodeProto) -> bool:
         return False
     to = _attr(node, "to")
     source = g.types.get(node.input[0])
-    return to in _WIDE_FLOATS and source in (*_WIDE_FLOATS, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                                             onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+    if to == onnx.TensorProto.DOUBLE:
+        return source in _CAST_SOURCES
+    # a finite double beyond fp32's range is ±inf in fp32
+    return to == onnx.TensorProto.FLOAT and source in _CAST_SOURCES and source != onnx.TensorProto.DOUBLE
 
 
 def finite_scores(g: Graph, value: str, depth: int = 0) -> bool:
