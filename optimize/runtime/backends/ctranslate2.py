@@ -3,13 +3,14 @@ sentence-transformers pooling applied in torch after it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from optimize.runtime.engine import Engine
+from optimize.runtime.engine import Array, Engine
 from optimize.runtime.errors import EngineError
 from optimize.runtime.manifest import Manifest
 from optimize.runtime.pooling import pool
@@ -40,22 +41,30 @@ class CTranslate2Engine(Engine):
         self._normalize = bool(manifest.source.get("normalize"))
         self._outputs = [s.name for s in manifest.outputs]
 
+    def check_inputs(self, inputs: Mapping[str, Array]) -> str | None:
+        """The specs' checks, and right padding: CTranslate2 takes lengths, not a mask, so tokens
+        after a row's first padding position (left padding, holes) would be read as padding, a
+        silently different answer. The server checks each request with this before batching."""
+        reason = super().check_inputs(inputs)
+        if reason or "attention_mask" not in inputs:
+            return reason
+        tokens = np.asarray(inputs["attention_mask"]) != 0
+        if tokens.ndim != 2:
+            return None
+        right_padded = np.arange(tokens.shape[1])[None, :] < tokens.sum(axis=1, keepdims=True)
+        misplaced = np.flatnonzero((tokens != right_padded).any(axis=1))
+        if misplaced.size:
+            return (f"input 'attention_mask' row {int(misplaced[0])} has a token after padding (left padding or a "
+                    "hole); CTranslate2 engines take right-padded batches")
+        return None
+
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # why: optional (kiln[cpu-engines])
         import ctranslate2
 
         ids = inputs["input_ids"].detach().cpu()
         mask = inputs["attention_mask"].detach().cpu()
-        tokens = mask != 0
-        counts = tokens.sum(dim=1, keepdim=True)
-        # CTranslate2 takes lengths, not a mask: tokens after a row's first padding position
-        # would be read as padding (left padding, holes), a silently different answer.
-        misplaced = tokens != (torch.arange(mask.shape[1]).unsqueeze(0) < counts)
-        if misplaced.any():
-            row = int(misplaced.any(dim=1).nonzero()[0])
-            raise EngineError(f"CTranslate2 engines take right-padded batches: row {row} of attention_mask has a "
-                              "token after padding (left padding or a hole); pad on the right")
-        lengths = counts.squeeze(1).to(torch.int32).clamp(min=1)
+        lengths = mask.sum(dim=1).to(torch.int32).clamp(min=1)  # right padding: `check_inputs`
         out = self._encoder.forward_batch(
             ctranslate2.StorageView.from_array(np.ascontiguousarray(ids.numpy().astype(np.int32))),
             ctranslate2.StorageView.from_array(lengths.numpy()),

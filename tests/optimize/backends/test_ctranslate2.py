@@ -22,10 +22,19 @@ def test_minilm_fp32_encoder_matches_eager_with_pooling_applied_after_it(tmp_pat
     out = engine.run({k: torch.from_numpy(v) for k, v in feeds.items()})
     assert out["last_hidden_state"].shape == (2, feeds["input_ids"].shape[1], 384)
     torch.testing.assert_close(out["sentence_embedding"].norm(dim=1), torch.ones(2))
-    # the encoder takes lengths: a left-padded row would be read wrongly, so it is refused by name
+    # the encoder takes lengths: a left-padded row would be read wrongly, so it is refused by name,
+    # in the input check the server runs on each request before batching (INVALID_ARGUMENT / 400)
     left = {k: torch.from_numpy(v).flip(1) for k, v in feeds.items()}
-    with pytest.raises(EngineError, match="right-padded batches: row 0 of attention_mask"):
+    reason = "input 'attention_mask' row 0 has a token after padding"
+    assert reason in engine.check_inputs({k: v.numpy() for k, v in left.items()})
+    with pytest.raises(EngineError, match=reason):
         engine.run(left)
+    from server.errors import InvalidArgument
+    from server.repository import Model, ModelConfig
+
+    with pytest.raises(InvalidArgument, match=reason):
+        Model(name="ct2", version=1, engine=engine, config=ModelConfig()).check_inputs(
+            {k: v.numpy() for k, v in left.items()})
 
 
 def test_sources_other_than_hugging_face_directories_are_refused(tmp_path: Path):
