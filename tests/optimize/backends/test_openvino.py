@@ -76,7 +76,7 @@ def test_unknown_hint_is_a_config_error(tmp_path: Path):
 def test_bf16_engine_really_computes_in_bf16_and_keeps_minilm_close(tmp_path: Path, minilm_model_dir: Path):
     config = optimize.CompileConfig(backend="openvino", precision="bf16", max_batch=4, max_seq=32)
     engine = optimize.compile(minilm_model_dir, tmp_path / "ovbf16", config)
-    assert engine._compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+    assert engine._whole.model.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
     accuracy = engine.manifest.accuracy
     # bf16 rounding is visible (an fp32 engine is within 1e-5) yet the embeddings stay fp32-close
     assert 1e-3 < accuracy["samples"]["max_abs_error"] < 0.2
@@ -120,7 +120,7 @@ def test_int8_keeps_the_costliest_matmuls_in_float_until_the_guard_is_met(tmp_pa
     # what is not int8 computes in bf16 where the CPU has it natively, and the engine loads so
     expected = "bf16" if native_bf16() else "f32"
     assert quantization["float_compute"] == expected
-    assert engine._compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == expected
+    assert engine._whole.model.get_property("INFERENCE_PRECISION_HINT").to_string() == expected
 
 
 def test_int8_is_refused_by_name_when_no_selection_reaches_the_guard(tmp_path: Path):
