@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -113,28 +114,32 @@ class TensorRTEngine(Engine):
         self._inputs = [s.name for s in manifest.inputs]
         self._outputs = {s.name: torch_dtype(s.dtype) for s in manifest.outputs}
         self._shapes_seen: set[tuple[tuple[int, ...], ...]] = set()
+        self._lock = threading.Lock()
 
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         first = next(iter(inputs.values()))
         home = first.device
         stream = torch.cuda.current_stream()
-        keep = []
-        for name in self._inputs:
-            tensor = inputs[name].to("cuda", non_blocking=True).contiguous()
-            keep.append(tensor)
-            self._context.set_input_shape(name, tuple(tensor.shape))
-            self._context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name, dtype in self._outputs.items():
-            shape = tuple(self._context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
-            self._context.set_tensor_address(name, outputs[name].data_ptr())
-        if not self._context.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"TensorRT failed to run {self.path / PLAN_FILE}: {self._logger.errors()}")
-        signature = tuple(tuple(t.shape) for t in keep)
-        if signature not in self._shapes_seen:  # TensorRT-RTX compiles kernels for new shapes
-            self._shapes_seen.add(signature)
-            self.save_runtime_cache()
+        # One execution context holds the shapes and addresses of the call being enqueued; the
+        # server runs an engine from several threads (`instances`), so enqueueing is serialized.
+        with self._lock:
+            keep = []
+            for name in self._inputs:
+                tensor = inputs[name].to("cuda", non_blocking=True).contiguous()
+                keep.append(tensor)
+                self._context.set_input_shape(name, tuple(tensor.shape))
+                self._context.set_tensor_address(name, tensor.data_ptr())
+            outputs = {}
+            for name, dtype in self._outputs.items():
+                shape = tuple(self._context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+                self._context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self._context.execute_async_v3(stream.cuda_stream):
+                raise EngineError(f"TensorRT failed to run {self.path / PLAN_FILE}: {self._logger.errors()}")
+            signature = tuple(tuple(t.shape) for t in keep)
+            if signature not in self._shapes_seen:  # TensorRT-RTX compiles kernels for new shapes
+                self._shapes_seen.add(signature)
+                self.save_runtime_cache()
         if home.type != "cuda":
             return {k: v.to(home) for k, v in outputs.items()}
         return outputs
