@@ -100,7 +100,7 @@ class StaticShapes:
             built = self._compile(key)
         except Exception as exc:  # a shape OpenVINO cannot make static keeps the dynamic model
             log.warning("OpenVINO could not compile a static copy for %s; that shape stays dynamic: %s",
-                        dict(key), _reason(exc))
+                        key, _reason(exc))
             with self._lock:
                 self._failed.add(key)
                 self._pending = None

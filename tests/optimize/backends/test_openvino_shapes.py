@@ -85,7 +85,7 @@ def test_counts_age_so_a_new_hot_shape_can_take_over():
 
 
 def test_a_shape_openvino_cannot_make_static_stays_dynamic_and_is_not_retried(caplog: pytest.LogCaptureFixture):
-    a = _key(2, 7)
+    a = ("split", _key(2, 7))  # keyed as the engine keys it
     compiler = Compiler(fail={a})
     shapes = StaticShapes(compiler, capacity=4)
     with caplog.at_level(logging.WARNING):
