@@ -10,7 +10,7 @@ Shapes repeat in practice: a batch job runs one shape per batch size, and the se
 to sequence buckets and forms batches of a few sizes. So the engine counts the shapes it runs,
 and a shape seen `AFTER` times gets a static copy. The copy is compiled on a background thread
 while calls keep running on the dynamic model, so no call waits for a compile. Each copy holds
-its own weights in the inference precision (about 45 MB for MiniLM in bf16), so at most
+its own weights in the inference precision (a MiniLM bf16 copy took 55 MB), so at most
 `capacity` are kept. When every slot is taken, a new shape takes the least-used copy's slot only
 once it has been seen twice as often. Counts are halved every `AGE_EVERY` calls, so the hot set
 can change, but a spread of shapes never makes the engine compile without end.
