@@ -206,11 +206,6 @@ class OpenVINOEngine(Engine):
             return static
         return self._whole if key[0] == "whole" else self._split
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "batch_streams": self.batch_streams,
-                "static_shapes": [{"mode": mode, **{name: list(shape) for name, shape in shapes}}
-                                  for mode, shapes in self.static_shapes.shapes]}
-
 
 def load(directory: Path, manifest: Manifest) -> Engine:
     return OpenVINOEngine(directory, manifest)
