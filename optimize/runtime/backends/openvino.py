@@ -170,7 +170,8 @@ class OpenVINOEngine(Engine):
 
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feeds = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=self._input_dtypes[k]) for k, v in inputs.items()}
-        rows = len(next(iter(feeds.values())))
+        # a split model exists only where every input has a batch dim (`_splitting`)
+        rows = len(next(iter(feeds.values()))) if self._split is not None else 1
         parts = min(self.batch_streams, rows)
         if parts < 2:
             # share_inputs: OpenVINO reads the arrays in place (the call is synchronous);
