@@ -80,8 +80,8 @@ class Compiled:
         """`count` requests no other call is using; the last returned come first."""
         with self._lock:
             taken = [self._idle.pop() for _ in range(min(count, len(self._idle)))]
-        taken += [self.model.create_infer_request() for _ in range(count - len(taken))]
-        try:
+        try:  # what was taken goes back even if making a new request fails
+            taken += [self.model.create_infer_request() for _ in range(count - len(taken))]
             yield taken
         finally:
             with self._lock:
