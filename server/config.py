@@ -64,6 +64,16 @@ def _check_sizes(name: str, value: Any, maximum: int) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+def _check_shapes(name: str, value: Any) -> tuple[tuple[int, int], ...]:
+    """`[[batch, tokens], ...]`, each a positive integer; kept in order, repeats dropped."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+        raise ConfigError(f"{name} must be a list of [batch, tokens] pairs, e.g. [[8, 128], [1, 32]]; got {value!r}")
+    for batch, tokens in value:
+        _check_int(f"{name} batch", batch, 1, INT32_MAX)
+        _check_int(f"{name} tokens", tokens, 1, INT32_MAX)
+    return tuple(dict.fromkeys((int(b), int(t)) for b, t in value))
+
+
 def _queue_policy(name: str, data: Any) -> QueuePolicy:
     """A QueuePolicy from a TOML table (or the model's top-level keys), fields named on error."""
     if not isinstance(data, dict):
@@ -127,6 +137,14 @@ class ModelConfig:
       (None): `max_text_bytes` × the most texts a request may hold, both texts of a pair
       counted (never binding).
 
+    Warm-up (Triton's `model_warmup`):
+    - `warmup`: engine shapes, `[[batch, tokens], ...]` (e.g. `[[8, 128], [1, 32]]`), run once
+      each at load, before the model is ready, so that no request pays for an engine's first
+      call at a shape (an OpenVINO engine compiles its static copies for them then;
+      `server.warmup`). `tokens` is every dynamic dim after the batch dim; for text requests,
+      name bucket lengths (`sequence_buckets`), the only ones the engine sees. A shape the
+      engine refuses, or a call that fails, fails the load. Default: none.
+
     Priorities and queue policy (Triton's `priority_levels` and `ModelQueuePolicy`):
     - `priority_levels` (0: none), `default_priority_level` (0: the lowest level) for requests
       without a valid `priority` parameter.
@@ -152,8 +170,10 @@ class ModelConfig:
     default_priority_level: int = 0
     queue_policy: QueuePolicy = QueuePolicy()
     priority_queue_policy: dict[int, QueuePolicy] = dataclasses.field(default_factory=dict)
+    warmup: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "warmup", _check_shapes("warmup", self.warmup))
         if self.max_batch_size is not None:
             _check_int("max_batch_size", self.max_batch_size, 0, INT32_MAX)
         _check_int("max_queue_delay_us", self.max_queue_delay_us, 0, 60_000_000)
@@ -182,6 +202,7 @@ class ModelConfig:
                 if size > self.max_batch_size:
                     raise ConfigError(
                         f"preferred_batch_sizes entry {size} exceeds max_batch_size {self.max_batch_size}")
+            self._check_warmup_batches(self.max_batch_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model config") -> ModelConfig:
@@ -233,7 +254,10 @@ class ModelConfig:
         sentence pairs), the text byte limits. Raises `ConfigError` when the config asks for
         more than the engine accepts."""
         if self.max_batch_size is None:
-            resolved = dataclasses.replace(self, max_batch_size=engine_max_batch_size)
+            try:  # the engine's maximum is checked against the rest of the config here
+                resolved = dataclasses.replace(self, max_batch_size=engine_max_batch_size)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         elif self.max_batch_size > engine_max_batch_size:
             what = (
                 "has no batch dimension" if engine_max_batch_size == 0
@@ -253,6 +277,13 @@ class ModelConfig:
                                            max_request_text_bytes=resolved.max_request_text_bytes
                                            or per_text * texts * text_inputs)
         return resolved
+
+    def _check_warmup_batches(self, max_batch_size: int) -> None:
+        """A warm-up batch larger than the batcher ever forms warms nothing it runs (0: no batching,
+        the engine's own shapes)."""
+        for batch, tokens in self.warmup:
+            if max_batch_size and batch > max_batch_size:
+                raise ConfigError(f"warmup [{batch}, {tokens}]: batch {batch} exceeds max_batch_size {max_batch_size}")
 
     def max_texts(self, engine_max_batch_size: int) -> int:
         """The most texts one request may send: a batch's worth (one when nothing batches)."""

@@ -86,6 +86,8 @@ def model_config(model: Model) -> mc.ModelConfig:
         result.parameters["packed_batches"].string_value = "true"
     if config.max_batch_tokens:
         result.parameters["max_batch_tokens"].string_value = str(config.max_batch_tokens)
+    if config.warmup:  # Triton's model_warmup, as the shapes run at load: "8x128,1x32"
+        result.parameters["warmup"].string_value = ",".join(f"{batch}x{tokens}" for batch, tokens in config.warmup)
     if model.text_limits is not None:
         result.parameters["max_text_bytes"].string_value = str(model.text_limits.max_text_bytes)
         result.parameters["max_request_text_bytes"].string_value = str(model.text_limits.max_request_text_bytes)

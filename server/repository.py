@@ -30,6 +30,7 @@ from server import layout as layouts
 from server.config import CONFIG_FILE, ModelConfig
 from server.errors import ConfigError, InvalidArgument, NotFound
 from server.text import TextLimits, TextTask
+from server.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -298,4 +299,9 @@ def _load_model(model_dir: Path, loader: EngineLoader) -> Model:
     version = versions[-1]  # version policy "latest": only the newest is served
     engine = loader(model_dir / str(version))
     config = config.resolve(engine.max_batch_size, source=str(model_dir / CONFIG_FILE))
-    return Model(name=model_dir.name, version=version, engine=engine, config=config, path=model_dir / str(version))
+    model = Model(name=model_dir.name, version=version, engine=engine, config=config, path=model_dir / str(version))
+    try:
+        warm_up(engine, model.config.warmup, model.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{model_dir / CONFIG_FILE}: {exc}") from exc.__cause__
+    return model

@@ -228,6 +228,14 @@ class Engine(ABC):
             return {k: v.detach().cpu().numpy() for k, v in outputs.items()}
         return outputs
 
+    def warm(self, inputs: Mapping[str, Array]) -> None:
+        """Get ready for calls shaped like `inputs` before the first real one (a server's
+        warm-up, like Triton's `model_warmup`), so that no request pays for what a backend does
+        on a shape's first call: planning, picking kernels, allocating. The values do not
+        matter. By default one call; a backend that prepares more per shape (OpenVINO's static
+        copies) overrides it. Raises `EngineError` as `run` does."""
+        self.run(inputs)
+
     @abstractmethod
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backend-specific execution on validated torch tensors."""

@@ -88,6 +88,11 @@ def test_a_model_without_config_toml_gets_the_defaults(tmp_path: Path):
         ("[priority_queue_policy.1]\nmax_size = 1", "priority_queue_policy.1: unknown key 'max_size'"),
         ("max_text_bytes = 0", "max_text_bytes must be an integer between 1 and"),
         ("max_request_text_bytes = \"1MB\"", "max_request_text_bytes must be an integer"),
+        ("warmup = [8, 128]", "warmup must be a list of \\[batch, tokens\\] pairs"),
+        ("warmup = [[8, 128, 1]]", "warmup must be a list of \\[batch, tokens\\] pairs"),
+        ("warmup = [[0, 128]]", "warmup batch must be an integer between 1 and"),
+        ("warmup = [[8, \"long\"]]", "warmup tokens must be an integer"),
+        ("max_batch_size = 4\nwarmup = [[8, 16]]", "warmup \\[8, 16\\]: batch 8 exceeds max_batch_size 4"),
     ],
 )
 def test_a_bad_config_toml_names_the_file_and_the_field(tmp_path: Path, text: str, message: str):

@@ -4,7 +4,7 @@ with the inference precision pinned to the one the manifest names."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -168,29 +168,47 @@ class OpenVINOEngine(Engine):
         model.reshape({name: list(shape) for name, shape in shapes})
         return self._compile(model, mode)
 
-    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=self._input_dtypes[k]) for k, v in inputs.items()}
+    def warm(self, inputs: Mapping[str, Any]) -> None:
+        """One call on the dynamic model (its requests made), the static copies for this shape
+        compiled now rather than after the shape has come back (`StaticShapes.prepare`), and a
+        call on them."""
+        self.run(inputs)
+        feeds = {name: np.asarray(value) for name, value in inputs.items()}
+        prepared = [self.static_shapes.prepare(key) for key, _ in self._parts(feeds)]
+        if any(prepared):
+            self.run(inputs)
+
+    def _parts(self, feeds: dict[str, np.ndarray]) -> list[tuple[tuple[str, ShapeKey], dict[str, np.ndarray]]]:
+        """How a call runs: one ("whole", shape) part, or up to `batch_streams` ("split", shape)
+        parts of about equal rows, each with its slice of the feeds."""
         # a split model exists only where every input has a batch dim (`_splitting`)
         rows = len(next(iter(feeds.values()))) if self._split is not None else 1
         parts = min(self.batch_streams, rows)
         if parts < 2:
+            return [(("whole", shape_key(feeds)), feeds)]
+        bounds = np.linspace(0, rows, parts + 1).round().astype(int)
+        pieces = [{name: array[low:high] for name, array in feeds.items()} for low, high in zip(bounds[:-1], bounds[1:])]
+        return [(("split", shape_key(piece)), piece) for piece in pieces]
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=self._input_dtypes[k]) for k, v in inputs.items()}
+        parts = self._parts(feeds)
+        if parts[0][0][0] == "whole":
             # share_inputs: OpenVINO reads the arrays in place (the call is synchronous);
             # share_outputs=False: it hands back arrays of their own, which the request's next
             # call does not overwrite, so no second copy is needed here.
-            with self._pick(("whole", shape_key(feeds))).requests(1) as (request,):
+            with self._pick(parts[0][0]).requests(1) as (request,):
                 results = request.infer(feeds, share_inputs=True, share_outputs=False)
             by_name = {port.get_any_name(): value for port, value in results.items()}
             return {name: torch.from_numpy(by_name[name]) for name in self._outputs}
-        bounds = np.linspace(0, rows, parts + 1).round().astype(int)
-        pieces = [{name: array[low:high] for name, array in feeds.items()} for low, high in zip(bounds[:-1], bounds[1:])]
-        keys = [("split", shape_key(piece)) for piece in pieces]
+        keys = [key for key, _ in parts]
         with ExitStack() as stack:
             # a call counts once per shape; parts of one shape take a request each
             requests = {key: iter(stack.enter_context(self._pick(key).requests(keys.count(key))))
                         for key in dict.fromkeys(keys)}
             running: list[Any] = []
             try:
-                for piece, key in zip(pieces, keys):
+                for key, piece in parts:
                     request = next(requests[key])
                     request.start_async(piece, share_inputs=True)
                     running.append(request)

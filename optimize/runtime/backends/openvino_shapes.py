@@ -64,6 +64,25 @@ class StaticShapes:
                 self._pending = self._executor.submit(self._build, key)
             return found
 
+    def prepare(self, key: Hashable) -> bool:
+        """Compile the static copy for `key` now, on the calling thread, when a slot is free:
+        a warm-up before serving, so that the first call at that shape already runs on it.
+        Never takes another shape's slot (a warm-up names more shapes than fit: the first ones
+        win). The shape counts as seen `AFTER` times, so traffic can still replace it. Returns
+        whether `key` has a copy."""
+        if self.capacity <= 0:
+            return False
+        self.wait()
+        with self._lock:
+            if key in self._ready:
+                return True
+            if key in self._failed or len(self._ready) >= self.capacity:
+                return False
+            self._seen[key] = max(self._seen[key], AFTER)
+        self._build(key)  # a shape that cannot be made static is logged and recorded as failed
+        with self._lock:
+            return key in self._ready
+
     def wait(self) -> None:
         """Block until the compile in flight, if any, has finished (tests; a warm-up that wants
         its copy before timing)."""

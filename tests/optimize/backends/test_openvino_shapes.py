@@ -101,6 +101,21 @@ def test_capacity_zero_never_compiles():
     assert compiler.asked == []
 
 
+def test_prepare_compiles_now_into_a_free_slot_and_never_takes_a_used_one():
+    compiler = Compiler(fail={_key(2, 7)})
+    shapes = StaticShapes(compiler, capacity=2)
+    a, b, c = _key(8, 128), _key(1, 32), _key(4, 64)
+    assert shapes.prepare(a) and compiler.asked == [a], "compiled on the calling thread, before it returns"
+    assert _call(shapes, a) == f"copy {a}", "the first call at a prepared shape runs on its copy"
+    assert shapes.prepare(a) and compiler.asked == [a], "a shape with a copy is not compiled again"
+    assert not shapes.prepare(_key(2, 7)), "a shape OpenVINO cannot make static"
+    assert shapes.prepare(b)
+    assert not shapes.prepare(c) and set(shapes.shapes) == {a, b}, "warm-up shapes beyond capacity stay dynamic"
+    _call(shapes, c, 2 * AFTER)  # traffic can still win a slot from a prepared shape seen less
+    assert c in shapes.shapes
+    assert not StaticShapes(compiler, capacity=0).prepare(a)
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_engine(tmp_path_factory: pytest.TempPathFactory) -> optimize.Engine:
     from tests.optimize.hf_random import TINY_BERT, hf_dir
@@ -223,3 +238,22 @@ def test_max_static_shapes_zero_turns_copies_off_and_bad_options_are_refused(tin
         with pytest.raises(ConfigError, match=f"{option} must be {message}"):
             optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
                              optimize.CompileConfig(backend="openvino", backend_options={option: bad}))
+
+
+@pytest.mark.parametrize("batch_streams", [1, 2])
+def test_warm_compiles_the_static_copies_of_a_shape_before_its_first_call(tiny_bert_engine: optimize.Engine,
+                                                                          batch_streams: int):
+    from optimize.runtime.backends.openvino import OpenVINOEngine
+
+    manifest = tiny_bert_engine.manifest
+    options = {"batch_streams": batch_streams}
+    engine = OpenVINOEngine(tiny_bert_engine.path, replace(manifest, config=replace(manifest.config, backend_options=options)))
+    feeds = _feeds(engine, 3, 9)
+    engine.warm({name: torch.zeros_like(t) for name, t in feeds.items()})
+    parts = [(3, "whole")] if batch_streams == 1 else [(2, "split"), (1, "split")]
+    assert sorted(engine.static_shapes.shapes) == sorted(
+        (mode, tuple((name, (rows, 9)) for name in sorted(feeds))) for rows, mode in parts), \
+        "every part's copy is ready after one warm-up, where traffic needs AFTER calls and a background compile"
+    answer = engine.run(feeds)["last_hidden_state"]
+    real = feeds["attention_mask"].unsqueeze(-1).bool().expand_as(answer)
+    torch.testing.assert_close(answer[real], _transformers(engine, feeds)[real], rtol=1e-4, atol=1e-4)
