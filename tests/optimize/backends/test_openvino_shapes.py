@@ -234,7 +234,8 @@ def test_max_static_shapes_zero_turns_copies_off_and_bad_options_are_refused(tin
     assert engine.static_shapes.shapes == []
     for option, bad, message in [("max_static_shapes", -1, "an integer >= 0"), ("max_static_shapes", True, "an integer >= 0"),
                                  ("max_static_shapes", "4", "an integer >= 0"), ("batch_streams", 0, "an integer >= 1"),
-                                 ("batch_streams", 1.5, "an integer >= 1")]:
+                                 ("batch_streams", 1.5, "an integer >= 1"),
+                                 ("static_shapes_memory_mb", -1, "an integer >= 0")]:
         with pytest.raises(ConfigError, match=f"{option} must be {message}"):
             optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
                              optimize.CompileConfig(backend="openvino", backend_options={option: bad}))
@@ -257,3 +258,31 @@ def test_warm_compiles_the_static_copies_of_a_shape_before_its_first_call(tiny_b
     answer = engine.run(feeds)["last_hidden_state"]
     real = feeds["attention_mask"].unsqueeze(-1).bool().expand_as(answer)
     torch.testing.assert_close(answer[real], _transformers(engine, feeds)[real], rtol=1e-4, atol=1e-4)
+
+
+def test_static_copies_fit_a_memory_budget_drawn_from_the_weights(tiny_bert_engine: optimize.Engine,
+                                                                 caplog: pytest.LogCaptureFixture):
+    import openvino as ov
+    import transformers
+
+    from optimize.runtime.backends.openvino import OpenVINOEngine, copy_bytes, static_capacity
+
+    model = ov.Core().read_model(str(tiny_bert_engine.path / "model.xml"))
+    hf = transformers.AutoModel.from_pretrained(tiny_bert_engine.manifest.source["location"])
+    weights = sum(p.numel() for name, p in hf.named_parameters() if not name.startswith("pooler."))  # not exported
+    assert 2 * weights <= copy_bytes(model, bf16=True) <= 2.2 * weights, "the weights, at 2 bytes each in bf16"
+    assert copy_bytes(model, bf16=False) >= 2 * copy_bytes(model, bf16=True) - 64 * 1024, "and 4 in f32"
+    mb = 2**20
+    assert static_capacity(4, 1024, 45 * mb) == 4, "MiniLM in bf16 keeps its 4 copies"
+    assert static_capacity(4, 1024, 670 * mb) == 1, "a 335M-parameter model in bf16 one"
+    assert static_capacity(4, 1024, 2048 * mb) == 0 and static_capacity(4, 0, 1) == 0
+    manifest = tiny_bert_engine.manifest
+    tight = replace(manifest, config=replace(manifest.config, backend_options={"static_shapes_memory_mb": 0}))
+    with caplog.at_level(logging.INFO):
+        engine = OpenVINOEngine(tiny_bert_engine.path, tight)
+    assert engine.static_shapes.capacity == 0 and "keeps 0 static copies, not 4" in caplog.text
+    feeds = _feeds(engine, 2, 9)
+    for _ in range(2 * AFTER):
+        engine.run(feeds)
+    engine.static_shapes.wait()
+    assert engine.static_shapes.shapes == []
