@@ -13,9 +13,10 @@ while calls keep running on the dynamic model, so no call waits for a compile. E
 its own weights in the inference precision (a MiniLM bf16 copy took 35-55 MB of resident
 memory), so at most `capacity` are kept: the engine's `max_static_shapes`, fewer for a model
 whose copies would exceed its `static_shapes_memory_mb`. When every slot is taken, a new shape
-takes the least-used copy's slot only once it has been seen twice as often. A server's warm-up
-(`prepare`) compiles the shapes it names at load instead, before any request. Counts are halved every `AGE_EVERY` calls, so the hot set
-can change, but a spread of shapes never makes the engine compile without end.
+takes the least-used copy's slot only once it has been seen twice as often. Counts are halved
+every `AGE_EVERY` calls, so the hot set can change, but a spread of shapes never makes the
+engine compile without end. A server's warm-up (`prepare`) compiles the shapes it names at
+load instead, before any request.
 """
 
 from __future__ import annotations
