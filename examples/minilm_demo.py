@@ -89,6 +89,9 @@ def write_serving_config(repository: Path, max_batch: int) -> None:
         "# list the text interface (a BYTES input `text`, the sentence embedding out) in the model's\n"
         "# metadata; requests with token ids are accepted too\n"
         'interface = "text"\n'
+        "# run these engine shapes [batch, tokens] at load, before the model is ready, so the first\n"
+        "# requests do not pay for their first call (one short sentence: the 16-token bucket)\n"
+        "warmup = [[1, 16]]\n"
     )
 
 
