@@ -32,7 +32,9 @@ Options (`CompileConfig.backend_options`):
 - `batch_streams` (2; 1 turns it off): with the latency hint, a batch of several rows is split
   into this many parts run at once, each on its own CPU stream with its share of the threads
   (`split_config` has the measurement). Rows are independent, as the server's batching already
-  assumes; the split model is one more copy of the weights;
+  assumes; the split model is one more copy of the weights. With the throughput hint a batch
+  is split across the streams OpenVINO gives the model (no extra copy), so that one caller
+  uses every core;
 - `max_static_shapes` (4; 0 turns it off): input shapes the engine keeps a static copy of the
   model for, compiled in the background once a shape repeats (`optimize.runtime.backends.
   openvino_shapes`): 10-20% faster than the dynamic model at those shapes, at the cost of one

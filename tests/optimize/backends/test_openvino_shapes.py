@@ -286,3 +286,24 @@ def test_static_copies_fit_a_memory_budget_drawn_from_the_weights(tiny_bert_engi
         engine.run(feeds)
     engine.static_shapes.wait()
     assert engine.static_shapes.shapes == []
+
+
+def test_the_throughput_hint_splits_a_batch_across_the_models_own_streams(tiny_bert_engine: optimize.Engine):
+    from optimize.runtime.backends.openvino import OpenVINOEngine
+
+    manifest = tiny_bert_engine.manifest
+    options = {"hint": "throughput"}
+    engine = OpenVINOEngine(tiny_bert_engine.path, replace(manifest, config=replace(manifest.config, backend_options=options)))
+    streams = int(engine._whole.model.get_property("NUM_STREAMS"))
+    if streams < 2:
+        pytest.skip("OpenVINO gives this machine one stream: nothing to split across")
+    assert engine.batch_streams == streams, "one caller's batch uses every stream, not one"
+    feeds = _feeds(engine, 3, 9)
+    engine.warm(feeds)
+    rows = np.diff(np.linspace(0, 3, min(streams, 3) + 1).round().astype(int))
+    assert sorted(engine.static_shapes.shapes) == sorted(
+        {("split", tuple((name, (int(n), 9)) for name in sorted(feeds))) for n in rows}), \
+        "the parts' static copies, compiled with the model's own settings"
+    answer = engine.run(feeds)["last_hidden_state"]
+    real = feeds["attention_mask"].unsqueeze(-1).bool().expand_as(answer)
+    torch.testing.assert_close(answer[real], _transformers(engine, feeds)[real], rtol=1e-4, atol=1e-4)
