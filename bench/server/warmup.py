@@ -15,7 +15,7 @@ own server process, alternating, `--rounds` times each:
 
 Reported per configuration (median over rounds): the first `FIRST` requests' mean and worst
 latency, the steady mean of the last half (the cold server's background compiles are long
-over by then), and the time from start to ready (polled once a second: a coarse figure).
+over by then), and the time from start to ready (polled every 0.1 s).
 """
 
 from __future__ import annotations
