@@ -6,8 +6,8 @@ model's config.toml: what a user who restarts or scales out a replica sees in it
 kiln's OpenVINO engine (all-MiniLM-L6-v2, bf16, the engine `bench.server.vs_infinity` serves)
 behind kiln's server, one single-sentence request at a time over HTTP (`/v1/embeddings`), the
 sentences drawn in turn from four of the server's token-length buckets (9-16, 17-32, 49-64 and
-113-128 tokens: four engine shapes, as many as the engine keeps static copies of). Two configurations, each in its
-own server process, alternating, `--rounds` times each:
+113-128 tokens: four engine shapes, as many as the engine keeps static copies of). Two
+configurations, each in its own server process, alternating, `--rounds` times each:
 - `cold`: no warm-up, as before: the first calls at each shape plan the dynamic model, and a
   shape seen twice compiles a static copy on a background thread, beside the requests;
 - `warm`: `warmup = [[1, 16], [1, 32], [1, 64], [1, 128]]`: those shapes are run, and their copies
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import shutil
@@ -33,8 +34,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.server.vs_infinity import (CACHE, KILN_CONFIG, MODEL, RESULTS, ROOT, free_port, kiln_repository,
-                                      machine, minilm_dir, sentences, stop, wait_ready, Running)
+from bench.server.vs_infinity import (CACHE, KILN_CONFIG, MODEL, RESULTS, ROOT, Running, free_port,
+                                      kiln_repository, machine, minilm_dir, sentences, stop, wait_ready)
 
 BUCKETS = (16, 32, 64, 128)
 REQUESTS = 400
@@ -55,8 +56,11 @@ def bucketed_texts() -> list[str]:
         for low, bucket in zip((8, *BUCKETS), BUCKETS):
             if max(low, bucket - 16) < count <= bucket:  # the server pads to 16-token steps up to 128
                 by_bucket[bucket].append(text)
-    texts = [by_bucket[b] for b in BUCKETS]  # in turn; a bucket's texts repeat when it has too few
-    return [texts[i % len(BUCKETS)][i // len(BUCKETS) % len(texts[i % len(BUCKETS)])] for i in range(REQUESTS)]
+    empty = [b for b in BUCKETS if not by_bucket[b]]
+    if empty:
+        raise SystemExit(f"no sentence falls in the bucket(s) {empty}")
+    turns = [itertools.cycle(by_bucket[b]) for b in BUCKETS]  # a bucket's texts repeat when it has too few
+    return [next(turns[i % len(BUCKETS)]) for i in range(REQUESTS)]
 
 
 def repository(engine: Path, warm: bool) -> Path:
