@@ -16,7 +16,7 @@ weights (NNCF's transformer preset; activations per tensor, symmetric, with the 
 asymmetric ones where ranges are lopsided), and sensitive MatMuls kept in float
 (`int8_keep_sensitive`, on by default): the build measures what each activation quantizer costs
 on the calibration texts and keeps the costliest MatMuls out of int8 until the calibration texts
-meet the guard's cosine (`optimize.backends.openvino_int8`); a guard no selection meets is
+meet the guard's cosine (`optimize.backends.int8_search`); a guard no selection meets is
 refused by name. The manifest's `quantization` record lists the MatMuls kept, the int8 count and
 the calibration cosine of each step; held-out texts then judge the engine, as always. On CPUs
 with native bf16 everything outside int8 (kept MatMuls, attention, normalization) computes in
@@ -59,7 +59,7 @@ from torch.export import ExportedProgram
 from optimize.backends import register_backend
 from optimize.backends.base import Backend, BuildContext, cpu_has_native_bf16
 from optimize.onnx.export import save_model
-from optimize.backends import openvino_int8
+from optimize.backends import int8_search, openvino_int8
 from optimize.passes.base import GENERIC_PASSES
 from optimize.precision import PrecisionPlan, native_on_cpu
 from optimize.runtime.backends.openvino import (HINTS, MODEL_FILE, OPTIONS, WEIGHTS_FILE, OpenVINOEngine,
@@ -197,7 +197,7 @@ class OpenVINOBackend(Backend):
         samples. With a reference model, SmoothQuant's alpha is the one of `SMOOTH_QUANT_ALPHAS`
         whose all-int8 model scores best on the calibration texts (unless the option fixes it),
         and with `int8_keep_sensitive` and a guard the MatMuls int8 hurts most are kept in float
-        until the calibration texts meet the guard's cosine (`openvino_int8`)."""
+        until the calibration texts meet the guard's cosine (`int8_search`)."""
         # why: optional (kiln[cpu-engines])
         import nncf
 
@@ -290,7 +290,7 @@ class OpenVINOBackend(Backend):
         t0 = time.perf_counter()
         if reporter is not None:
             reporter.start(stage)
-        ranked = openvino_int8.rank(quantized, quantizers, score, base)
+        ranked = int8_search.rank(quantizers, lambda q: score(openvino_int8.bypass(quantized, [q.name])), base)
         if reporter is not None:
             reporter.finish(stage, round(time.perf_counter() - t0, 3))
 
@@ -298,7 +298,7 @@ class OpenVINOBackend(Backend):
             if reporter is not None:
                 reporter.advance(f"{count} costliest quantizers in float: calibration cosine {cosine:.5f}")
 
-        model, selection = openvino_int8.keep_until(ranked, quantize, score, target, total, step)
+        model, selection = int8_search.keep_until(ranked, quantize, score, target, total, step)
         record["kept_in_float"] = {"matmuls": selection.kept, "quantized": selection.quantized,
                                    "calibration_cosine": round(selection.cosine, 6), "target": target,
                                    "steps": selection.steps}
