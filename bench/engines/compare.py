@@ -1,4 +1,4 @@
-"""kiln's default engine and its int8 engine against what a PyTorch user gets in a line or two,
+"""kiln's default engine and its int8 engines against what a PyTorch user gets in a line or two,
 on all-MiniLM-L6-v2 at batch 8 × seq 128 and 1 × 32 (issue 19), in one command:
 
     python -m bench.engines.compare
@@ -6,8 +6,8 @@ on all-MiniLM-L6-v2 at batch 8 × seq 128 and 1 × 32 (issue 19), in one command
 1. builds, once per machine (cached in `.kiln/bench-engines/`, with the tuning cache beside it,
    so a re-run only times): the **default engine** (`python -m optimize compile MODEL -o DIR`,
    no backend or precision: the measured search under the embedding guard, cosine ≥ 0.9999) and
-   the **int8 engine** (`INT8_ARGS`: int8 weights and activations, guard cosine ≥ 0.999; more
-   guards with `--int8-min-cosine`);
+   the **int8 engines** (int8 weights and activations, guard cosine ≥ 0.999, one per backend in
+   `INT8_BACKENDS`; more guards with `--int8-min-cosine`);
 2. starts one worker process per engine and per peer (`bench.engines.peers`: eager fp32, eager
    under bf16 autocast, `torch.compile` fp32 and under bf16 autocast), each computing its worst
    cosine against the fp32 model on held-out real sentences before timing;
@@ -47,17 +47,21 @@ AUTOCAST = "eager-bf16-autocast"
 PEAK_OPS_PER_CYCLE = {"int8": 2048, "bf16": 1024, "fp32": 64}
 PEAK_SOURCE = ("Intel Architecture Day 2021, Sapphire Rapids AMX: 2048 int8 / 1024 bf16 ops per cycle per core; "
                "AVX-512: 2 FMA units x 16 fp32 lanes x 2 = 64 FLOP per cycle per core")
-# The int8 engine: OpenVINO static int8 (SmoothQuant, per-channel int8 weights, on AMX-INT8 or
-# VNNI) under the int8 guard (cosine >= 0.999): the build keeps the MatMuls int8 hurts most in
-# float (bf16 on AMX) until the calibration texts meet it (optimize/backends/openvino_int8.py).
-# `--int8-min-cosine` adds engines built under looser guards, to show the trade-off.
-INT8_ARGS = ["--backend", "openvino", "--precision", "int8"]
+# The int8 engines: int8 weights and activations under the int8 guard (cosine >= 0.999), one per
+# backend in INT8_BACKENDS: OpenVINO static int8 (NNCF: SmoothQuant, per-channel int8 weights,
+# on AMX-INT8 or VNNI) and Inductor's (kiln's PT2E-form Q/DQ lowered to oneDNN int8 GEMMs). Each
+# build keeps the MatMuls int8 hurts most in float (bf16 on AMX) until the calibration texts meet
+# the guard (optimize/backends/int8_search.py). `--int8-min-cosine` adds engines built under
+# looser guards, to show the trade-off; the int8 goal takes the fastest engine under the guard.
+INT8_BACKENDS = ("openvino", "inductor")
 INT8_GUARD = 0.999
-INT8 = "kiln int8 (openvino)"
 
 
-def int8_label(min_cosine: float) -> str:
-    return INT8 if min_cosine == INT8_GUARD else f"{INT8} at cosine {min_cosine}"
+def int8_label(backend: str, min_cosine: float) -> str:
+    label = f"kiln int8 ({backend})"
+    return label if min_cosine == INT8_GUARD else f"{label} at cosine {min_cosine}"
+
+
 GOALS = {"default_vs_autocast_8x128": 2.0, "default_vs_eager_1x32": 4.0, "int8_vs_eager_8x128": 6.0}
 
 
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="what else ran on the machine (recorded)")
     parser.add_argument("--int8-min-cosine", nargs="+", type=float, default=[], metavar="COSINE",
                         help=f"also build and time int8 engines under these guards (the goal's is {INT8_GUARD})")
+    parser.add_argument("--int8-backends", nargs="+", choices=INT8_BACKENDS, default=list(INT8_BACKENDS),
+                        help="the backends whose int8 engines are built and timed (default all)")
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS),
                         help="the PyTorch peers to time (default all; eager-fp32 is every ratio's baseline)")
     args = parser.parse_args(argv)
@@ -140,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     tuning = args.cache / "tuning.json"
     engines = {"kiln default": args.cache / "minilm-default"}
     failures = {"kiln default": build("kiln default", model, engines["kiln default"], [], tuning)}
-    for guard in sorted({INT8_GUARD, *args.int8_min_cosine}, reverse=True):
-        label = int8_label(guard)
-        engines[label] = args.cache / f"minilm-int8-openvino-{guard}"
-        failures[label] = build(label, model, engines[label], [*INT8_ARGS, "--min-cosine", str(guard)], tuning)
+    for backend in args.int8_backends:
+        for guard in sorted({INT8_GUARD, *args.int8_min_cosine}, reverse=True):
+            label = int8_label(backend, guard)
+            engines[label] = args.cache / f"minilm-int8-{backend}-{guard}"
+            int8_args = ["--backend", backend, "--precision", "int8", "--min-cosine", str(guard)]
+            failures[label] = build(label, model, engines[label], int8_args, tuning)
     for name, failure in failures.items():
         if failure:
             print(failure, flush=True)
@@ -188,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_eager_fp32"] = {k: round(rows[BASELINE]["ms"][k] / row["ms"][k], 2) for k in keys}
             if "ms" in rows.get(AUTOCAST, {}):
                 row["vs_eager_bf16_autocast"] = {k: round(rows[AUTOCAST]["ms"][k] / row["ms"][k], 2) for k in keys}
-    default, int8 = rows.get("kiln default", {}), rows.get(INT8, {})
+    default = rows.get("kiln default", {})
+    guarded = [name for name in (int8_label(b, INT8_GUARD) for b in args.int8_backends)
+               if "vs_eager_fp32" in rows.get(name, {})]
+    int8_name = max(guarded, key=lambda name: rows[name]["vs_eager_fp32"]["8x128"], default=None)
+    int8 = rows[int8_name] if int8_name else {}
     goals = []
     if "vs_eager_bf16_autocast" in default:
         goals.append({"goal": "default >= 2x eager under bf16 autocast at 8x128, cosine >= 0.9999",
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                       "met": default["vs_eager_fp32"]["1x32"] >= GOALS["default_vs_eager_1x32"]
                       and default["min_cosine"] >= 0.9999})
     if "vs_eager_fp32" in int8:
-        goals.append({"goal": "int8 engine >= 6x eager fp32 at 8x128, cosine >= 0.999",
+        goals.append({"goal": "int8 engine >= 6x eager fp32 at 8x128, cosine >= 0.999", "engine": int8_name,
                       "value": int8["vs_eager_fp32"]["8x128"], "cosine": int8["min_cosine"],
                       "met": int8["vs_eager_fp32"]["8x128"] >= GOALS["int8_vs_eager_8x128"]
                       and int8["min_cosine"] >= 0.999})
@@ -221,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{machine['cpu']}, {machine['cpus']} CPUs ({', '.join(machine['isa'])}); {timings.load_text()}")
+    width = max(map(len, rows), default=0)
     for name, row in sorted(rows.items(), key=lambda kv: kv[1].get("ms", {}).get("8x128", 1e9)):
         if "ms" not in row:
-            print(f"{name:32} failed: {row['failed']}")
+            print(f"{name:{width}} failed: {row['failed']}")
             continue
         ratios = row.get("vs_eager_fp32", {})
-        print(f"{name:32} {row['runs_as']:28} " + "  ".join(
+        print(f"{name:{width}} {row['runs_as']:28} " + "  ".join(
             f"{k} {row['ms'][k]:7.2f} ms ({ratios.get(k, 0):.2f}x)" for k in keys) + f"  cos {row['min_cosine']:.6f}")
     for goal in goals:
         print(f"{'met' if goal['met'] else 'NOT met':>8}: {goal['goal']}: {goal['value']}x")
