@@ -26,6 +26,9 @@ def test_candidates_follow_the_precision_asked_for():
         assert not any(b == "triton" for b, _ in fp32), "Triton kernels run as references on a CPU: never tried"
     int8 = {(c.backend, c.precision) for c in candidates(optimize.CompileConfig(backend="auto", precision="int8"))}
     assert {("onnxruntime", "int8"), ("onnxruntime", "int8-weight"), ("onnxruntime", "fp32")} <= int8
+    from optimize.backends.inductor import cxx_compiler
+
+    assert (("inductor", "int8") in int8) == (cxx_compiler() is not None), "Inductor's int8 is a candidate too"
     assert not any(p == "fp16" for _, p in int8), "a CPU only emulates fp16: slower, never a candidate"
     bf16 = {(c.backend, c.precision) for c in candidates(optimize.CompileConfig(backend="auto", precision="bf16"))}
     assert ("eager", "bf16") in bf16 if cpu_has_native_bf16() else not any(p == "bf16" for _, p in bf16)
