@@ -57,9 +57,10 @@ from optimize.runtime.manifest import Manifest
 from optimize.verify import compare_real_tokens
 
 # SmoothQuant alphas `int8_smooth_quant: "auto"` tries; measured on all-MiniLM-L6-v2 (calibration
-# sentences, every linear int8, fp32 elsewhere): 0.5 -> worst cosine 0.958, 0.8 -> 0.977, off
-# -> 0.962. The best differs per model, so the build measures instead of fixing one.
+# sentences, every linear int8, bf16 elsewhere): 0.5 -> worst cosine 0.966, 0.65 -> 0.976,
+# 0.8 -> 0.980, 0.95 -> 0.955. The best differs per model, so the build measures instead of fixing one.
 SMOOTH_QUANT_ALPHAS = (0.5, 0.65, 0.8, 0.95)
+DEFAULT_SMOOTH_QUANT_ALPHA = 0.8  # without a reference model to measure against
 # The int8 search aims the calibration texts at this share of the cosine loss the guard allows:
 # they are few (64 built-in sentences), and a selection that just meets the guard on them missed
 # it on the held-out ones (all-MiniLM-L6-v2, guard 0.999: calibration 0.9990, held-out 0.9972).
@@ -113,11 +114,12 @@ class InductorBackend(Backend):
         plan = ctx.plan or self.precision_plan(ctx.config)
         if plan.calibrated:
             program = self._quantize(program, ctx, options, plan.compute)
-        # why: Inductor freezes only with autograd off (torch 2.13, compile_fx); with it on the
-        # weights stay graph inputs, unfolded and not pre-packed, and int8 is never lowered
-        with warnings.catch_warnings(), torch.no_grad():  # torch 2.13 warns about its own pytree use while packaging
+        # why no_grad: Inductor freezes only with autograd off (torch 2.13, compile_fx); with it on
+        # the weights stay graph inputs, unfolded and not pre-packed, and int8 is never lowered
+        with warnings.catch_warnings(), torch.no_grad():
+            # torch 2.13 warns about its own pytree use while packaging, and its int8 lowering
+            # about a tensor it copies (mkldnn_lowerings, once per int8 GEMM)
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            # and its int8 lowering about a tensor it copies (mkldnn_lowerings, once per int8 GEMM)
             warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
             torch._inductor.aoti_compile_and_package(program, package_path=str(directory / PACKAGE_FILE),
                                                      inductor_configs=configs)
@@ -133,6 +135,11 @@ class InductorBackend(Backend):
         stay in float until the texts meet the guard's cosine."""
         from optimize.backends import inductor_int8  # why: loads torch's quantization ops, which only int8 needs
 
+        gm = program.module()
+        groups = inductor_int8.groups(gm)
+        if not groups:
+            raise ConfigError("backend 'inductor' quantizes linears (aten.linear by a constant weight) to int8 and "
+                              "this model has none; build it in bf16 or fp32, or int8 on another backend")
         batches = ctx.samples() if ctx.samples is not None else []
         if not batches:
             raise ConfigError("int8 calibration needs samples and none are available")
@@ -143,7 +150,6 @@ class InductorBackend(Backend):
         if reporter is not None:
             reporter.start(stage)
         t0 = time.perf_counter()
-        gm = program.module()
         names = [s.name for s in ctx.inputs]
         stats = inductor_int8.observe(gm, batches, names)
         score = _scorer(batches, ctx, names) if ctx.reference is not None else None
@@ -155,14 +161,16 @@ class InductorBackend(Backend):
         alphas = SMOOTH_QUANT_ALPHAS if fixed == "auto" else (float(fixed),)
         tried: dict[float, float] = {}
         if score is None or len(alphas) == 1:
-            alpha = alphas[-1] if len(alphas) == 1 else 0.8
+            alpha = alphas[-1] if len(alphas) == 1 else DEFAULT_SMOOTH_QUANT_ALPHA
             quantized = quantize(alpha, [])
-        else:
-            models = {a: quantize(a, []) for a in alphas}
-            tried = {a: score(m) for a, m in models.items()}
-            alpha = max(tried, key=lambda a: tried[a])
-            quantized = models[alpha]
-        groups = inductor_int8.groups(gm)
+        else:  # one quantized copy alive at a time: each holds the model's weights
+            alpha, quantized = alphas[0], None
+            for a in alphas:
+                candidate = quantize(a, [])
+                tried[a] = score(candidate)
+                if quantized is None or tried[a] > tried[alpha]:
+                    alpha, quantized = a, candidate
+                del candidate
         record: dict[str, Any] = {"mode": "static", "tool": f"kiln PT2E-form Q/DQ, Inductor {torch.__version__}",
                                   "batches": len(batches), "smooth_quant_alpha": alpha,
                                   "activations": "uint8 per tensor (asymmetric, clipped for least error)",

@@ -150,3 +150,9 @@ def test_int8_is_refused_by_name_when_no_selection_reaches_the_guard(tmp_path: P
     with pytest.raises(AccuracyError, match="int8 cannot reach cosine 1 on the calibration texts"):
         _int8(minilm_two_layers, tmp_path / "int8", 1.0)
     assert not (tmp_path / "int8").exists()
+
+
+def test_int8_of_a_model_without_linears_is_refused_by_name(tmp_path: Path):
+    with pytest.raises(ConfigError, match="quantizes linears .* this model has none"):
+        optimize.compile("tests.optimize.factories:upper_case_names", tmp_path / "e",
+                         optimize.CompileConfig(backend="inductor", precision="int8"))
