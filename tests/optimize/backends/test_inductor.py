@@ -101,10 +101,11 @@ def minilm_two_layers(tmp_path_factory: pytest.TempPathFactory, minilm_model_dir
     return out
 
 
-def _int8(source: Path, out: Path, min_cosine: float) -> optimize.Engine:
+def _int8(source: Path, out: Path, min_cosine: float, **options: object) -> optimize.Engine:
     from optimize.runtime.config import Tolerance
 
     config = optimize.CompileConfig(backend="inductor", precision="int8", max_batch=2, max_seq=32,
+                                    backend_options=options,
                                     tolerance=Tolerance(max_abs_error=float("inf"), min_cosine=min_cosine))
     return optimize.compile(source, out, config)
 
@@ -148,7 +149,7 @@ def test_int8_is_refused_by_name_when_no_selection_reaches_the_guard(tmp_path: P
     from optimize.runtime.errors import AccuracyError
 
     with pytest.raises(AccuracyError, match="int8 cannot reach cosine 1 on the calibration texts"):
-        _int8(minilm_two_layers, tmp_path / "int8", 1.0)
+        _int8(minilm_two_layers, tmp_path / "int8", 1.0, int8_smooth_quant=0.8)
     assert not (tmp_path / "int8").exists()
 
 
