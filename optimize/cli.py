@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -95,6 +96,8 @@ def _summary(engine_dir: Path) -> Table:
             if real.get("labels_compared"):
                 table.add_row("  labels (arg-max)", f"{real['labels_compared'] - real['labels_differ']} of "
                                                     f"{real['labels_compared']} the same as fp32's")
+    if m.build.get("quantization"):
+        table.add_row("quantization", escape(quantization_text(m.build["quantization"])))
     size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
     table.add_row("size on disk", f"{size / 2**20:.1f} MiB")
     if m.pipeline:
@@ -102,6 +105,24 @@ def _summary(engine_dir: Path) -> Table:
     if m.timings_s:
         table.add_row("build time", ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
     return table
+
+
+def quantization_text(record: dict[str, Any]) -> str:
+    """One line on how a quantized engine was made, from its build record: the scheme,
+    SmoothQuant's alpha, and how many MatMuls the accuracy search kept in float (the record
+    names them)."""
+    parts = [str(record.get("mode", "quantized"))]
+    parts += [f"{key} {record[key]}" for key in ("weights", "activations") if record.get(key)]
+    if "smooth_quant_alpha" in record:
+        parts.append(f"SmoothQuant alpha {record['smooth_quant_alpha']}")
+    kept = record.get("kept_in_float")
+    if isinstance(kept, dict):
+        names = kept.get("linears", kept.get("matmuls", []))
+        parts.append(f"{kept['quantized']} int8, {len(names)} kept in float (calibration cosine "
+                     f"{kept['calibration_cosine']:.5f}, aimed at {kept['target']:.5g})")
+    elif isinstance(record.get("kept_float"), list):
+        parts.append(f"{len(record['kept_float'])} MatMuls kept in float")
+    return "; ".join(parts)
 
 
 def _text_interface(engine_dir: Path, m: Manifest) -> str:

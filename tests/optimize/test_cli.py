@@ -70,3 +70,22 @@ def test_info_on_a_non_engine_directory_is_one_line(tmp_path: Path):
     result = run_cli("info", str(tmp_path))
     assert result.returncode == 1
     assert error_lines(result.stderr) == [f"error: {tmp_path} is not an engine directory: manifest.json not found"]
+
+
+def test_the_summary_says_how_a_quantized_engine_was_made():
+    """One line from each backend's quantization record: scheme, alpha, what stayed in float."""
+    from optimize.cli import quantization_text
+
+    searched = {"mode": "static", "weights": "int8 per channel (symmetric)", "activations": "uint8 per tensor",
+                "smooth_quant_alpha": 0.8,
+                "kept_in_float": {"linears": ["encoder.layer.0.output.dense.weight"], "quantized": 35,
+                                  "calibration_cosine": 0.995503, "target": 0.995, "steps": []}}
+    assert quantization_text(searched) == ("static; weights int8 per channel (symmetric); activations uint8 per "
+                                           "tensor; SmoothQuant alpha 0.8; 35 int8, 1 kept in float (calibration "
+                                           "cosine 0.99550, aimed at 0.995)")
+    openvino = {"mode": "static", "kept_in_float": {"matmuls": ["a", "b"], "quantized": 46,
+                                                   "calibration_cosine": 0.9991, "target": 0.999}}
+    assert quantization_text(openvino).endswith("46 int8, 2 kept in float (calibration cosine 0.99910, aimed at 0.999)")
+    assert quantization_text({"mode": "static", "kept_float": ["m1", "m2", "m3"]}) == "static; 3 MatMuls kept in float"
+    weight_only = {"mode": "weight_only", "weights": "int8 asymmetric"}
+    assert quantization_text(weight_only) == "weight_only; weights int8 asymmetric"

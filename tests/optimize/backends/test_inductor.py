@@ -121,7 +121,7 @@ def test_int8_runs_int8_gemms_and_keeps_the_costliest_linears_in_float(tmp_path:
     engine = _int8(minilm_two_layers, tmp_path / "int8", 0.999)
     quantization = engine.manifest.build["quantization"]
     kept = quantization["kept_in_float"]
-    assert quantization["calibration_cosine_all_int8"] < kept["target"], "all-int8 misses the guard, so linears are kept"
+    assert quantization["calibration_cosine_all_int8"] < kept["target"], "all-int8 misses the guard: linears are kept"
     assert kept["linears"] and kept["quantized"] > 0 and kept["calibration_cosine"] >= kept["target"] >= 0.999
     assert all(name.startswith("encoder.layer.") for name in kept["linears"]), kept["linears"]
     assert quantization["float_compute"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
