@@ -95,9 +95,7 @@ class InductorBackend(Backend):
 
     def resolve_options(self, config: CompileConfig) -> dict[str, Any]:
         options = super().resolve_options(config)
-        alpha = options["int8_smooth_quant"]
-        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, int | float)):
-            raise ConfigError(f"backend option int8_smooth_quant must be 'auto' or a number; got {alpha!r}")
+        int8_search.check_smooth_quant(options)
         return options
 
     def can_build_here(self) -> tuple[bool, str]:
@@ -182,47 +180,18 @@ class InductorBackend(Backend):
         tol = ctx.config.tolerance
         if options["int8_keep_sensitive"] and score is not None and tol is not None:
             target = 1.0 - (1.0 - tol.min_cosine) * CALIBRATION_SHARE
-            quantized = self._keep_sensitive(quantized, groups, lambda keep: quantize(alpha, keep), score,
-                                             tried.get(alpha), target, record, reporter)
+            base = tried[alpha] if alpha in tried else score(quantized)
+            quantizers = [int8_search.Quantizer(group[0], group) for group in groups]
+            quantized, cosine = int8_search.keep_sensitive(
+                quantized, quantizers, lambda q: score(quantize(alpha, q.matmuls)), lambda keep: quantize(alpha, keep),
+                score, base, target, record, kind="linears", name=_model_name, reporter=reporter)
+            if cosine < target:
+                raise AccuracyError(f"int8 cannot reach cosine {target:.6g} on the calibration texts even with every "
+                                    f"ranked linear in float (best {cosine:.5f}); ask for a lower --min-cosine or bf16")
         if reporter is not None:
             reporter.finish(stage, round(time.perf_counter() - t0, 3))
         ctx.record["quantization"] = record
         return export_module(quantized, ctx.source)
-
-    def _keep_sensitive(self, quantized: torch.fx.GraphModule, groups: list[list[str]],
-                        quantize: Callable[[list[str]], torch.fx.GraphModule],
-                        score: Callable[[torch.fx.GraphModule], float], base: float | None, target: float,
-                        record: dict[str, Any], reporter: Any) -> torch.fx.GraphModule:
-        """Rank the activation quantizers (one per group of linears reading one activation) by
-        the calibration cosine each costs and keep the costliest groups in float until the
-        calibration texts meet `target`; the choice goes to `record` (linears by their weight's
-        name in the model)."""
-        base = score(quantized) if base is None else base
-        record["calibration_cosine_all_int8"] = round(base, 6)
-        total = sum(len(g) for g in groups)
-        if base >= target:
-            record["kept_in_float"] = {"linears": [], "quantized": total, "calibration_cosine": round(base, 6),
-                                       "target": target, "steps": []}
-            return quantized
-        quantizers = [int8_search.Quantizer(group[0], group) for group in groups]
-        if reporter is not None:
-            reporter.advance(f"rank {len(quantizers)} int8 quantizers by the cosine each costs")
-        ranked = int8_search.rank(quantizers, lambda q: score(quantize(q.matmuls)), base)
-
-        def step(count: int, cosine: float) -> None:
-            if reporter is not None:
-                reporter.advance(f"{count} costliest quantizers in float: calibration cosine {cosine:.5f}")
-
-        model, selection = int8_search.keep_until(ranked, quantize, score, target, total, step)
-        record["kept_in_float"] = {"linears": [_model_name(n) for n in selection.kept],
-                                   "quantized": selection.quantized,
-                                   "calibration_cosine": round(selection.cosine, 6), "target": target,
-                                   "steps": selection.steps}
-        if selection.cosine < target:
-            raise AccuracyError(f"int8 cannot reach cosine {target:.6g} on the calibration texts even with every "
-                                f"ranked linear in float (best {selection.cosine:.5f}); ask for a lower --min-cosine "
-                                "or bf16")
-        return model
 
     def load(self, directory: Path, manifest: Manifest) -> Engine:
         return InductorEngine(directory, manifest)

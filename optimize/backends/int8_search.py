@@ -14,9 +14,12 @@ held-out texts then judge the engine as for every build.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from optimize.runtime.errors import ConfigError
 
 
 @dataclass
@@ -92,4 +95,55 @@ def keep_until(
     return model, selection
 
 
-__all__ = ["Quantizer", "Selection", "rank", "keep_until"]
+def keep_sensitive(
+    quantized: Any,
+    quantizers: list[Quantizer],
+    score_without: Callable[[Quantizer], float],
+    quantize: Callable[[list[str]], Any],
+    score: Callable[[Any], float],
+    base: float,
+    target: float,
+    record: dict[str, Any],
+    *,
+    kind: str = "matmuls",
+    name: Callable[[str], str] = str,
+    reporter: Any = None,
+) -> tuple[Any, float]:
+    """`rank` then `keep_until`, for a backend's build: returns the model (`quantized` itself
+    when its `base` score already meets `target`) and its calibration cosine, which is below
+    `target` when keeping every ranked quantizer in float is not enough (the caller refuses the
+    build). The choice goes to `record` (the manifest's quantization record): the all-int8
+    cosine and `kept_in_float`, whose `kind` entry lists what was kept, each as `name` gives it."""
+    record["calibration_cosine_all_int8"] = round(base, 6)
+    total = len({m for q in quantizers for m in q.matmuls})
+    if base >= target:
+        record["kept_in_float"] = {kind: [], "quantized": total, "calibration_cosine": round(base, 6),
+                                   "target": target, "steps": []}
+        return quantized, base
+    stage = f"rank {len(quantizers)} int8 quantizers by the cosine each costs"
+    t0 = time.perf_counter()
+    if reporter is not None:
+        reporter.start(stage)
+    ranked = rank(quantizers, score_without, base)
+    if reporter is not None:
+        reporter.finish(stage, round(time.perf_counter() - t0, 3))
+
+    def step(count: int, cosine: float) -> None:
+        if reporter is not None:
+            reporter.advance(f"{count} costliest quantizers in float: calibration cosine {cosine:.5f}")
+
+    model, selection = keep_until(ranked, quantize, score, target, total, step)
+    record["kept_in_float"] = {kind: [name(n) for n in selection.kept], "quantized": selection.quantized,
+                               "calibration_cosine": round(selection.cosine, 6), "target": target,
+                               "steps": selection.steps}
+    return model, selection.cosine
+
+
+def check_smooth_quant(options: dict[str, Any]) -> None:
+    """Refuse an `int8_smooth_quant` backend option that is neither "auto" nor a number."""
+    alpha = options["int8_smooth_quant"]
+    if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, int | float)):
+        raise ConfigError(f"backend option int8_smooth_quant must be 'auto' or a number; got {alpha!r}")
+
+
+__all__ = ["Quantizer", "Selection", "rank", "keep_until", "keep_sensitive", "check_smooth_quant"]

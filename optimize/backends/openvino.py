@@ -160,9 +160,7 @@ class OpenVINOBackend(Backend):
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"backend option {name} must be an integer >= {least}; got {value!r}")
-        alpha = options["int8_smooth_quant"]
-        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-            raise ConfigError(f"backend option int8_smooth_quant must be 'auto' or a number; got {alpha!r}")
+        int8_search.check_smooth_quant(options)
         return options
 
     def build(self, program: ExportedProgram, ctx: BuildContext, directory: Path) -> list[str]:
@@ -278,33 +276,13 @@ class OpenVINOBackend(Backend):
                         base: float, target: float, reporter: Any, record: dict[str, Any]) -> Any:
         """Rank the activation quantizers by the calibration cosine each costs and keep the worst
         MatMuls in float until the calibration texts meet `target`; the choice goes to `record`."""
-
-        record["calibration_cosine_all_int8"] = round(base, 6)
-        quantizers = openvino_int8.activation_quantizers(quantized)
-        total = len({m for q in quantizers for m in q.matmuls})
-        if base >= target:
-            record["kept_in_float"] = {"matmuls": [], "quantized": total, "calibration_cosine": round(base, 6),
-                                       "target": target, "steps": []}
-            return quantized
-        stage = f"rank {len(quantizers)} int8 quantizers by the cosine each costs"
-        t0 = time.perf_counter()
-        if reporter is not None:
-            reporter.start(stage)
-        ranked = int8_search.rank(quantizers, lambda q: score(openvino_int8.bypass(quantized, [q.name])), base)
-        if reporter is not None:
-            reporter.finish(stage, round(time.perf_counter() - t0, 3))
-
-        def step(count: int, cosine: float) -> None:
-            if reporter is not None:
-                reporter.advance(f"{count} costliest quantizers in float: calibration cosine {cosine:.5f}")
-
-        model, selection = int8_search.keep_until(ranked, quantize, score, target, total, step)
-        record["kept_in_float"] = {"matmuls": selection.kept, "quantized": selection.quantized,
-                                   "calibration_cosine": round(selection.cosine, 6), "target": target,
-                                   "steps": selection.steps}
-        if selection.cosine < target:
+        model, cosine = int8_search.keep_sensitive(
+            quantized, openvino_int8.activation_quantizers(quantized),
+            lambda q: score(openvino_int8.bypass(quantized, [q.name])), quantize, score, base, target, record,
+            reporter=reporter)
+        if cosine < target:
             raise AccuracyError(f"int8 cannot reach cosine {target} on the calibration texts even with every ranked "
-                                f"MatMul in float (best {selection.cosine:.5f}); ask for a lower --min-cosine or bf16")
+                                f"MatMul in float (best {cosine:.5f}); ask for a lower --min-cosine or bf16")
         return model
 
     def load(self, directory: Path, manifest: Manifest) -> Engine:

@@ -248,7 +248,8 @@ def test_warm_compiles_the_static_copies_of_a_shape_before_its_first_call(tiny_b
 
     manifest = tiny_bert_engine.manifest
     options = {"batch_streams": batch_streams}
-    engine = OpenVINOEngine(tiny_bert_engine.path, replace(manifest, config=replace(manifest.config, backend_options=options)))
+    engine = OpenVINOEngine(tiny_bert_engine.path,
+                            replace(manifest, config=replace(manifest.config, backend_options=options)))
     feeds = _feeds(engine, 3, 9)
     engine.warm({name: torch.zeros_like(t) for name, t in feeds.items()})
     parts = [(3, "whole")] if batch_streams == 1 else [(2, "split"), (1, "split")]
@@ -293,7 +294,8 @@ def test_the_throughput_hint_splits_a_batch_across_the_models_own_streams(tiny_b
 
     manifest = tiny_bert_engine.manifest
     options = {"hint": "throughput"}
-    engine = OpenVINOEngine(tiny_bert_engine.path, replace(manifest, config=replace(manifest.config, backend_options=options)))
+    engine = OpenVINOEngine(tiny_bert_engine.path,
+                            replace(manifest, config=replace(manifest.config, backend_options=options)))
     streams = int(engine._whole.model.get_property("NUM_STREAMS"))
     if streams < 2:
         pytest.skip("OpenVINO gives this machine one stream: nothing to split across")
