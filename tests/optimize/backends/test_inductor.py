@@ -157,3 +157,11 @@ def test_int8_of_a_model_without_linears_is_refused_by_name(tmp_path: Path):
     with pytest.raises(ConfigError, match="quantizes linears .* this model has none"):
         optimize.compile("tests.optimize.factories:upper_case_names", tmp_path / "e",
                          optimize.CompileConfig(backend="inductor", precision="int8"))
+
+
+@pytest.mark.parametrize("alpha", ["high", True, None])
+def test_a_smooth_quant_alpha_that_is_not_a_number_is_refused_by_name(tmp_path: Path, alpha: object):
+    with pytest.raises(ConfigError, match="int8_smooth_quant must be 'auto' or a number"):
+        optimize.compile("tests.optimize.factories:tiny_mlp", tmp_path / "e",
+                         optimize.CompileConfig(backend="inductor", precision="int8",
+                                                backend_options={"int8_smooth_quant": alpha}))
